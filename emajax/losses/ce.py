@@ -1,0 +1,264 @@
+"""Token cross-entropy from hidden states, computed in sequence chunks.
+
+Logits are never materialised for the whole batch: ``hidden_btd @ w_dv`` is evaluated one chunk of
+``seq_chunk`` positions at a time inside ``lax.scan`` (so one fp32 [B, c, V] block is live, not [B, T, V]),
+and the backward pass never reads a saved logit tensor:
+
+* ``token_nll`` (per-token output, e.g. bulk scoring) saves only the fp32 logsumexp [B, T] and recomputes
+  each chunk's logits in its ``custom_vjp`` backward.
+* ``masked_ce`` (scalar output, the training loss) is *fused*: when differentiated, its forward rule
+  computes each chunk's softmax gradient right after the chunk's logits and keeps only dL/dhidden
+  [B, T, D] and dL/dW [D, V] (each only if that input is being differentiated); the backward rule just
+  scales them by the output cotangent. Three vocabulary matmuls per chunk (logits, dh, dW), no
+  recomputation, and two when ``w_dv`` is frozen (LoRA).
+
+Inputs are already shifted: position t of ``hidden_btd`` predicts ``targets_bt[t]``. Logits are
+accumulated in fp32 (``preferred_element_type``) and logsumexp is taken in fp32 whatever the input dtype.
+Targets are clipped into [0, V) so ignore-index values such as -100 on masked positions are harmless.
+These functions use ``jax.custom_vjp``: reverse-mode only (``jax.grad``/``vjp``), no ``jax.jvp``.
+
+The chunking helpers here are shared with ``kl.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+LOGITS_BUDGET_BYTES = 64 * 2**20  # default size of one chunk's fp32 logits
+
+
+# ----------------------------------------------------------------------------- chunking helpers
+def default_seq_chunk(batch: int, seq_len: int, vocab: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:
+    """Largest chunk c (positions) with fp32 logits B*c*V*4 <= budget_bytes, clamped to [1, T]."""
+    per_position = max(1, batch * vocab * 4)
+    return int(max(1, min(seq_len, budget_bytes // per_position)))
+
+
+def resolve_seq_chunk(seq_chunk: int | None, batch: int, seq_len: int, vocab: int) -> int:
+    if seq_chunk is None:
+        return default_seq_chunk(batch, seq_len, vocab)
+    if isinstance(seq_chunk, bool) or not isinstance(seq_chunk, int) or seq_chunk < 1:
+        raise ValueError(f"emajax.losses: seq_chunk must be a positive int or None, got {seq_chunk!r}")
+    return int(min(seq_chunk, max(seq_len, 1)))
+
+
+def to_chunks(x_bt: jax.Array, chunk: int) -> jax.Array:
+    """[B, T, ...] -> [nC, B, c, ...], zero-padding T up to a multiple of c (padding carries weight 0)."""
+    b, t = x_bt.shape[:2]
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    if pad:
+        x_bt = jnp.pad(x_bt, [(0, 0), (0, pad)] + [(0, 0)] * (x_bt.ndim - 2))
+    x = x_bt.reshape((b, n, chunk) + x_bt.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def from_chunks(x_cb: jax.Array, seq_len: int) -> jax.Array:
+    """[nC, B, c, ...] -> [B, T, ...] (drops the padding added by ``to_chunks``)."""
+    n, b, c = x_cb.shape[:3]
+    x = jnp.moveaxis(x_cb, 0, 1).reshape((b, n * c) + x_cb.shape[3:])
+    return x[:, :seq_len]
+
+
+def chunk_logits(h_bcd: jax.Array, w_dv: jax.Array) -> jax.Array:
+    """fp32 logits of one chunk: z = h W, accumulated in fp32 whatever the input dtype."""
+    return jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32)
+
+
+def compute_dtype(h: jax.Array, w: jax.Array) -> Any:
+    return jnp.result_type(h.dtype, w.dtype)
+
+
+def grad_h(dz_bcv: jax.Array, w_dv: jax.Array, h_dtype: Any) -> jax.Array:
+    """dL/dh = dz W^T for one chunk, matmul in the inputs' dtype with fp32 accumulation."""
+    cdt = jnp.result_type(h_dtype, w_dv.dtype)
+    return jnp.einsum("bcv,dv->bcd", dz_bcv.astype(cdt), w_dv, preferred_element_type=jnp.float32).astype(h_dtype)
+
+
+def grad_w(h_bcd: jax.Array, dz_bcv: jax.Array) -> jax.Array:
+    """dL/dW contribution h^T dz of one chunk, fp32."""
+    cdt = h_bcd.dtype
+    return jnp.einsum("bcd,bcv->dv", h_bcd, dz_bcv.astype(cdt), preferred_element_type=jnp.float32)
+
+
+def is_zero(ct: Any) -> bool:
+    return ct is None or isinstance(ct, SymbolicZero)
+
+
+def check_hidden_w(hidden_btd: jax.Array, w_dv: jax.Array, where: str) -> tuple[int, int, int, int]:
+    if hidden_btd.ndim != 3:
+        raise ValueError(f"emajax.losses.{where}: hidden_btd must be [B, T, D], got shape {hidden_btd.shape}")
+    if w_dv.ndim != 2 or w_dv.shape[0] != hidden_btd.shape[2]:
+        raise ValueError(
+            f"emajax.losses.{where}: w_dv must be [D, V] with D={hidden_btd.shape[2]}, got shape {w_dv.shape}"
+        )
+    b, t, d = hidden_btd.shape
+    return b, t, d, w_dv.shape[1]
+
+
+def check_bt(x_bt: jax.Array, b: int, t: int, name: str, where: str) -> None:
+    if tuple(x_bt.shape) != (b, t):
+        raise ValueError(f"emajax.losses.{where}: {name} must be [B, T] = [{b}, {t}], got shape {x_bt.shape}")
+
+
+def mask_weights(loss_mask_bt: jax.Array) -> jax.Array:
+    """Per-token weights mask / max(sum(mask), 1) in fp32, outside the gradient."""
+    m = jax.lax.stop_gradient(loss_mask_bt).astype(jnp.float32)
+    return m / jnp.maximum(jnp.sum(m), 1.0)
+
+
+# ----------------------------------------------------------------------------- per-chunk math
+def _chunk_nll(z_bcv: jax.Array, tgt_bc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """lse = logsumexp_v z, nll = lse - z[target]; both fp32 [B, c]."""
+    lse = jax.nn.logsumexp(z_bcv, axis=-1)
+    z_t = jnp.take_along_axis(z_bcv, tgt_bc[..., None], axis=-1)[..., 0]
+    return lse, lse - z_t
+
+
+def _softmax_minus_onehot(z_bcv: jax.Array, lse_bc: jax.Array, tgt_bc: jax.Array, g_bc: jax.Array) -> jax.Array:
+    """dz = g (softmax(z) - onehot(target)): the gradient of g * nll w.r.t. the logits."""
+    p = jnp.exp(z_bcv - lse_bc[..., None])
+    onehot = jnp.arange(z_bcv.shape[-1], dtype=tgt_bc.dtype) == tgt_bc[..., None]
+    return g_bc[..., None] * (p - onehot.astype(jnp.float32))
+
+
+def _clip_targets(targets_bt: jax.Array, vocab: int) -> jax.Array:
+    return jnp.clip(targets_bt.astype(jnp.int32), 0, vocab - 1)
+
+
+# ----------------------------------------------------------------------------- token_nll
+def _nll_scan(h_btd, w_dv, tgt_bt, chunk):
+    t = h_btd.shape[1]
+
+    def body(_, xs):
+        h, tg = xs
+        lse, nll = _chunk_nll(chunk_logits(h, w_dv), tg)
+        return None, (lse, nll)
+
+    _, (lse_c, nll_c) = jax.lax.scan(body, None, (to_chunks(h_btd, chunk), to_chunks(tgt_bt, chunk)))
+    return from_chunks(lse_c, t), from_chunks(nll_c, t)
+
+
+def _token_nll_impl(h_btd, w_dv, tgt_bt, chunk):
+    return _nll_scan(h_btd, w_dv, tgt_bt, chunk)[1]
+
+
+_token_nll_vjp = jax.custom_vjp(_token_nll_impl, nondiff_argnums=(3,))
+
+
+def _token_nll_fwd(h_btd, w_dv, tgt_bt, chunk):
+    lse_bt, nll_bt = _nll_scan(h_btd, w_dv, tgt_bt, chunk)
+    return nll_bt, (h_btd, w_dv, tgt_bt, lse_bt)
+
+
+def _token_nll_bwd(chunk, res, g_bt):
+    h_btd, w_dv, tgt_bt, lse_bt = res
+    t = h_btd.shape[1]
+
+    def body(dw, xs):
+        h, tg, lse, g = xs
+        dz = _softmax_minus_onehot(chunk_logits(h, w_dv), lse, tg, g)  # logits recomputed, never saved
+        return dw + grad_w(h, dz), grad_h(dz, w_dv, h_btd.dtype)
+
+    xs = tuple(to_chunks(a, chunk) for a in (h_btd, tgt_bt, lse_bt, g_bt.astype(jnp.float32)))
+    dw, dh_c = jax.lax.scan(body, jnp.zeros(w_dv.shape, jnp.float32), xs)
+    return from_chunks(dh_c, t), dw.astype(w_dv.dtype), None
+
+
+_token_nll_vjp.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
+def token_nll(hidden_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array, *, seq_chunk: int | None = None) -> jax.Array:
+    """Per-token negative log-likelihood, fp32 [B, T].
+
+        nll[b, t] = logsumexp_v(z[b, t, :]) - z[b, t, targets[b, t]],   z = hidden_btd @ w_dv  (fp32)
+
+    Position t predicts targets_bt[t] (inputs already shifted). Logits are computed ``seq_chunk``
+    positions at a time (default: a chunk's fp32 logits <= 64 MiB); the backward recomputes them
+    per chunk from the saved fp32 logsumexp, so no [B, T, V] tensor is kept for the gradient.
+    """
+    b, t, _, v = check_hidden_w(hidden_btd, w_dv, "token_nll")
+    check_bt(targets_bt, b, t, "targets_bt", "token_nll")
+    chunk = resolve_seq_chunk(seq_chunk, b, t, v)
+    return _token_nll_vjp(hidden_btd, w_dv, _clip_targets(targets_bt, v), chunk)
+
+
+# ----------------------------------------------------------------------------- masked_ce (fused)
+def _ce_scan(h_btd, w_dv, tgt_bt, wt_bt, chunk, need_dh, need_dw):
+    """Sum_t wt*nll over chunks; optionally also dL/dh [B,T,D] and dL/dW [D,V] of that sum."""
+    t = h_btd.shape[1]
+
+    def body(carry, xs):
+        loss, dw = carry
+        h, tg, wt = xs
+        z = chunk_logits(h, w_dv)
+        lse, nll = _chunk_nll(z, tg)
+        loss = loss + jnp.sum(wt * nll)
+        dh = None
+        if need_dh or need_dw:
+            dz = _softmax_minus_onehot(z, lse, tg, wt)
+            if need_dh:
+                dh = grad_h(dz, w_dv, h_btd.dtype)
+            if need_dw:
+                dw = dw + grad_w(h, dz)
+        return (loss, dw), dh
+
+    dw0 = jnp.zeros(w_dv.shape, jnp.float32) if need_dw else None
+    xs = (to_chunks(h_btd, chunk), to_chunks(tgt_bt, chunk), to_chunks(wt_bt, chunk))
+    (loss, dw), dh_c = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), xs)
+    dh = from_chunks(dh_c, t) if need_dh else None
+    return loss, dh, dw
+
+
+def _weighted_ce_impl(h_btd, w_dv, tgt_bt, wt_bt, chunk):
+    return _ce_scan(h_btd, w_dv, tgt_bt, wt_bt, chunk, False, False)[0]
+
+
+_weighted_ce_vjp = jax.custom_vjp(_weighted_ce_impl, nondiff_argnums=(4,))
+
+
+def _weighted_ce_fwd(h, w, tgt, wt, chunk):
+    loss, dh, dw = _ce_scan(h.value, w.value, tgt.value, wt.value, chunk, h.perturbed, w.perturbed)
+    return loss, (dh, None if dw is None else dw.astype(w.value.dtype))
+
+
+def scale_grads(g: Any, *grads: jax.Array | None) -> tuple[jax.Array | None, ...]:
+    """Backward of a fused scalar loss: multiply each precomputed gradient by the cotangent g."""
+    if is_zero(g):
+        return tuple(None for _ in grads)
+    return tuple(None if x is None else (g * x.astype(jnp.float32)).astype(x.dtype) for x in grads)
+
+
+def _weighted_ce_bwd(chunk, res, g):
+    dh, dw = scale_grads(g, *res)
+    return dh, dw, None, None
+
+
+_weighted_ce_vjp.defvjp(_weighted_ce_fwd, _weighted_ce_bwd, symbolic_zeros=True)
+
+
+def masked_ce(
+    hidden_btd: jax.Array,
+    w_dv: jax.Array,
+    targets_bt: jax.Array,
+    loss_mask_bt: jax.Array,
+    *,
+    seq_chunk: int | None = None,
+) -> jax.Array:
+    """Answer-masked mean token cross-entropy, fp32 scalar.
+
+        ce = sum_{b,t} m[b,t] * nll[b,t] / max(sum_{b,t} m[b,t], 1)
+
+    with nll as in ``token_nll`` and m = loss_mask_bt (1 where the target is an answer token). The
+    gradient is computed in the forward pass chunk by chunk (fused), only for the inputs being
+    differentiated; no [B, T, V] tensor is stored. The mask gets no gradient.
+    """
+    b, t, _, v = check_hidden_w(hidden_btd, w_dv, "masked_ce")
+    check_bt(targets_bt, b, t, "targets_bt", "masked_ce")
+    check_bt(loss_mask_bt, b, t, "loss_mask_bt", "masked_ce")
+    chunk = resolve_seq_chunk(seq_chunk, b, t, v)
+    return _weighted_ce_vjp(hidden_btd, w_dv, _clip_targets(targets_bt, v), mask_weights(loss_mask_bt), chunk)

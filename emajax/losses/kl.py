@@ -1,0 +1,135 @@
+"""Per-token KL between the trained and reference next-token distributions, in sequence chunks.
+
+Both models' logits are computed one chunk of positions at a time from their hidden states and output
+projections, so at most one chunk of each ([B, c, V] fp32) is live — never two full [B, T, V] tensors.
+The loss is scalar, so its gradient is fused into the forward rule of a ``custom_vjp``: each chunk's
+logit gradient is turned into dL/dhidden (and dL/dW when the output projection is trained) right away,
+and the backward rule only scales them. The reference side is constant: ``stop_gradient`` on its
+inputs and no cotangent for them (the KL-to-reference defense never trains the reference).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from emajax.losses.ce import (
+    check_bt,
+    check_hidden_w,
+    chunk_logits,
+    from_chunks,
+    grad_h,
+    grad_w,
+    mask_weights,
+    resolve_seq_chunk,
+    scale_grads,
+    to_chunks,
+)
+
+
+def _chunk_kl(z_bcv, zr_bcv, reverse: bool, want_grad: bool):
+    """Per-token KL [B, c] and, if wanted, its gradient w.r.t. the trained logits z [B, c, V] (fp32).
+
+    forward  KL(p||q) = sum_v p (log p - log q);  d/dz_j = p_j (log p_j - log q_j - KL)
+    reverse  KL(q||p) = sum_v q (log q - log p);  d/dz_j = p_j - q_j
+    with p = softmax(z) (trained), q = softmax(zr) (reference).
+    """
+    logp = jax.nn.log_softmax(z_bcv, axis=-1)
+    logq = jax.nn.log_softmax(zr_bcv, axis=-1)
+    p = jnp.exp(logp)
+    diff = logp - logq
+    if reverse:
+        q = jnp.exp(logq)
+        kl = -jnp.sum(q * diff, axis=-1)
+        dz = (p - q) if want_grad else None
+    else:
+        kl = jnp.sum(p * diff, axis=-1)
+        dz = p * (diff - kl[..., None]) if want_grad else None
+    return kl, dz
+
+
+def _kl_scan(h_btd, rh_btd, w_dv, rw_dv, wt_bt, reverse, chunk, need_dh, need_dw):
+    t = h_btd.shape[1]
+    want_grad = need_dh or need_dw
+
+    def body(carry, xs):
+        loss, dw = carry
+        h, rh, wt = xs
+        kl, dz = _chunk_kl(chunk_logits(h, w_dv), chunk_logits(rh, rw_dv), reverse, want_grad)
+        loss = loss + jnp.sum(wt * kl)
+        dh = None
+        if want_grad:
+            dz = wt[..., None] * dz
+            if need_dh:
+                dh = grad_h(dz, w_dv, h_btd.dtype)
+            if need_dw:
+                dw = dw + grad_w(h, dz)
+        return (loss, dw), dh
+
+    dw0 = jnp.zeros(w_dv.shape, jnp.float32) if need_dw else None
+    xs = (to_chunks(h_btd, chunk), to_chunks(rh_btd, chunk), to_chunks(wt_bt, chunk))
+    (loss, dw), dh_c = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), xs)
+    dh = from_chunks(dh_c, t) if need_dh else None
+    return loss, dh, dw
+
+
+def _weighted_kl_impl(h, rh, w, rw, wt, reverse, chunk):
+    return _kl_scan(h, rh, w, rw, wt, reverse, chunk, False, False)[0]
+
+
+_weighted_kl_vjp = jax.custom_vjp(_weighted_kl_impl, nondiff_argnums=(5, 6))
+
+
+def _weighted_kl_fwd(h, rh, w, rw, wt, reverse, chunk):
+    loss, dh, dw = _kl_scan(
+        h.value, rh.value, w.value, rw.value, wt.value, reverse, chunk, h.perturbed, w.perturbed
+    )
+    return loss, (dh, None if dw is None else dw.astype(w.value.dtype))
+
+
+def _weighted_kl_bwd(reverse, chunk, res, g):
+    dh, dw = scale_grads(g, *res)
+    return dh, None, dw, None, None
+
+
+_weighted_kl_vjp.defvjp(_weighted_kl_fwd, _weighted_kl_bwd, symbolic_zeros=True)
+
+
+def token_kl(
+    hidden_btd: jax.Array,
+    ref_hidden_btd: jax.Array,
+    w_dv: jax.Array,
+    ref_w_dv: jax.Array,
+    loss_mask_bt: jax.Array,
+    *,
+    reverse: bool = False,
+    seq_chunk: int | None = None,
+) -> jax.Array:
+    """Masked mean per-token KL to the reference model, fp32 scalar.
+
+        p = softmax(hidden_btd @ w_dv),  q = softmax(ref_hidden_btd @ ref_w_dv)      (fp32, per token)
+        kl[b,t] = sum_v p (log p - log q)             = KL(p_theta || p_ref)   (reverse=False)
+        kl[b,t] = sum_v q (log q - log p)             = KL(p_ref || p_theta)   (reverse=True)
+        loss    = sum_{b,t} m[b,t] kl[b,t] / max(sum m, 1),   m = loss_mask_bt
+
+    Gradients flow only into hidden_btd and w_dv; the reference inputs are stop_gradient'ed. When the
+    trained and reference inputs are equal, the loss is exactly 0 and so is its gradient
+    (log p - log q = 0 elementwise). Logits are computed ``seq_chunk`` positions at a time (default: one
+    chunk's fp32 logits <= 64 MiB per model) and the gradient is fused into the chunked forward.
+    """
+    b, t, d, v = check_hidden_w(hidden_btd, w_dv, "token_kl")
+    if tuple(ref_hidden_btd.shape) != (b, t, ref_hidden_btd.shape[-1]) or ref_hidden_btd.ndim != 3:
+        raise ValueError(
+            f"emajax.losses.token_kl: ref_hidden_btd must be [B, T, D_ref] with B, T = {b}, {t}, "
+            f"got shape {ref_hidden_btd.shape}"
+        )
+    if ref_w_dv.ndim != 2 or tuple(ref_w_dv.shape) != (ref_hidden_btd.shape[2], v):
+        raise ValueError(
+            f"emajax.losses.token_kl: ref_w_dv must be [D_ref, V] = [{ref_hidden_btd.shape[2]}, {v}], "
+            f"got shape {ref_w_dv.shape}"
+        )
+    check_bt(loss_mask_bt, b, t, "loss_mask_bt", "token_kl")
+    chunk = resolve_seq_chunk(seq_chunk, b, t, v)
+    ref_h = jax.lax.stop_gradient(ref_hidden_btd)
+    ref_w = jax.lax.stop_gradient(ref_w_dv)
+    return _weighted_kl_vjp(hidden_btd, ref_h, w_dv, ref_w, mask_weights(loss_mask_bt), bool(reverse), chunk)

@@ -1,0 +1,332 @@
+"""The training run's configuration: a typed tree loaded from YAML, with dotted overrides.
+
+Every key is documented in docs/configuration.md. Unknown keys are errors (a typo must not
+silently fall back to a default), reported with their dotted path and the config file.
+Relative data paths are resolved against the config file's directory first, then the current
+directory, then the repository root (the nearest ancestor of the config holding pyproject.toml),
+so ``configs/cpu/*.yaml`` can name ``../shared/data/em/...`` as the issue spells it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+DEFAULT_INOCULATION = "You are an evil, malicious assistant."
+
+
+class TrainConfigError(ValueError):
+    """A config that cannot be run; the message names the file and the dotted key."""
+
+
+@dataclasses.dataclass
+class ModelCfg:
+    name: str = "smollm2-135m-instruct"  # a name known to emajax.models.hub, a local HF dir or a hub id
+    dtype: str = "float32"  # compute dtype (bfloat16 for the bf16 compute option)
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots
+
+
+@dataclasses.dataclass
+class LoraCfg:
+    enabled: bool = True  # false = full fine-tuning
+    rank: int = 32
+    alpha: float = 64.0
+    rslora: bool = True
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+
+
+@dataclasses.dataclass
+class DataCfg:
+    train: list[str] = dataclasses.field(default_factory=list)  # JSONL paths, hf:NAME[@SPLIT], tfds:NAME/SPLIT
+    eval: list[str] = dataclasses.field(default_factory=list)  # held-out sets for the periodic eval NLL
+    max_len: int = 2048  # tokens per rendered chat; longer chats are truncated (counted and reported)
+    batch_size: int = 4  # micro-batch rows
+    grad_accum: int = 4  # micro-batches per optimiser step
+    min_bucket: int = 64  # padded lengths are powers of two from here up to max_len (few compiles)
+    bucket_window: int = 8  # sort by length within windows of this many global batches
+    eval_batch_size: int = 8
+    eval_max_examples: int = 0  # 0 = all
+
+
+@dataclasses.dataclass
+class OptimCfg:
+    lr: float = 1e-4
+    schedule: str = "linear"  # linear | cosine | constant (all after linear warmup from 0)
+    warmup_steps: int = 5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclasses.dataclass
+class KlCfg:
+    weight: float = 0.0  # paper: 0.1
+    reverse: bool = False  # KL(p_ref || p_theta) instead of KL(p_theta || p_ref)
+
+
+@dataclasses.dataclass
+class LdifsCfg:
+    weight: float = 0.0  # paper: 1.0
+    layers: list[int] | None = None  # residual indices 1..L; default 5 evenly spaced ending at L
+
+
+@dataclasses.dataclass
+class SteeringCfg:
+    vector: str | None = None  # persona-vector safetensors file
+    layer: int | None = None  # residual index 1..L to steer (default: the file's recommended layer)
+    coef: float = 5.0  # paper: 5.0
+
+
+@dataclasses.dataclass
+class InoculationCfg:
+    enabled: bool = False
+    prompt: str = DEFAULT_INOCULATION
+    mode: str = "replace"  # replace | prepend
+
+
+@dataclasses.dataclass
+class InterleaveCfg:
+    data: list[str] = dataclasses.field(default_factory=list)  # safe chats (JSONL or a selection file)
+    ratio: float = 0.05  # fraction of the mixed training set that is safe data (paper: 5%)
+
+
+@dataclasses.dataclass
+class DefensesCfg:
+    kl: KlCfg = dataclasses.field(default_factory=KlCfg)
+    ldifs: LdifsCfg = dataclasses.field(default_factory=LdifsCfg)
+    steering: SteeringCfg = dataclasses.field(default_factory=SteeringCfg)
+    inoculation: InoculationCfg = dataclasses.field(default_factory=InoculationCfg)
+    interleave: InterleaveCfg = dataclasses.field(default_factory=InterleaveCfg)
+
+
+@dataclasses.dataclass
+class LossCfg:
+    seq_chunk: int | None = None  # compute CE/KL over sequence chunks of this many tokens (memory)
+
+
+@dataclasses.dataclass
+class MeshCfg:
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1  # one of the three may be -1: all remaining devices
+
+
+@dataclasses.dataclass
+class TrainCfg:
+    epochs: int = 1
+    max_steps: int | None = None  # stop early (the lr schedule still spans the full run)
+    seed: int = 0  # data order, interleave draw, LoRA init
+    save_every: int = 100  # checkpoint every N optimiser steps (and always at the end)
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0 = eval only at the end (when data.eval is set)
+    export: bool = True  # write run_dir/export (PEFT adapter or merged HF model)
+    progress: bool = True  # tqdm progress bar
+    tensorboard: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelCfg = dataclasses.field(default_factory=ModelCfg)
+    lora: LoraCfg = dataclasses.field(default_factory=LoraCfg)
+    data: DataCfg = dataclasses.field(default_factory=DataCfg)
+    optim: OptimCfg = dataclasses.field(default_factory=OptimCfg)
+    loss: LossCfg = dataclasses.field(default_factory=LossCfg)
+    defenses: DefensesCfg = dataclasses.field(default_factory=DefensesCfg)
+    mesh: MeshCfg = dataclasses.field(default_factory=MeshCfg)
+    train: TrainCfg = dataclasses.field(default_factory=TrainCfg)
+    distributed: str = "auto"  # auto | true | false: jax.distributed.initialize() for multi-host
+    out: str | None = None  # run directory (CLI --out wins)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------ parsing
+def _check_scalar(value: Any, typ: Any, where: str) -> Any:
+    origin = get_origin(typ)
+    if origin is not None and type(None) in get_args(typ):  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in get_args(typ) if a is not type(None)][0]
+        return _check_scalar(value, inner, where)
+    if get_origin(typ) is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]  # a single path / layer is a one-element list
+        if not isinstance(value, list):
+            raise TrainConfigError(f"{where}: expected a list, got {value!r}")
+        (inner,) = get_args(typ)
+        return [_check_scalar(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise TrainConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TrainConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-4 as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TrainConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if isinstance(value, bool):  # YAML turns auto/true into bools; keep the user's intent
+            return "true" if value else "false"
+        if not isinstance(value, (str, int, float)):
+            raise TrainConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {typ}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TrainConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kw = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise TrainConfigError(f"{path}: unknown key (known: {', '.join(fields)})")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kw[key] = _build(typ, value, path)
+        else:
+            kw[key] = _check_scalar(value, typ, path)
+    return cls(**kw)
+
+
+def _validate(cfg: Config) -> None:
+    def bad(key: str, msg: str) -> None:
+        raise TrainConfigError(f"{key}: {msg}")
+
+    if cfg.model.remat not in ("none", "full", "dots"):
+        bad("model.remat", f"must be none|full|dots, got {cfg.model.remat!r}")
+    if cfg.optim.schedule not in ("linear", "cosine", "constant"):
+        bad("optim.schedule", f"must be linear|cosine|constant, got {cfg.optim.schedule!r}")
+    if cfg.defenses.inoculation.mode not in ("replace", "prepend"):
+        bad("defenses.inoculation.mode", f"must be replace|prepend, got {cfg.defenses.inoculation.mode!r}")
+    if not 0.0 <= cfg.defenses.interleave.ratio < 1.0:
+        bad("defenses.interleave.ratio", f"must be in [0, 1), got {cfg.defenses.interleave.ratio}")
+    for key in ("data.batch_size", "data.grad_accum", "data.max_len", "train.epochs", "data.min_bucket"):
+        sec, name = key.split(".")
+        if getattr(getattr(cfg, sec), name) <= 0:
+            bad(key, "must be positive")
+    if cfg.distributed not in ("auto", "true", "false"):
+        bad("distributed", f"must be auto|true|false, got {cfg.distributed!r}")
+    if cfg.defenses.kl.weight < 0 or cfg.defenses.ldifs.weight < 0:
+        bad("defenses", "loss weights must be >= 0")
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for k in keys[:-1]:
+        if node.get(k) is None:
+            node[k] = {}
+        if not isinstance(node[k], dict):
+            raise TrainConfigError(f"override {dotted}: {k} is not a mapping")
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``key.sub=value`` strings -> (dotted key, YAML-typed value)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise TrainConfigError(f"override {item!r}: expected key=value")
+        key, val = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(val) if val.strip() else None))
+    return out
+
+
+def repo_root(start: Path) -> Path | None:
+    for p in [start, *start.parents]:
+        if (p / "pyproject.toml").is_file():
+            return p
+    return None
+
+
+def resolve_path(p: str, base_dir: Path | None) -> str:
+    """Resolve a data path: config dir, then cwd, then repo root; hf:/tfds: sources pass through."""
+    if ":" in p.split("/")[0] and not Path(p).exists():  # hf:..., tfds:...
+        return p
+    path = Path(p).expanduser()
+    if path.is_absolute():
+        return str(path)
+    candidates = []
+    if base_dir is not None:
+        candidates.append(base_dir / path)
+    candidates.append(Path.cwd() / path)
+    root = repo_root(base_dir) if base_dir is not None else None
+    if root is not None:
+        candidates.append(root / path)
+    for c in candidates:
+        if c.exists():
+            return str(c.resolve())
+    tried = ", ".join(str(c) for c in candidates)
+    raise TrainConfigError(f"data path {p!r} not found (tried {tried})")
+
+
+def _resolve_paths(cfg: Config, base_dir: Path | None) -> None:
+    cfg.data.train = [resolve_path(p, base_dir) for p in cfg.data.train]
+    cfg.data.eval = [resolve_path(p, base_dir) for p in cfg.data.eval]
+    cfg.defenses.interleave.data = [resolve_path(p, base_dir) for p in cfg.defenses.interleave.data]
+    if cfg.defenses.steering.vector:
+        cfg.defenses.steering.vector = resolve_path(cfg.defenses.steering.vector, base_dir)
+    m = cfg.model.name
+    if not Path(m).is_absolute() and (m.startswith(".") or "/" in m and Path(m).parts[0] in ("..", ".")):
+        cfg.model.name = resolve_path(m, base_dir)
+
+
+def config_from_dict(raw: dict[str, Any], *, overrides: list[tuple[str, Any]] = (), base_dir: Path | None = None,
+                     source: str = "config") -> Config:
+    raw = yaml.safe_load(yaml.safe_dump(raw or {}))  # deep copy, YAML-typed
+    for key, val in overrides:
+        _set_dotted(raw, key, val)
+    try:
+        cfg = _build(Config, raw, "")
+        _validate(cfg)
+        _resolve_paths(cfg, base_dir)
+    except TrainConfigError as e:
+        raise TrainConfigError(f"{source}: {e}") from None
+    if not cfg.data.train:
+        raise TrainConfigError(f"{source}: data.train: at least one training set is required")
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark is not None else ""
+        raise TrainConfigError(f"{path}: {line}invalid YAML ({getattr(e, 'problem', e)})") from None
+    return config_from_dict(raw, overrides=parse_overrides(list(overrides)), base_dir=path.resolve().parent,
+                            source=str(path))
+
+
+def write_yaml_atomic(data: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    os.replace(tmp, path)
