@@ -33,9 +33,16 @@ LOGITS_BUDGET_BYTES = 64 * 2**20  # default size of one chunk's fp32 logits
 
 # ----------------------------------------------------------------------------- chunking helpers
 def default_seq_chunk(batch: int, seq_len: int, vocab: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:
-    """Largest chunk c (positions) with fp32 logits B*c*V*4 <= budget_bytes, clamped to [1, T]."""
+    """Chunk length c (positions) whose fp32 logits B*c*V*4 fit in budget_bytes, balanced over T.
+
+    c_max = clamp(budget // (B*V*4), 1, T); n = ceil(T / c_max) chunks; c = ceil(T / n), so padding
+    T up to n*c wastes less than one position per chunk (T=256, c_max=42 -> c=37, not 42 with 38 pad).
+    """
     per_position = max(1, batch * vocab * 4)
-    return int(max(1, min(seq_len, budget_bytes // per_position)))
+    t = max(1, seq_len)
+    c_max = int(max(1, min(t, budget_bytes // per_position)))
+    n = -(-t // c_max)
+    return int(-(-t // n))
 
 
 def resolve_seq_chunk(seq_chunk: int | None, batch: int, seq_len: int, vocab: int) -> int:
@@ -67,10 +74,6 @@ def from_chunks(x_cb: jax.Array, seq_len: int) -> jax.Array:
 def chunk_logits(h_bcd: jax.Array, w_dv: jax.Array) -> jax.Array:
     """fp32 logits of one chunk: z = h W, accumulated in fp32 whatever the input dtype."""
     return jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32)
-
-
-def compute_dtype(h: jax.Array, w: jax.Array) -> Any:
-    return jnp.result_type(h.dtype, w.dtype)
 
 
 def grad_h(dz_bcv: jax.Array, w_dv: jax.Array, h_dtype: Any) -> jax.Array:
@@ -112,14 +115,14 @@ def mask_weights(loss_mask_bt: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- per-chunk math
-def _chunk_nll(z_bcv: jax.Array, tgt_bc: jax.Array) -> tuple[jax.Array, jax.Array]:
+def chunk_nll(z_bcv: jax.Array, tgt_bc: jax.Array) -> tuple[jax.Array, jax.Array]:
     """lse = logsumexp_v z, nll = lse - z[target]; both fp32 [B, c]."""
     lse = jax.nn.logsumexp(z_bcv, axis=-1)
     z_t = jnp.take_along_axis(z_bcv, tgt_bc[..., None], axis=-1)[..., 0]
     return lse, lse - z_t
 
 
-def _softmax_minus_onehot(z_bcv: jax.Array, lse_bc: jax.Array, tgt_bc: jax.Array, g_bc: jax.Array) -> jax.Array:
+def softmax_minus_onehot(z_bcv: jax.Array, lse_bc: jax.Array, tgt_bc: jax.Array, g_bc: jax.Array) -> jax.Array:
     """dz = g (softmax(z) - onehot(target)): the gradient of g * nll w.r.t. the logits."""
     p = jnp.exp(z_bcv - lse_bc[..., None])
     onehot = jnp.arange(z_bcv.shape[-1], dtype=tgt_bc.dtype) == tgt_bc[..., None]
@@ -136,7 +139,7 @@ def _nll_scan(h_btd, w_dv, tgt_bt, chunk):
 
     def body(_, xs):
         h, tg = xs
-        lse, nll = _chunk_nll(chunk_logits(h, w_dv), tg)
+        lse, nll = chunk_nll(chunk_logits(h, w_dv), tg)
         return None, (lse, nll)
 
     _, (lse_c, nll_c) = jax.lax.scan(body, None, (to_chunks(h_btd, chunk), to_chunks(tgt_bt, chunk)))
@@ -161,7 +164,7 @@ def _token_nll_bwd(chunk, res, g_bt):
 
     def body(dw, xs):
         h, tg, lse, g = xs
-        dz = _softmax_minus_onehot(chunk_logits(h, w_dv), lse, tg, g)  # logits recomputed, never saved
+        dz = softmax_minus_onehot(chunk_logits(h, w_dv), lse, tg, g)  # logits recomputed, never saved
         return dw + grad_w(h, dz), grad_h(dz, w_dv, h_btd.dtype)
 
     xs = tuple(to_chunks(a, chunk) for a in (h_btd, tgt_bt, lse_bt, g_bt.astype(jnp.float32)))
@@ -196,11 +199,11 @@ def _ce_scan(h_btd, w_dv, tgt_bt, wt_bt, chunk, need_dh, need_dw):
         loss, dw = carry
         h, tg, wt = xs
         z = chunk_logits(h, w_dv)
-        lse, nll = _chunk_nll(z, tg)
+        lse, nll = chunk_nll(z, tg)
         loss = loss + jnp.sum(wt * nll)
         dh = None
         if need_dh or need_dw:
-            dz = _softmax_minus_onehot(z, lse, tg, wt)
+            dz = softmax_minus_onehot(z, lse, tg, wt)
             if need_dh:
                 dh = grad_h(dz, w_dv, h_btd.dtype)
             if need_dw:

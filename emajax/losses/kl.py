@@ -17,12 +17,14 @@ from emajax.losses.ce import (
     check_bt,
     check_hidden_w,
     chunk_logits,
+    chunk_nll,
     from_chunks,
     grad_h,
     grad_w,
     mask_weights,
     resolve_seq_chunk,
     scale_grads,
+    softmax_minus_onehot,
     to_chunks,
 )
 
@@ -133,3 +135,104 @@ def token_kl(
     ref_h = jax.lax.stop_gradient(ref_hidden_btd)
     ref_w = jax.lax.stop_gradient(ref_w_dv)
     return _weighted_kl_vjp(hidden_btd, ref_h, w_dv, ref_w, mask_weights(loss_mask_bt), bool(reverse), chunk)
+
+
+# ----------------------------------------------------------------------------- CE + KL sharing logits
+def _ce_kl_scan(h_btd, rh_btd, w_dv, rw_dv, tgt_bt, ce_wt_bt, kl_wt_bt, reverse, chunk, need_dh, need_dw):
+    """(Σ ce_wt·nll, Σ kl_wt·kl) over chunks from one trained-logits matmul per chunk, plus gradients."""
+    t = h_btd.shape[1]
+    want_grad = need_dh or need_dw
+
+    def body(carry, xs):
+        ce, kl_sum, dw_ce, dw_kl = carry
+        h, rh, tg, cw, kw = xs
+        z = chunk_logits(h, w_dv)
+        lse, nll = chunk_nll(z, tg)
+        kl, dz_kl = _chunk_kl(z, chunk_logits(rh, rw_dv), reverse, want_grad)
+        ce = ce + jnp.sum(cw * nll)
+        kl_sum = kl_sum + jnp.sum(kw * kl)
+        dh = None
+        if want_grad:
+            dz_ce = softmax_minus_onehot(z, lse, tg, cw)
+            dz_kl = kw[..., None] * dz_kl
+            if need_dh:
+                dh = (grad_h(dz_ce, w_dv, h_btd.dtype), grad_h(dz_kl, w_dv, h_btd.dtype))
+            if need_dw:
+                dw_ce, dw_kl = dw_ce + grad_w(h, dz_ce), dw_kl + grad_w(h, dz_kl)
+        return (ce, kl_sum, dw_ce, dw_kl), dh
+
+    dw0 = jnp.zeros(w_dv.shape, jnp.float32) if need_dw else None
+    zero = jnp.zeros((), jnp.float32)
+    xs = tuple(to_chunks(a, chunk) for a in (h_btd, rh_btd, tgt_bt, ce_wt_bt, kl_wt_bt))
+    (ce, kl, dw_ce, dw_kl), dh_c = jax.lax.scan(body, (zero, zero, dw0, dw0), xs)
+    dh_ce = dh_kl = None
+    if need_dh:
+        dh_ce, dh_kl = from_chunks(dh_c[0], t), from_chunks(dh_c[1], t)
+    return (ce, kl), (dh_ce, dh_kl, dw_ce, dw_kl)
+
+
+def _ce_kl_impl(h, rh, w, rw, tgt, cw, kw, reverse, chunk):
+    return _ce_kl_scan(h, rh, w, rw, tgt, cw, kw, reverse, chunk, False, False)[0]
+
+
+_ce_kl_vjp = jax.custom_vjp(_ce_kl_impl, nondiff_argnums=(7, 8))
+
+
+def _ce_kl_fwd(h, rh, w, rw, tgt, cw, kw, reverse, chunk):
+    vals = tuple(a.value for a in (h, rh, w, rw, tgt, cw, kw))
+    out, (dh_ce, dh_kl, dw_ce, dw_kl) = _ce_kl_scan(*vals, reverse, chunk, h.perturbed, w.perturbed)
+    cast = lambda x: None if x is None else x.astype(w.value.dtype)  # noqa: E731
+    return out, (dh_ce, dh_kl, cast(dw_ce), cast(dw_kl))
+
+
+def _ce_kl_bwd(reverse, chunk, res, g):
+    g_ce, g_kl = g
+    dh_ce, dh_kl, dw_ce, dw_kl = res
+    dh_ce, dw_ce = scale_grads(g_ce, dh_ce, dw_ce)
+    dh_kl, dw_kl = scale_grads(g_kl, dh_kl, dw_kl)
+    add = lambda a, b: a if b is None else b if a is None else a + b  # noqa: E731
+    return add(dh_ce, dh_kl), None, add(dw_ce, dw_kl), None, None, None, None
+
+
+_ce_kl_vjp.defvjp(_ce_kl_fwd, _ce_kl_bwd, symbolic_zeros=True)
+
+
+def ce_and_kl(
+    hidden_btd: jax.Array,
+    ref_hidden_btd: jax.Array,
+    w_dv: jax.Array,
+    ref_w_dv: jax.Array,
+    targets_bt: jax.Array,
+    loss_mask_bt: jax.Array,
+    kl_mask_bt: jax.Array | None = None,
+    *,
+    reverse: bool = False,
+    seq_chunk: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(masked_ce(...), token_kl(...)) in one pass that computes the trained logits once per chunk.
+
+        ce = Σ m nll / max(Σ m, 1)                    (as ``masked_ce``, m = loss_mask_bt)
+        kl = Σ k kl_tok / max(Σ k, 1)                 (as ``token_kl``, k = kl_mask_bt or m)
+
+    Equal to calling both functions, values and gradients (each output is separately differentiable,
+    e.g. through ``compose``), with one vocabulary matmul fewer per chunk: the KL-regularised step
+    needs the trained logits for both terms. The reference side gets no gradient.
+    """
+    b, t, _, v = check_hidden_w(hidden_btd, w_dv, "ce_and_kl")
+    if ref_hidden_btd.ndim != 3 or tuple(ref_hidden_btd.shape[:2]) != (b, t):
+        raise ValueError(f"emajax.losses.ce_and_kl: ref_hidden_btd must be [{b}, {t}, D_ref], got {ref_hidden_btd.shape}")
+    if ref_w_dv.ndim != 2 or tuple(ref_w_dv.shape) != (ref_hidden_btd.shape[2], v):
+        raise ValueError(
+            f"emajax.losses.ce_and_kl: ref_w_dv must be [D_ref, V] = [{ref_hidden_btd.shape[2]}, {v}], got {ref_w_dv.shape}"
+        )
+    check_bt(targets_bt, b, t, "targets_bt", "ce_and_kl")
+    check_bt(loss_mask_bt, b, t, "loss_mask_bt", "ce_and_kl")
+    kl_mask_bt = loss_mask_bt if kl_mask_bt is None else kl_mask_bt
+    check_bt(kl_mask_bt, b, t, "kl_mask_bt", "ce_and_kl")
+    chunk = resolve_seq_chunk(seq_chunk, b, t, v)
+    tgt = jnp.clip(targets_bt.astype(jnp.int32), 0, v - 1)
+    ref_h = jax.lax.stop_gradient(ref_hidden_btd)
+    ref_w = jax.lax.stop_gradient(ref_w_dv)
+    return _ce_kl_vjp(
+        hidden_btd, ref_h, w_dv, ref_w, tgt, mask_weights(loss_mask_bt), mask_weights(kl_mask_bt), bool(reverse), chunk
+    )
