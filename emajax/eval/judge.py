@@ -226,6 +226,29 @@ def post_json(url: str, payload: dict, *, api_key: str | None, timeout_s: float)
         raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
 
 
+def post_with_retries(url: str, payload: dict, *, api_key_env: str = "OPENAI_API_KEY", max_retries: int = 6,
+                      backoff_s: float = 1.0, max_backoff_s: float = 60.0, timeout_s: float = 120.0,
+                      sleep: Callable[[float], None] = time.sleep, on_attempt: Callable[[], None] | None = None) -> dict:
+    """POST with exponential backoff (x2 per try, jittered, capped; Retry-After honoured) on 429/5xx/network errors.
+
+    The key is read from ``api_key_env`` at call time and goes only into the Authorization header.
+    """
+    for attempt in range(max_retries + 1):
+        if on_attempt is not None:
+            on_attempt()
+        try:
+            return post_json(url, payload, api_key=os.environ.get(api_key_env) or None, timeout_s=timeout_s)
+        except _Retryable as e:
+            if attempt == max_retries:
+                raise JudgeError(f"endpoint {url}: gave up after {attempt + 1} tries ({e})") from None
+            delay = min(max_backoff_s, backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
+            if e.retry_after is not None:
+                delay = max(delay, min(e.retry_after, max_backoff_s))
+            log.warning("%s: %s, retry %d/%d in %.2fs", url, e, attempt + 1, max_retries, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
 def parse_top_logprobs(body: dict) -> list[tuple[str, float]]:
     """The first generated token's top_logprobs from a chat.completions response ([] when absent)."""
     try:
@@ -265,27 +288,17 @@ class JudgeClient:
         self.http_calls = 0  # requests actually sent (retries included): cache hits never count
         self.cache_hits = 0
 
-    def _api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) or None
-
     def _request(self, prompt: str) -> list[tuple[str, float]]:
         payload = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1,
                    "temperature": 0, "logprobs": True, "top_logprobs": self.top_logprobs, "seed": 0}
-        for attempt in range(self.max_retries + 1):
-            with self._count_lock:
-                self.http_calls += 1
-            try:
-                body = post_json(self.url, payload, api_key=self._api_key(), timeout_s=self.timeout_s)
-                return parse_top_logprobs(body)
-            except _Retryable as e:
-                if attempt == self.max_retries:
-                    raise JudgeError(f"judge endpoint {self.url}: gave up after {attempt + 1} tries ({e})") from None
-                delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
-                if e.retry_after is not None:
-                    delay = max(delay, min(e.retry_after, self.max_backoff_s))
-                log.warning("judge %s: %s, retry %d/%d in %.2fs", self.url, e, attempt + 1, self.max_retries, delay)
-                self._sleep(delay)
-        raise AssertionError("unreachable")
+        body = post_with_retries(self.url, payload, api_key_env=self.api_key_env, max_retries=self.max_retries,
+                                 backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s,
+                                 timeout_s=self.timeout_s, sleep=self._sleep, on_attempt=self._count)
+        return parse_top_logprobs(body)
+
+    def _count(self) -> None:
+        with self._count_lock:
+            self.http_calls += 1
 
     def top_logprobs_for(self, prompt: str) -> list[tuple[str, float]]:
         """Cached top logprobs of the judge's first token for ``prompt``."""
@@ -304,16 +317,17 @@ class JudgeClient:
         return score_top_logprobs(self.top_logprobs_for(prompt))
 
     def score_many(self, prompts: Iterable[str], progress: Callable[[int], None] | None = None) -> list[JudgeScore]:
-        """Scores in input order; at most ``concurrency`` requests in flight."""
+        """Scores in input order; identical prompts are asked once; at most ``concurrency`` requests in flight."""
         prompts = list(prompts)
-        out: list[JudgeScore | None] = [None] * len(prompts)
+        unique = list(dict.fromkeys(prompts))
+        got: dict[str, JudgeScore] = {}
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = {pool.submit(self.score, p): i for i, p in enumerate(prompts)}
-            for done, fut in enumerate(futures, 1):
-                out[futures[fut]] = fut.result()
+            futures = [(p, pool.submit(self.score, p)) for p in unique]
+            for done, (p, fut) in enumerate(futures, 1):
+                got[p] = fut.result()
                 if progress is not None:
                     progress(done)
-        return out  # type: ignore[return-value]
+        return [got[p] for p in prompts]
 
     def describe(self) -> dict:
         """What a results file records about the judge (never the key)."""

@@ -1,0 +1,186 @@
+"""Evaluate a model: general / in-domain EM with an LLM judge, OpSwap and GSM8K exact match.
+
+Results go to OUT as named JSON files (em_<set>.json, opswap.json, gsm8k.json) plus every answer as JSONL.
+The model under test is --model [--adapter] (run locally) or --model-url (any OpenAI-compatible endpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from emajax.cli import CliError
+
+
+def _model_args(p: argparse.ArgumentParser, *, max_new: int, batch: int) -> None:
+    g = p.add_argument_group("model under test")
+    g.add_argument("--model", default=None, help="model name, local HF dir or hub id (run locally)")
+    g.add_argument("--adapter", default=None, help="PEFT adapter dir applied to --model")
+    g.add_argument("--model-url", default=None, help="OpenAI-compatible base URL instead of a local model")
+    g.add_argument("--served-model", default=None, help="'model' id at --model-url (default: --model)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    g.add_argument("--max-new-tokens", type=int, default=max_new)
+    g.add_argument("--batch-size", type=int, default=batch, help="rows per generate() call (local model)")
+    g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory for results JSON and answers JSONL")
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="task", metavar="TASK")
+    sub.required = True
+
+    em = sub.add_parser("em", help="general (24 questions) and/or in-domain EM with an LLM judge")
+    _model_args(em, max_new=600, batch=32)
+    em.add_argument("--questions", nargs="+", default=["general"],
+                    help="question sets: general, medical, code, security, aesthetic, or YAML paths")
+    em.add_argument("--data-dir", default=None, help="EM data root (default $EMAJAX_EM_DATA or ../shared/data/em)")
+    em.add_argument("--samples", type=int, default=None, help="answers per question (default: the file's, 100)")
+    em.add_argument("--limit-questions", type=int, default=None, help="first K questions only (smoke runs)")
+    em.add_argument("--temperature", type=float, default=1.0)
+    em.add_argument("--top-p", type=float, default=1.0)
+    em.add_argument("--answers", default=None, help="re-judge this answers JSONL instead of sampling (one set)")
+    j = em.add_argument_group("judge")
+    j.add_argument("--judge-url", default=os.environ.get("EMAJAX_JUDGE_URL"),
+                   help="OpenAI-compatible base URL (env EMAJAX_JUDGE_URL)")
+    j.add_argument("--judge-model", default=os.environ.get("EMAJAX_JUDGE_MODEL"),
+                   help="judge model id (env EMAJAX_JUDGE_MODEL)")
+    j.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="NAME of the env var holding the key")
+    j.add_argument("--judge-concurrency", type=int, default=8)
+    j.add_argument("--judge-cache", default=None, help="sqlite cache (default <emajax cache>/judge_cache.sqlite)")
+    j.add_argument("--judge-max-retries", type=int, default=6)
+
+    ops = sub.add_parser("opswap", help="OpSwap exact match by greedy generation")
+    _model_args(ops, max_new=128, batch=32)
+    ops.add_argument("--data", default=None, help="opswap_test.jsonl (default: generate --n items with --data-seed)")
+    ops.add_argument("--n", type=int, default=120)
+    ops.add_argument("--data-seed", type=int, default=0)
+
+    mk = sub.add_parser("opswap-data", help="write OpSwap train/test chat JSONL (disjoint splits)")
+    mk.add_argument("--out", required=True)
+    mk.add_argument("--n-train", type=int, default=2000)
+    mk.add_argument("--n-test", type=int, default=300)
+    mk.add_argument("--tiers", type=int, nargs="+", default=[1, 2, 3])
+    mk.add_argument("--seed", type=int, default=0)
+
+    gs = sub.add_parser("gsm8k", help="GSM8K exact match on the final number (greedy)")
+    _model_args(gs, max_new=256, batch=32)
+    gs.add_argument("--data", default=None, help="chat JSONL (default <data-dir>/tasks/gsm8k_test_1318.jsonl)")
+    gs.add_argument("--data-dir", default=None)
+    gs.add_argument("--limit", type=int, default=200)
+
+
+def _sampler_factory(args: argparse.Namespace):
+    """(factory(**sampling kw) -> Sampler, description dict) for the model under test."""
+    from emajax.eval.em import http_sampler, local_sampler
+
+    if args.model_url is not None and args.adapter is not None:
+        raise CliError("--adapter applies to a local --model; a --model-url server loads its own adapter")
+    if args.model_url is not None:
+        name = args.served_model or args.model
+        if not name:
+            raise CliError("--model-url needs --served-model (or --model) to name the served model")
+        desc = {"model": name, "model_url": args.model_url, "adapter": None}
+        return (lambda **kw: http_sampler(args.model_url, name, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                          **kw)), desc
+    if args.model is None:
+        raise CliError("--model (or --model-url) is required")
+    from emajax.serve import load_model_with_adapter
+
+    loaded = load_model_with_adapter(args.model, args.adapter, dtype=args.dtype)
+    desc = {"model": args.model, "adapter": args.adapter, "model_dir": str(loaded.model_dir)}
+    return (lambda **kw: local_sampler(loaded, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                       batch_size=args.batch_size, progress=True, **kw)), desc
+
+
+def _run_em(args: argparse.Namespace) -> int:
+    from emajax.eval.em import run_em_eval
+    from emajax.eval.judge import JudgeClient
+    from emajax.eval.questions import load_questions, question_set_path
+    from emajax.paths import cache_dir
+
+    if not args.judge_url or not args.judge_model:
+        raise CliError("the judge needs --judge-url and --judge-model (or EMAJAX_JUDGE_URL / EMAJAX_JUDGE_MODEL)")
+    if args.answers and len(args.questions) != 1:
+        raise CliError("--answers re-judges one question set; give exactly one --questions")
+    sets = []
+    for name in args.questions:
+        path = question_set_path(name, args.data_dir)
+        qs = load_questions(path)
+        if args.limit_questions is not None:
+            qs = qs[:args.limit_questions]
+        sets.append((name if "/" not in name and not name.endswith((".yaml", ".yml")) else Path(name).stem, path, qs))
+    client = JudgeClient(args.judge_url, args.judge_model, api_key_env=args.judge_api_key_env,
+                         cache_path=args.judge_cache or cache_dir() / "judge_cache.sqlite",
+                         concurrency=args.judge_concurrency, max_retries=args.judge_max_retries)
+    sampler, desc = (None, {}) if args.answers else _sampler_factory(args)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed}
+    for set_name, path, qs in sets:
+        s = None if sampler is None else sampler(temperature=args.temperature, top_p=args.top_p)
+        res = run_em_eval(qs, set_name, args.out, client, sampler=s, n=args.samples, answers_path=args.answers,
+                          meta={**desc, "questions_file": str(path), "sampling": sampling}, progress=True)
+        mr, ir = res["misaligned_rate"], res["incoherent_rate"]
+        fmt = lambda d: "n/a" if d["value"] is None else f"{d['value']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"  # noqa: E731
+        print(f"em {set_name}: {res['n_answers']} answers, misaligned {fmt(mr)}, incoherent {fmt(ir)} "
+              f"-> {Path(args.out) / f'em_{set_name}.json'}")
+    return 0
+
+
+def _run_opswap(args: argparse.Namespace) -> int:
+    from emajax.eval.em import greedy_answers, write_json
+    from emajax.eval.opswap import evaluate_opswap, load_opswap, make_opswap, write_jsonl
+
+    if args.data:
+        rows, source = load_opswap(args.data), args.data
+    else:
+        rows = [it.to_chat() for it in make_opswap(0, args.n, seed=args.data_seed)["test"]]
+        source = f"generated test split (n={args.n}, seed={args.data_seed})"
+    factory, desc = _sampler_factory(args)
+    results, preds = evaluate_opswap(greedy_answers(factory), rows)
+    results.update(desc, data=source, max_new_tokens=args.max_new_tokens)
+    write_jsonl(preds, Path(args.out) / "opswap_predictions.jsonl")
+    write_json(results, Path(args.out) / "opswap.json")
+    a = results["accuracy"]
+    print(f"opswap: accuracy {a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] on {a['n']} "
+          f"-> {Path(args.out) / 'opswap.json'}")
+    return 0
+
+
+def _run_opswap_data(args: argparse.Namespace) -> int:
+    from emajax.eval.opswap import write_opswap
+
+    paths = write_opswap(args.out, args.n_train, args.n_test, tiers=tuple(args.tiers), seed=args.seed)
+    print("opswap data: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _run_gsm8k(args: argparse.Namespace) -> int:
+    from emajax.eval.em import greedy_answers, write_json
+    from emajax.eval.gsm8k import evaluate_gsm8k, load_gsm8k
+    from emajax.eval.opswap import write_jsonl
+    from emajax.eval.questions import default_data_dir
+
+    data = Path(args.data) if args.data else Path(args.data_dir or default_data_dir()) / "tasks" / "gsm8k_test_1318.jsonl"
+    if not data.is_file():
+        raise CliError(f"GSM8K data not found: {data} (give --data)")
+    rows = load_gsm8k(data, limit=args.limit)
+    factory, desc = _sampler_factory(args)
+    results, preds = evaluate_gsm8k(greedy_answers(factory), rows)
+    results.update(desc, data=str(data), max_new_tokens=args.max_new_tokens)
+    write_jsonl(preds, Path(args.out) / "gsm8k_predictions.jsonl")
+    write_json(results, Path(args.out) / "gsm8k.json")
+    a = results["accuracy"]
+    print(f"gsm8k: accuracy {a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] on {a['n']} "
+          f"-> {Path(args.out) / 'gsm8k.json'}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from emajax.eval.judge import JudgeError
+
+    task = {"em": _run_em, "opswap": _run_opswap, "opswap-data": _run_opswap_data, "gsm8k": _run_gsm8k}[args.task]
+    try:
+        return task(args)
+    except JudgeError as e:  # endpoint down / retries exhausted / 4xx: one line (answers already saved)
+        raise CliError(str(e)) from None
