@@ -26,3 +26,19 @@ def shared_em() -> Path:
     if not SHARED_EM.is_dir():
         pytest.skip(f"shared EM data not found at {SHARED_EM} (it lies beside the checkout in CI)")
     return SHARED_EM
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """HF directory of the embedded default (SmolLM2-135M-Instruct GGUF, converted once into the cache)."""
+    from emajax.models.hub import DEFAULT_MODEL, resolve_model_dir
+
+    return resolve_model_dir(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir: Path):
+    """LoadedModel of the embedded default in fp32 (one load shared by the whole session)."""
+    from emajax.models.hub import load_model
+
+    return load_model(str(smollm2_dir))

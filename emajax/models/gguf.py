@@ -9,7 +9,6 @@ rule llama.cpp uses for the file's ``tokenizer.ggml.pre``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,8 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
            "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
+# Bumped when the conversion output changes, so cached conversions are redone.
+CONVERT_VERSION = 2
 
 
 class GGUFError(ValueError):
@@ -96,6 +97,8 @@ def hf_config(meta: dict[str, Any], tensor_names: set[str], path: Path) -> dict[
     heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
     vocab = meta.get(f"{arch}.vocab_size") or meta.get("_n_tokens")
+    if vocab is None:
+        raise GGUFError(f"{path}: neither '{arch}.vocab_size' nor 'tokenizer.ggml.tokens' is present")
     model_type = _ARCHS[arch]
     cfg: dict[str, Any] = {
         "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -245,8 +248,12 @@ def build_tokenizer(reader: Any, meta: dict[str, Any], path: Path) -> Any:
 
 
 # --------------------------------------------------------------------------- conversion
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
-    """Write an HF directory for ``gguf_path`` at ``out_dir`` (atomically: temp dir + rename)."""
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "float32",
+                 replace: bool = True) -> Path:
+    """Write an HF directory for ``gguf_path`` at ``out_dir`` (atomically: temp dir + rename).
+
+    ``replace=False``: if another process put ``out_dir`` in place first, keep theirs.
+    """
     from safetensors.numpy import save_file
 
     from emajax.models.hf_io import _write_json, atomic_dir
@@ -264,13 +271,29 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fl
     tensors = hf_tensors(reader, cfg, meta["general.architecture"], gguf_path, np_dtype)
     tokenizer = build_tokenizer(reader, meta, gguf_path)
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=replace) as tmp:
         _write_json(tmp / "config.json", cfg)
         _write_json(tmp / "generation_config.json", gen)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(str(tmp))
-        _write_json(tmp / "emajax_source.json", {"gguf": str(gguf_path), "name": meta.get("general.name")})
+        _portable_tokenizer_config(tmp / "tokenizer_config.json", meta.get("tokenizer.chat_template"))
+        _write_json(tmp / "emajax_source.json", {"gguf": str(gguf_path), "name": meta.get("general.name"),
+                                                   "convert_version": CONVERT_VERSION})
     return Path(out_dir)
+
+
+def _portable_tokenizer_config(path: Path, chat_template: str | None) -> None:
+    """Name the generic fast-tokenizer class and inline the chat template, so transformers v4
+    tools (vLLM, PEFT) load the directory too; v5 reads the same files unchanged."""
+    import json
+
+    from emajax.models.hf_io import _write_json
+
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    _write_json(path, cfg)
 
 
 def _np_dtype(name: str) -> Any:

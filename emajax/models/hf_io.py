@@ -14,16 +14,16 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import SingleDeviceSharding
 
-from emajax.models.config import ConfigError, DecoderConfig
+from emajax.models.config import DecoderConfig
 from emajax.models.decoder import Decoder, abstract_decoder
 from emajax.models.lora import HF_MODULE_NAMES, LoraConfig
 
@@ -121,7 +121,16 @@ class SafetensorsDir:
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         try:
-            return np.asarray(self.handle(name).get_slice(name)[index])
+            sl = self.handle(name).get_slice(name)
+            if sl.get_dtype() != "BF16":
+                return np.asarray(sl[index])
+            try:  # safetensors returns ml_dtypes.bfloat16 in recent versions; older ones raise
+                x = np.asarray(sl[index])
+                if x.dtype.name == "bfloat16":
+                    return x
+            except Exception:
+                pass
+            return read_raw_slice(self.files[name], name, index)
         except CheckpointError:
             raise
         except Exception as e:
@@ -129,6 +138,24 @@ class SafetensorsDir:
 
     def close(self) -> None:
         self._stack.close()
+
+
+_RAW_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I64": "<i8", "I32": "<i4", "BF16": "bfloat16"}
+
+
+def read_raw_slice(path: Path, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """Slice of one tensor read straight from the file layout (8-byte header size, JSON header, data)
+    through a memory map, so only the touched pages are read. Used where safetensors' numpy
+    backend lacks a dtype (bf16 in old versions)."""
+    import ml_dtypes
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        info = json.loads(f.read(n))[name]
+    dt = np.dtype(ml_dtypes.bfloat16) if info["dtype"] == "BF16" else np.dtype(_RAW_DTYPES[info["dtype"]])
+    begin, end = info["data_offsets"]
+    arr = np.memmap(path, dtype=dt, mode="r", offset=8 + n + begin, shape=tuple(info["shape"]))
+    return np.array(arr[index])
 
 
 def _expected_hf_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -170,10 +197,10 @@ def _check_shapes(src: SafetensorsDir, path: tuple[str, ...], shape: tuple[int, 
 def _lora_init(path: tuple[str, ...], shape: tuple[int, ...], dtype: Any, sharding: Any, seed: int) -> jax.Array:
     """PEFT-style LoRA init (as Decoder): Kaiming-uniform A [L, in, r], zero B."""
     if path[-1] == "lora_b":
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
-    key = jax.random.fold_in(jax.random.key(seed), hash(".".join(path)) % (2**31))
-    bound = 1.0 / np.sqrt(shape[-2])
-    return jax.jit(lambda: jax.random.uniform(key, shape, dtype, -bound, bound), out_shardings=sharding)()
+        return jax.device_put(np.zeros(shape, dtype), sharding)
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(".".join(path).encode()) % (2**31))
+    bound = 1.0 / np.sqrt(shape[-2])  # A is small ([L, in, r]): drawn once, then placed
+    return jax.device_put(jax.random.uniform(key, shape, dtype, -bound, bound), sharding)
 
 
 def load_decoder(model_dir: str | Path, cfg: DecoderConfig | None = None, *, lora: LoraConfig | None = None,
@@ -220,6 +247,10 @@ def atomic_dir(out_dir: str | Path, *, replace: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in (tmp, *tmp.rglob("*")):  # mkdtemp/safetensors create owner-only modes
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
         if out_dir.exists():
             if not replace:
                 return
@@ -244,7 +275,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _host(x: Any) -> np.ndarray:
-    return np.asarray(jax.device_get(x[...] if hasattr(x, "value") else x))
+    return np.asarray(jax.device_get(x.get_value() if isinstance(x, nnx.Variable) else x))
 
 
 def _merged_kernel(lin: Any) -> np.ndarray:
@@ -260,7 +291,7 @@ def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
     """HF-named host tensors of ``model`` with LoRA merged (one host copy: used for export only)."""
     out: dict[str, np.ndarray] = {}
     _, state = nnx.split(model)
-    for path, var in state.flat_state():
+    for path, var in nnx.to_flat_state(state):
         path = tuple(str(p) for p in path)
         if path[-1] in ("lora_a", "lora_b"):
             continue
@@ -386,5 +417,5 @@ def load_peft_adapter(model: Decoder, adapter_dir: str | Path) -> Decoder:
                                               f"expected {list(want)}")
                     rows.append(x.T)
                 arr = np.stack(rows).astype(var.dtype)
-                var.value = jax.device_put(arr, var.value.sharding)
+                var.set_value(jax.device_put(arr, var.get_value().sharding))
     return model
