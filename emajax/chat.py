@@ -115,8 +115,13 @@ def _answer_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) -> 
         else:
             # Templates that rewrite earlier turns (or a conversation that starts with the assistant):
             # find the (possibly trimmed) content after the previous answer.
-            content = m["content"].strip()
-            start = full.find(content, cursor) if content else -1
+            start, content = -1, ""
+            # Qwen3-style templates drop the <think> block of earlier turns: try the content after it too.
+            for cand in (m["content"].strip(), m["content"].split("</think>")[-1].strip()):
+                start = full.find(cand, cursor) if cand else -1
+                if start >= 0:
+                    content = cand
+                    break
             if start < 0:
                 raise ChatError(
                     f"messages[{i}]: could not locate the assistant content in the rendered chat template "

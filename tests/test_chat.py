@@ -17,6 +17,7 @@ from emajax.chat import (
     ChatError,
     bucket_length,
     encode_chat,
+    load_tokenizer,
     pad_batch,
     pow2_bucket,
     shift_for_loss,
@@ -219,10 +220,22 @@ def test_bucket_length():
 
 
 @pytest.mark.slow
-def test_smollm2_real_tokenizer(request):
-    if "smollm2" not in request.fixturenames and "smollm2" not in request.session._fixturemanager._arg2fixturedefs:
-        pytest.skip("smollm2 fixture not available yet")
-    loaded = request.getfixturevalue("smollm2")
-    tok = loaded.tokenizer
+def test_smollm2_real_tokenizer(smollm2_dir):
+    tok = load_tokenizer(smollm2_dir)  # the GGUF-converted tokenizer + its embedded chat template
     for conv in CONVERSATIONS.values():
         _check_mask(tok, conv, "<|im_end|>", trims=False)
+
+
+def test_template_that_rewrites_earlier_turns():
+    """Qwen3-style: earlier answers lose their <think> block in the history; the mask follows the render."""
+    tok = _tiny_tokenizer("qwen2.5")
+    tok.chat_template = (TEMPLATES / "qwen3-style-think-strip.jinja").read_text()
+    msgs = [
+        {"role": "user", "content": "Say hi"},
+        {"role": "assistant", "content": "<think>\n\n</think>\n\nhi."},
+        {"role": "user", "content": "Tell me a joke."},
+        {"role": "assistant", "content": "<think>\n\n</think>\n\nWhy did the cat sit on the computer?"},
+    ]
+    ct = encode_chat(tok, msgs)
+    got = [tok.decode(r, skip_special_tokens=False) for r in _masked_runs(ct.ids, ct.answer_mask)]
+    assert got == ["hi.<|im_end|>", msgs[3]["content"] + "<|im_end|>"]

@@ -1,0 +1,113 @@
+"""Benchmarks of emajax against the PyTorch stack (transformers + PEFT), same machine, same run.
+
+Shared helpers: machine description, peak RSS, robust timing (median after warm-up, compile time
+separate), per-stack worker subprocesses (so each stack's peak memory is its own) and the result
+table / JSON in the format ``{"machine": ..., "results": [{"op", "stack", "seconds", "tokens_per_s",
+"peak_rss_mb", ...}]}``. torch is imported only inside torch workers; emajax never imports it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count, library versions and the date: enough to compare figures across runs."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+    for mod in ("jax", "flax", "torch", "transformers"):
+        try:
+            info[mod] = __import__("importlib.metadata").metadata.version(mod)
+        except Exception:
+            pass
+    return info
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_runs(fn: Callable[[], Any], *, warmup: int = 1, runs: int = 3) -> dict[str, float]:
+    """First call (compile + run), then the median of ``runs`` calls after ``warmup`` more.
+
+    ``cpu_s`` is the median process CPU time per run (all threads): on a shared machine it is less
+    sensitive than wall time to other load, though spinning thread pools inflate it too.
+    """
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    for _ in range(max(warmup - 1, 0)):
+        fn()
+    times, cpu = [], []
+    for _ in range(runs):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    med = statistics.median(times)
+    return {"seconds": med, "first_s": first, "compile_s": max(first - med, 0.0), "min_s": min(times),
+            "cpu_s": statistics.median(cpu), "runs": times}
+
+
+def run_worker(module: str, args: list[str], timeout: float = 1800) -> dict[str, Any]:
+    """Run ``python -m module --worker ...`` and parse the JSON object it prints on its last line."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"worker {module} {' '.join(args)} failed (exit {proc.returncode}): " + " | ".join(tail))
+    lines = [l for l in proc.stdout.strip().splitlines() if l.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"worker {module} {' '.join(args)} printed no JSON result")
+    return json.loads(lines[-1])
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomic write (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def table(results: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> str:
+    cols = ("op", "stack", "seconds", "tokens_per_s", "peak_rss_mb", "compile_s") + extra
+    rows = [[_fmt(r.get(c)) for c in cols] for r in results]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    out = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
+    out += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    return "\n".join(out)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
