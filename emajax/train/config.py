@@ -262,8 +262,11 @@ def repo_root(start: Path) -> Path | None:
     return None
 
 
-def resolve_path(p: str, base_dir: Path | None) -> str:
-    """Resolve a data path: config dir, then cwd, then repo root; hf:/tfds: sources pass through."""
+def resolve_path(p: str, base_dir: Path | None, *, must_exist: bool = True) -> str:
+    """Resolve a data path: config dir, then cwd, then repo root; hf:/tfds: sources pass through.
+
+    With ``must_exist=False`` (artefacts a run may be configured before they exist, like a persona
+    vector) a missing path resolves against the current directory; the consumer reports it."""
     if ":" in p.split("/")[0] and not Path(p).exists():  # hf:..., tfds:...
         return p
     path = Path(p).expanduser()
@@ -279,6 +282,8 @@ def resolve_path(p: str, base_dir: Path | None) -> str:
     for c in candidates:
         if c.exists():
             return str(c.resolve())
+    if not must_exist:
+        return str((Path.cwd() / path).resolve())
     tried = ", ".join(str(c) for c in candidates)
     raise TrainConfigError(f"data path {p!r} not found (tried {tried})")
 
@@ -288,7 +293,7 @@ def _resolve_paths(cfg: Config, base_dir: Path | None) -> None:
     cfg.data.eval = [resolve_path(p, base_dir) for p in cfg.data.eval]
     cfg.defenses.interleave.data = [resolve_path(p, base_dir) for p in cfg.defenses.interleave.data]
     if cfg.defenses.steering.vector:
-        cfg.defenses.steering.vector = resolve_path(cfg.defenses.steering.vector, base_dir)
+        cfg.defenses.steering.vector = resolve_path(cfg.defenses.steering.vector, base_dir, must_exist=False)
     m = cfg.model.name
     if not Path(m).is_absolute() and (m.startswith(".") or "/" in m and Path(m).parts[0] in ("..", ".")):
         cfg.model.name = resolve_path(m, base_dir)

@@ -1,0 +1,70 @@
+"""Fine-tune a model with in-training defenses (KL, LDIFS, steering, inoculation, interleaving).
+
+``emajax train CONFIG.yaml [--max-steps N] [--out DIR] [key=value ...]``: overrides are dotted
+config keys with YAML-typed values (``defenses.kl.weight=0.1``, ``lora.enabled=false``). Re-running
+with the same --out resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from emajax.cli import CliError
+
+
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps (train.max_steps)")
+    p.add_argument("--out", default=None, help="run directory (default: config 'out', else runs/<config name>)")
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="training config YAML (see docs/configuration.md)")
+    _options(p)
+    # Overrides may be mixed with the options after CONFIG; argparse cannot interleave positionals with a
+    # subcommand parser, so the tail is collected here and parsed again in run().
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
+                   help="dotted config overrides with YAML-typed values, e.g. defenses.kl.weight=0.1")
+
+
+def _split_tail(args: argparse.Namespace) -> None:
+    tail = argparse.ArgumentParser(prog="emajax train", add_help=False)
+    _options(tail)
+    tail.add_argument("overrides", nargs="*")
+    try:
+        ns = tail.parse_intermixed_args(args.overrides)
+    except SystemExit:
+        raise CliError(f"cannot parse arguments {' '.join(args.overrides)!r}") from None
+    args.max_steps = ns.max_steps if ns.max_steps is not None else args.max_steps
+    args.out = ns.out if ns.out is not None else args.out
+    args.overrides = ns.overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    from emajax.train.config import TrainConfigError, load_config
+
+    _split_tail(args)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except TrainConfigError as e:
+        raise CliError(str(e)) from None
+    if args.max_steps is not None:
+        if args.max_steps < 0:
+            raise CliError("--max-steps must be >= 0")
+        cfg.train.max_steps = args.max_steps
+    out = args.out or cfg.out or str(Path("runs") / Path(args.config).stem)
+    cfg.out = str(Path(out).resolve())
+
+    from emajax.train.loop import train
+
+    res = train(cfg, cfg.out)
+    last = res.last_metrics
+    msg = f"emajax train: {res.run_dir}: steps {res.start_step}->{res.final_step} of {res.total_steps}"
+    if last:
+        msg += f", loss {last['loss']:.4f}"
+    if res.evals:
+        msg += f", eval NLL {res.evals[0]['eval_nll']:.4f} -> {res.evals[-1]['eval_nll']:.4f}"
+    if res.export_dir is not None:
+        msg += f", export {res.export_dir}"
+    print(msg)
+    return 0

@@ -1,0 +1,4 @@
+"""Training with in-training defenses: config, data, the compiled step, checkpoints, the run loop.
+
+Entry point: ``emajax.train.loop.train(cfg, run_dir)`` (what ``emajax train`` calls).
+"""

@@ -1,0 +1,257 @@
+"""The training run: config -> model, data, state -> compiled steps -> checkpoints, metrics, export.
+
+``train(cfg, run_dir)`` is what ``emajax train`` calls. Re-running with the same run directory
+resumes from the latest finalised checkpoint: the step number fixes the next batch (the data
+order is a function of seed and epoch), and the restored state carries optimiser moments and rng.
+The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl``, ``eval.jsonl``,
+``data_stats.json``, ``tensorboard/``, ``checkpoints/`` and, at the end, ``export/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from emajax.defenses.steering import build_steer_ld
+from emajax.losses import ldifs_layers
+from emajax.models.lora import LoraConfig
+from emajax.train.checkpoint import Checkpointer
+from emajax.train.config import Config, write_yaml_atomic
+from emajax.train.data import Batcher, build_train_examples, encode_examples, eval_batches
+from emajax.train.mesh import accum_batch_sharding, batch_rows, build_mesh, maybe_initialize_distributed, put_global
+from emajax.train.metrics import MetricsLogger
+from emajax.train.optim import make_optimizer
+from emajax.train.sources import read_conversations
+from emajax.train.state import create_state
+from emajax.train.step import StepSpec, compile_train_step, make_eval_fn
+
+# Keys that may change between the run that wrote a checkpoint and the one resuming it.
+_RESUME_FREE = {"train.max_steps", "train.progress", "train.tensorboard", "train.export", "train.eval_every",
+                "train.save_every", "train.keep_checkpoints", "out", "data.eval", "data.eval_batch_size",
+                "data.eval_max_examples", "distributed", "mesh.data", "mesh.fsdp", "mesh.tensor"}
+
+
+@dataclasses.dataclass
+class RunResult:
+    run_dir: Path
+    start_step: int
+    final_step: int
+    total_steps: int
+    last_metrics: dict[str, Any]
+    evals: list[dict[str, Any]]
+    export_dir: Path | None
+    data_stats: dict[str, Any]
+
+
+def lora_config(cfg: Config) -> LoraConfig | None:
+    if not cfg.lora.enabled:
+        return None
+    return LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
+                      targets=tuple(cfg.lora.targets), dtype=cfg.model.param_dtype)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_same_run(run_dir: Path, cfg: Config) -> None:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    old = _flat(yaml.safe_load(path.read_text()) or {})
+    new = _flat(cfg.to_dict())
+    diff = sorted(k for k in set(old) | set(new) if k not in _RESUME_FREE and old.get(k) != new.get(k))
+    if diff and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise ValueError(f"{run_dir}: holds checkpoints of a different config (changed: {', '.join(diff[:6])}); "
+                         f"use another --out or delete the directory")
+
+
+def _load(cfg: Config, mesh: Any) -> Any:
+    from emajax.models.hub import load_model
+
+    return load_model(cfg.model.name, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                      lora=lora_config(cfg), mesh=mesh, remat=cfg.model.remat, seed=cfg.train.seed)
+
+
+def step_spec(cfg: Config, num_layers: int) -> StepSpec:
+    d = cfg.defenses
+    layers = tuple(d.ldifs.layers) if d.ldifs.layers else (ldifs_layers(num_layers, min(5, num_layers))
+                                                          if d.ldifs.weight > 0 else ())
+    for l in layers:
+        if not 1 <= l <= num_layers:
+            raise ValueError(f"defenses.ldifs.layers: layer {l} outside 1..{num_layers}")
+    return StepSpec(lora=cfg.lora.enabled, kl_weight=d.kl.weight, kl_reverse=d.kl.reverse,
+                    ldifs_weight=d.ldifs.weight, ldifs_layers=layers, seq_chunk=cfg.loss.seq_chunk)
+
+
+def _pad_id(tokenizer: Any, model_cfg: Any) -> int:
+    for v in (getattr(tokenizer, "pad_token_id", None), model_cfg.pad_token_id, getattr(tokenizer, "eos_token_id", None)):
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def _export_base_name(cfg: Config, loaded: Any) -> str:
+    name = cfg.model.name
+    if name.count("/") == 1 and not Path(name).exists():
+        return name  # a hub id: portable
+    return str(getattr(loaded, "model_dir", name))
+
+
+def evaluate(eval_fn: Any, state: Any, examples: list, cfg: Config, mesh: Any, pad_id: int) -> dict[str, float]:
+    """Mean answer-token NLL over the eval examples (adapters on, no steering, no inoculation)."""
+    sh = accum_batch_sharding(mesh)
+    bs = cfg.data.eval_batch_size
+    bs = -(-bs // batch_rows(mesh)) * batch_rows(mesh)
+    tot, cnt = 0.0, 0.0
+    for b in eval_batches(examples, bs, cfg.data.min_bucket, cfg.data.max_len, pad_id):
+        arrs = {k: put_global(v, sh) for k, v in b._asdict().items()}
+        s, c = eval_fn(state.trainable, state.frozen, arrs)
+        tot += float(s)
+        cnt += float(c)
+    return {"eval_nll": tot / max(cnt, 1.0), "eval_tokens": int(cnt)}
+
+
+def train(cfg: Config, run_dir: str | Path, *, loaded: Any = None, callback: Any = None) -> RunResult:
+    """Run (or resume) training; ``loaded`` (a LoadedModel-like object with ``model``, ``tokenizer``)
+    skips loading from ``cfg.model.name`` (tests, notebooks). ``callback(step, graphdef, state)``, when
+    given, runs after every optimiser step (and at step 0 of a fresh run), e.g. an EM probe monitor
+    (``emajax.eval.probes.ProbeRunner.monitor``) that decides itself how often to measure."""
+    maybe_initialize_distributed(cfg.distributed)
+    is_main = jax.process_index() == 0
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_run(run_dir, cfg)
+    if is_main:
+        write_yaml_atomic(cfg.to_dict(), run_dir / "config.yaml")
+
+    mesh = build_mesh(cfg.mesh)
+    rows = batch_rows(mesh)
+    if cfg.data.batch_size % rows:
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by mesh data x fsdp = {rows}")
+    loaded = loaded if loaded is not None else _load(cfg, mesh)
+    model, tok = loaded.model, loaded.tokenizer
+    mcfg = model.cfg
+    pad_id = _pad_id(tok, mcfg)
+
+    examples, stats = build_train_examples(tok, cfg.data, cfg.defenses, cfg.train.seed)
+    batcher = Batcher(examples, batch_size=cfg.data.batch_size, grad_accum=cfg.data.grad_accum, seed=cfg.train.seed,
+                      min_bucket=cfg.data.min_bucket, max_len=cfg.data.max_len, bucket_window=cfg.data.bucket_window,
+                      pad_id=pad_id)
+    total = cfg.train.epochs * batcher.steps_per_epoch
+    end = min(total, cfg.train.max_steps) if cfg.train.max_steps is not None else total
+    stats_d = {**dataclasses.asdict(stats), "steps_per_epoch": batcher.steps_per_epoch, "total_steps": total}
+    if is_main:
+        (run_dir / "data_stats.json").write_text(json.dumps(stats_d, indent=1))
+        print(f"emajax train: {stats.summary()}; {batcher.steps_per_epoch} steps/epoch, {total} steps", flush=True)
+
+    eval_ex: list = []
+    for src in cfg.data.eval:
+        eval_ex += encode_examples(tok, read_conversations(src), cfg.data.max_len)  # plain: no inoculation
+    if cfg.data.eval_max_examples:
+        eval_ex = eval_ex[: cfg.data.eval_max_examples]
+
+    tx, schedule = make_optimizer(cfg.optim, total)
+    spec = step_spec(cfg, mcfg.num_layers)
+    steer = build_steer_ld(mcfg, cfg.defenses.steering)
+    graphdef, state = create_state(model, lora=cfg.lora.enabled, tx=tx, mesh=mesh, need_ref=spec.need_ref,
+                                   steer_ld=steer, seed=cfg.train.seed)
+    base_name = _export_base_name(cfg, loaded)
+    del model, loaded  # the state owns the weights now
+
+    ckpt = Checkpointer(run_dir / "checkpoints", save_every=cfg.train.save_every, keep=cfg.train.keep_checkpoints)
+    start = 0
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        start = int(jax.device_get(state.step))
+        if meta.get("data_position") != list(divmod(start, batcher.steps_per_epoch)):
+            raise ValueError(f"{ckpt.directory}: checkpoint data position {meta.get('data_position')} does not match "
+                             f"step {start} with {batcher.steps_per_epoch} steps/epoch (data changed?)")
+        if is_main:
+            print(f"emajax train: resumed from {ckpt.directory}/{start}", flush=True)
+
+    step_fn = compile_train_step(graphdef, spec, tx, schedule, state, mesh)
+    eval_fn = make_eval_fn(graphdef, cfg.loss.seq_chunk) if eval_ex else None
+    logger = MetricsLogger(run_dir, start_step=start, total_steps=end, tensorboard=cfg.train.tensorboard,
+                           progress=cfg.train.progress, is_main=is_main)
+    evals: list[dict[str, Any]] = []
+
+    def run_eval(step: int) -> None:
+        r = {"step": step, **evaluate(eval_fn, state, eval_ex, cfg, mesh, pad_id)}
+        evals.append(r)
+        if is_main:
+            with (run_dir / "eval.jsonl").open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            if logger.tb is not None:
+                logger.tb.add_scalar("eval/nll", r["eval_nll"], step)
+
+    def meta(step: int) -> dict[str, Any]:
+        return {"data_position": list(divmod(step, batcher.steps_per_epoch)), "total_steps": total,
+                "seed": cfg.train.seed}
+
+    if eval_fn is not None and start == 0 and end > 0:
+        run_eval(0)
+    if callback is not None and start == 0 and end > 0:
+        callback(0, graphdef, state)
+    bsh = accum_batch_sharding(mesh)
+    last: dict[str, Any] = {}
+    saved_at = start
+    try:
+        for step in range(start, end):
+            hb = batcher.batch_at(step)
+            batch = {k: put_global(v, bsh) for k, v in hb._asdict().items()}
+            t0 = time.perf_counter()
+            state, m = step_fn(state, batch)
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            dt = time.perf_counter() - t0
+            last = {"step": step + 1, "epoch": step // batcher.steps_per_epoch, **m,
+                    "tokens": int(hb.attn_mask.sum()), "tokens_per_s": float(hb.attn_mask.sum()) / dt,
+                    "step_time_s": dt}
+            logger.log(last)
+            if callback is not None:
+                callback(step + 1, graphdef, state)
+            if not np.isfinite(m["loss"]):
+                raise FloatingPointError(f"step {step + 1}: loss is {m['loss']} (metrics {m})")
+            if ckpt.save(step + 1, state, meta(step + 1)):
+                saved_at = step + 1
+            if eval_fn is not None and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 \
+                    and step + 1 < end:
+                run_eval(step + 1)
+        if saved_at != end:
+            ckpt.save(end, state, meta(end), force=True)
+        if eval_fn is not None and end > start:
+            run_eval(end)
+    finally:
+        logger.close()
+        ckpt.close()
+
+    export_dir = None
+    if cfg.train.export and is_main:
+        export_dir = export(graphdef, state, cfg, run_dir / "export", tok, base_name=base_name)
+    return RunResult(run_dir, start, end, total, last, evals, export_dir, stats_d)
+
+
+def export(graphdef: Any, state: Any, cfg: Config, out_dir: Path, tokenizer: Any, base_name: str) -> Path:
+    """PEFT adapter (LoRA) or merged HF model (full FT) of the trained weights (never with steering)."""
+    from emajax.models.hf_io import export_hf, export_peft_adapter
+
+    model = nnx.merge(graphdef, state.trainable, state.frozen)
+    if cfg.lora.enabled:
+        return export_peft_adapter(model, out_dir, base_model_name_or_path=base_name)
+    return export_hf(model, out_dir, tokenizer)

@@ -1,0 +1,104 @@
+"""Read conversations from chat JSONL files, Hugging Face datasets or TFDS.
+
+Source strings: a path to a ``.jsonl`` file (one ``{"messages": [...]}`` per line),
+``hf:NAME`` / ``hf:NAME@SPLIT`` (``datasets.load_dataset``, a ``messages`` column; a local
+dataset directory saved with ``save_to_disk`` works as ``hf:/path``), or ``tfds:NAME/SPLIT``
+(a ``messages`` feature, or ``role``/``content`` sequences). A malformed row raises an
+error naming the file (or dataset), the line (or row) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from emajax.chat import ChatError, validate_messages
+
+Messages = list[dict[str, str]]
+
+
+class DataError(ValueError):
+    """A training / eval row that cannot be used; the message names file, line and field."""
+
+
+def _row_messages(row: Any, where: str) -> Messages:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with a 'messages' field, got {type(row).__name__}")
+    if "messages" not in row:
+        raise DataError(f"{where}: field 'messages' is missing")
+    try:
+        return validate_messages(row["messages"], source=f"{where}: field 'messages'")
+    except ChatError as e:
+        raise DataError(str(e)) from None
+
+
+def read_jsonl(path: str | Path) -> list[Messages]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            out.append(_row_messages(row, f"{path}:{lineno}"))
+    if not out:
+        raise DataError(f"{path}: no conversations")
+    return out
+
+
+def _read_hf(spec: str) -> list[Messages]:
+    import datasets
+
+    name, _, split = spec.partition("@")
+    split = split or "train"
+    local = Path(name)
+    if local.is_dir() and ((local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(name)
+        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    else:
+        ds = datasets.load_dataset(name, split=split)
+    if "messages" not in ds.column_names:
+        raise DataError(f"hf:{spec}: field 'messages' is missing (columns: {', '.join(ds.column_names)})")
+    return [_row_messages(row, f"hf:{spec} row {i}") for i, row in enumerate(ds)]
+
+
+def _decode(x: Any) -> Any:
+    if isinstance(x, bytes):
+        return x.decode("utf-8")
+    if hasattr(x, "tolist"):
+        return _decode(x.tolist())
+    if isinstance(x, list):
+        return [_decode(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _decode(v) for k, v in x.items()}
+    return x
+
+
+def _read_tfds(spec: str) -> list[Messages]:
+    import tensorflow_datasets as tfds
+
+    name, _, split = spec.partition("/")
+    ds = tfds.as_numpy(tfds.load(name, split=split or "train"))
+    out = []
+    for i, row in enumerate(ds):
+        row = _decode(row)
+        msgs = row.get("messages") if isinstance(row, dict) else None
+        if isinstance(msgs, dict) and "role" in msgs and "content" in msgs:  # tfds Sequence of dicts -> dict of lists
+            msgs = [{"role": r, "content": c} for r, c in zip(msgs["role"], msgs["content"])]
+        out.append(_row_messages({"messages": msgs} if msgs is not None else row, f"tfds:{spec} row {i}"))
+    return out
+
+
+def read_conversations(source: str) -> list[Messages]:
+    """All conversations of one source string (see module doc)."""
+    if source.startswith("hf:"):
+        return _read_hf(source[3:])
+    if source.startswith("tfds:"):
+        return _read_tfds(source[5:])
+    return read_jsonl(source)

@@ -1,0 +1,145 @@
+"""The pure, compiled training step: ``train_step(state, batch) -> (state, metrics)``.
+
+Loss = masked CE (+ w_kl * token KL to the reference) (+ w_ldifs * LDIFS over captured
+features), every term also reported as a metric by ``emajax.losses.compose``. The reference
+forward pass runs only when a reference term is on, outside the differentiated function (its
+outputs are constants: no gradient and no saved residuals), with the adapters off (LoRA) or on
+the frozen initial copy (full FT). Steering (``state.steer_ld``) enters the trained forward pass
+only. Micro-batches [A, B, T] are accumulated with ``lax.scan``; the step is jitted with the
+state's explicit shardings and the state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from emajax import losses
+from emajax.train.mesh import accum_batch_sharding, replicated
+from emajax.train.state import TrainState, state_shardings
+
+BATCH_FIELDS = ("inputs", "targets", "loss_mask", "attn_mask", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    lora: bool
+    kl_weight: float = 0.0
+    kl_reverse: bool = False
+    ldifs_weight: float = 0.0
+    ldifs_layers: tuple[int, ...] = ()
+    seq_chunk: int | None = None
+
+    @property
+    def need_ref(self) -> bool:
+        return self.kl_weight > 0 or self.ldifs_weight > 0
+
+
+def _forward(graphdef: Any, params: tuple[Any, ...], mb: dict[str, jax.Array], *, layers: tuple[int, ...],
+             steer_ld: Any, lora_scale: float) -> tuple[Any, jax.Array]:
+    model = nnx.merge(graphdef, *params)
+    out = model(mb["inputs"], positions_bt=mb["positions"], attn_mask_bt=mb["attn_mask"], capture_layers=layers,
+                steer_ld=steer_ld, lora_scale=lora_scale)
+    return out, model.lm_head_dv()
+
+
+def reference_outputs(graphdef: Any, spec: StepSpec, state: TrainState, mb: dict[str, jax.Array]) -> tuple[Any, Any]:
+    """(ref forward output, ref lm head): adapters off (LoRA) or the frozen initial copy (full FT)."""
+    layers = spec.ldifs_layers if spec.ldifs_weight > 0 else ()
+    if spec.lora:
+        params, scale = (jax.lax.stop_gradient(state.trainable), state.frozen), 0.0
+    else:
+        params, scale = (state.ref, state.frozen), 1.0
+    out, w = _forward(graphdef, params, mb, layers=layers, steer_ld=None, lora_scale=scale)
+    return jax.lax.stop_gradient(out), jax.lax.stop_gradient(w)
+
+
+def loss_terms(graphdef: Any, spec: StepSpec, trainable: Any, state: TrainState, mb: dict[str, jax.Array],
+               ref: tuple[Any, Any] | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss and per-term metrics of one micro-batch (differentiable in ``trainable``)."""
+    layers = spec.ldifs_layers if spec.ldifs_weight > 0 else ()
+    out, w_dv = _forward(graphdef, (trainable, state.frozen), mb, layers=layers, steer_ld=state.steer_ld,
+                         lora_scale=1.0)
+    mask = mb["loss_mask"]
+    terms = {"ce": (1.0, losses.masked_ce(out.hidden_btd, w_dv, mb["targets"], mask, seq_chunk=spec.seq_chunk))}
+    if ref is not None:
+        ref_out, ref_w = ref
+        if spec.kl_weight > 0:
+            terms["kl"] = (spec.kl_weight, losses.token_kl(out.hidden_btd, ref_out.hidden_btd, w_dv, ref_w, mask,
+                                                           reverse=spec.kl_reverse, seq_chunk=spec.seq_chunk))
+        if spec.ldifs_weight > 0:
+            terms["ldifs"] = (spec.ldifs_weight, losses.ldifs(out.features, ref_out.features, mb["attn_mask"]))
+    total, metrics = losses.compose(terms)
+    metrics = dict(metrics)
+    metrics["loss"] = total
+    return total, metrics
+
+
+def make_step_fn(graphdef: Any, spec: StepSpec, tx: optax.GradientTransformation,
+                 schedule: Callable[[Any], Any]) -> Callable[[TrainState, dict[str, jax.Array]], Any]:
+    """The uncompiled step (see module doc); batch fields are [A, B, T]."""
+
+    def micro(state: TrainState, mb: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+        ref = reference_outputs(graphdef, spec, state, mb) if spec.need_ref else None
+        grad_fn = jax.grad(lambda tr: loss_terms(graphdef, spec, tr, state, mb, ref), has_aux=True)
+        return grad_fn(state.trainable)
+
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        accum = batch["inputs"].shape[0]
+        if accum == 1:
+            grads, metrics = micro(state, {k: v[0] for k, v in batch.items()})
+        else:
+            def body(carry, mb):
+                g_sum, m_sum = carry
+                g, m = micro(state, mb)
+                return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m)), None
+
+            zeros_g = jax.tree.map(jnp.zeros_like, state.trainable)
+            m_shape = jax.eval_shape(lambda: micro(state, {k: v[0] for k, v in batch.items()})[1])
+            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
+            (g_sum, m_sum), _ = jax.lax.scan(body, (zeros_g, zeros_m), batch)
+            grads = jax.tree.map(lambda g: g / accum, g_sum)
+            metrics = jax.tree.map(lambda m: m / accum, m_sum)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        rng, _ = jax.random.split(state.rng)
+        new = state._replace(trainable=trainable, opt_state=opt_state, step=state.step + 1, rng=rng)
+        return new, metrics
+
+    return step
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, Any]:
+    sh = accum_batch_sharding(mesh)
+    return {k: sh for k in BATCH_FIELDS}
+
+
+def compile_train_step(graphdef: Any, spec: StepSpec, tx: optax.GradientTransformation, schedule: Callable,
+                       state: TrainState, mesh: Mesh) -> Callable:
+    """jit with explicit in/out shardings (those of ``state``; batch rows over data x fsdp), state donated."""
+    st_sh = state_shardings(state)
+    return jax.jit(make_step_fn(graphdef, spec, tx, schedule), in_shardings=(st_sh, batch_shardings(mesh)),
+                   out_shardings=(st_sh, replicated(mesh)), donate_argnums=(0,))
+
+
+def make_eval_fn(graphdef: Any, seq_chunk: int | None = None) -> Callable:
+    """(trainable, frozen, batch[1,B,T]) -> (sum of answer-token NLL, answer-token count).
+
+    No steering, adapters on, never the inoculation prompt (eval data is rendered plainly)."""
+
+    def ev(trainable: Any, frozen: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        mb = {k: v[0] for k, v in batch.items()}
+        out, w = _forward(graphdef, (trainable, frozen), mb, layers=(), steer_ld=None, lora_scale=1.0)
+        nll = losses.token_nll(out.hidden_btd, w, mb["targets"], seq_chunk=seq_chunk)
+        m = mb["loss_mask"].astype(jnp.float32)
+        return jnp.sum(nll * m), jnp.sum(m)
+
+    return jax.jit(ev)
