@@ -1,0 +1,120 @@
+"""PNG plots for ``emajax report``: per-method bars with confidence intervals, and training curves.
+
+matplotlib with the Agg backend (no display); every figure is written to a temp file and renamed, so a
+killed report never leaves a truncated PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+# Keys of metrics.jsonl rows that are not loss terms.
+NON_LOSS_KEYS = {"step", "epoch", "lr", "tokens", "tokens_per_s", "step_time_s", "grad_norm"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        _plt().close(fig)
+    return path
+
+
+def _color(i: int) -> str:
+    """One fixed colour per method (its position), the same in every panel."""
+    return f"C{i % 10}"
+
+
+def _grid(n: int) -> tuple[int, int]:
+    cols = min(n, 3)
+    return int(math.ceil(n / cols)), cols
+
+
+def bars_png(labels: Sequence[str], panels: Sequence[tuple[str, Sequence[dict | None]]], path: str | Path) -> Path:
+    """One panel per metric: a bar per method (value) with its CI as an error bar; missing values are
+    left out. ``panels`` = [(title, [summary dict {value, ci_low, ci_high} or None per label])]."""
+    plt = _plt()
+    rows, cols = _grid(max(1, len(panels)))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (title, vals) in zip(axes.flat, panels):
+        xs, ys, lo, hi = [], [], [], []
+        for i, v in enumerate(vals):
+            if v is None or v.get("value") is None:
+                continue
+            xs.append(i)
+            ys.append(v["value"])
+            l, h = v.get("ci_low"), v.get("ci_high")
+            lo.append(0.0 if l is None else max(0.0, v["value"] - l))
+            hi.append(0.0 if h is None else max(0.0, h - v["value"]))
+        colors = [_color(i) for i in xs]
+        ax.bar(xs, ys, yerr=[lo, hi], capsize=3, color=colors)
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        if ys and min(ys) > 0:  # e.g. NLLs: zoom on the CIs, or every bar looks the same height
+            low = min(y - l for y, l in zip(ys, lo))
+            high = max(y + h for y, h in zip(ys, hi))
+            pad = 0.15 * (high - low) or 0.05 * high
+            ax.set_ylim(max(0.0, low - pad), high + pad)
+            title += " (axis zoomed)"
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("per method, with 95% bootstrap CIs", fontsize=9)
+    return _save(fig, Path(path))
+
+
+def curves_png(series: Sequence[tuple[str, list[dict], list[dict]]], path: str | Path,
+               monitor_key: str = "probe/general/margin") -> Path:
+    """Training curves: one panel per loss term found in the runs' metrics rows, plus the EM monitor.
+    ``series`` = [(label, metrics rows, monitor rows)]."""
+    plt = _plt()
+    terms: list[str] = []
+    for _, rows, _ in series:
+        for r in rows:
+            for k, v in r.items():
+                if k not in NON_LOSS_KEYS and isinstance(v, (int, float)) and k not in terms:
+                    terms.append(k)
+    has_monitor = any(any(monitor_key in r for r in mon) for _, _, mon in series)
+    titles = terms + ([f"EM monitor: {monitor_key}"] if has_monitor else [])
+    rows_n, cols = _grid(max(1, len(titles)))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(titles):]:
+        ax.axis("off")
+    for ax, title in zip(axes.flat, titles):
+        for i, (label, rows, mon) in enumerate(series):
+            src, key = (mon, monitor_key) if title.startswith("EM monitor") else (rows, title)
+            pts = [(r["step"], r[key]) for r in src if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None, label=label,
+                        color=_color(i))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    if titles:
+        handles = [plt.Line2D([], [], color=_color(i), marker=".", label=label)
+                   for i, (label, _, _) in enumerate(series)]
+        fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    else:
+        axes.flat[0].text(0.5, 0.5, "no training metrics", ha="center", va="center")
+    return _save(fig, Path(path))
