@@ -82,7 +82,8 @@ class Linear(nnx.Module):
         y = jnp.dot(x.astype(dt), self.kernel[...].astype(dt), preferred_element_type=dt)
         if self.bias is not None:
             y = y + self.bias[...].astype(dt)
-        if self.lora_a is not None:
+        # A static scale of 0 (the KL/LDIFS reference pass) skips the adapter matmuls entirely.
+        if self.lora_a is not None and not (isinstance(lora_scale, (int, float)) and lora_scale == 0):
             xa = jnp.dot(x.astype(dt), self.lora_a[...].astype(dt))
             y = y + (self.lora_scaling * lora_scale) * jnp.dot(xa, self.lora_b[...].astype(dt))
         return y

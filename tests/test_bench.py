@@ -1,0 +1,71 @@
+"""Smoke test of the bench harness plumbing on a tiny random Llama (no timing assertions).
+
+The end-to-end check runs one emajax and one torch worker process for ``lora_kl``: both must report
+a result row, and on the same weights and batch their first-step losses must agree (the two stacks
+time the same objective), which also checks the HF directory the harness writes loads in both.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.harness import (Dims, Spec, TINY_HF_CONFIG, add_ratios, check_targets, finish_row, format_report,
+                           make_tiny_model_dir, op_flops, run_worker, synthetic_batch)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("bench") / "tiny")
+
+
+def test_flop_accounting_is_consistent():
+    d = Dims(layers=30, hidden=576, inter=1536, heads=9, kv_heads=3, head_dim=64, vocab=49152)  # SmolLM2-135M
+    assert d.block_matmul_params() + d.head_params() == pytest.approx(134.5e6, rel=0.01)
+    kw = dict(batch=8, seq=256, rank=16)
+    score, full, lora, kl = (op_flops(op, d, **kw) for op in ("score", "full", "lora", "lora_kl"))
+    assert full == pytest.approx(3 * score)
+    assert kl - lora == pytest.approx(score)
+    assert 2 * score < lora < 2.2 * score  # LoRA adds a few percent over forward + activation backward
+    assert op_flops("lora_steer", d, **kw) == lora
+    assert score == pytest.approx(0.56e12, rel=0.05)  # the anchors' 2 x 135M x 2048
+
+
+def test_synthetic_batch_shapes_and_mask():
+    b = synthetic_batch(100, 3, 16, seed=1)
+    assert {k: v.shape for k, v in b.items()} == {k: (3, 16) for k in b}
+    assert (b["inputs"][:, 1:] == b["targets"][:, :-1]).all()
+    assert b["loss_mask"][:, :4].sum() == 0 and b["loss_mask"][:, 4:].all()
+    assert b["inputs"].max() < 100
+
+
+def test_report_ratios_and_targets():
+    spec = lambda op, st: Spec(op=op, stack=st, model_dir="x", batch=8, seq=256)  # noqa: E731
+    d = Dims(layers=2, hidden=8, inter=16, heads=2, kv_heads=1, head_dim=4, vocab=32)
+    raw = {("lora", "emajax-fp32"): 2.0, ("lora_kl", "emajax-fp32"): 2.5, ("lora", "torch-fp32"): 3.0}
+    rows = [finish_row(spec(op, st), {"seconds": s, "peak_rss_mb": 100.0 + s}, d, 500.0) for (op, st), s in raw.items()]
+    rows.append(finish_row(spec("full", "torch-bf16"), {"error": "boom"}, d, 500.0))
+    over = add_ratios(rows)
+    assert over["emajax-fp32"]["lora_kl/lora"] == pytest.approx(1.25)
+    assert rows[0]["speedup_vs_torch_fp32"] == pytest.approx(1.5)
+    targets = {t["target"]: t for t in check_targets(rows, over, 500.0)}
+    assert targets["lora speed-up vs torch-fp32 (best emajax)"]["met"] is True
+    assert targets["lora_kl/lora time (emajax-fp32)"]["met"] is True
+    text = format_report(rows, over, list(targets.values()))
+    assert "ERROR" in text and "boom" in text and "lora_kl/lora 1.250" in text
+
+
+@pytest.mark.slow
+def test_workers_run_both_stacks_on_the_same_objective(tiny_dir):
+    assert json.loads((tiny_dir / "config.json").read_text())["vocab_size"] == TINY_HF_CONFIG["vocab_size"]
+    out = {}
+    for stack in ("emajax-fp32", "torch-fp32"):
+        spec = Spec(op="lora_kl", stack=stack, model_dir=str(tiny_dir), batch=2, seq=16, rank=4, warmup=0, runs=1)
+        raw = run_worker(spec, timeout=300)
+        assert "error" not in raw, raw.get("error")
+        row = finish_row(spec, raw, Dims.from_hf_config(tiny_dir / "config.json"), 500.0)
+        assert row["seconds"] > 0 and row["tokens_per_s"] > 0 and row["peak_rss_mb"] > 50
+        out[stack] = row
+    assert out["emajax-fp32"]["compile_s"] > 0
+    assert out["emajax-fp32"]["loss_first"] == pytest.approx(out["torch-fp32"]["loss_first"], rel=1e-4)
