@@ -146,10 +146,11 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
+            # Return only the T new keys/values; the decoder writes them into its cache in place.
             k_cache, v_cache = kv
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0))
-            new_kv = (k, v)
+            new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
+            k = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (0, cache_index, 0, 0))
         else:
             new_kv = None
         s = k.shape[1]
@@ -275,10 +276,12 @@ class Decoder(nnx.Module):
         use_cache = cache is not None
 
         def body(h_btd, xs):
+            # The scan reads each layer's cache slice and emits only the T new keys/values; they are
+            # written into the cache once after the scan. (Emitting each layer's whole updated slice
+            # as a scan output re-stacked the entire cache every decode step.)
             layer_state, steer_d, kv = xs
             block = nnx.merge(gdef, layer_state)
-            h_btd, new_kv = block(h_btd, cos, sin, q_slot_t, kv_valid_bs, lora_scale,
-                                  kv if use_cache else None, cache_index)
+            h_btd, new_kv = block(h_btd, cos, sin, q_slot_t, kv_valid_bs, lora_scale, kv, cache_index)
             return h_btd + steer_d, new_kv
 
         if cfg.remat in _REMAT_POLICIES:
@@ -287,25 +290,27 @@ class Decoder(nnx.Module):
             raise ValueError(f"remat must be one of none|full|dots, got {cfg.remat!r}")
 
         features: dict[int, jax.Array] = {}
-        new_k, new_v = [], []
         bounds = [l for l in layers if 0 < l < cfg.num_layers] + [cfg.num_layers]
         start = 0
         if 0 in layers:
             features[0] = h
+        new_k, new_v = [], []
         for end in bounds:
             sl = lambda x, a=start, e=end: x[a:e]
             seg_state = jax.tree.map(sl, bstate)
             kv_xs = (cache.k_lbshd[start:end], cache.v_lbshd[start:end]) if use_cache else None
-            h, kv_out = jax.lax.scan(body, h, (seg_state, steer_ld[start:end], kv_xs))
+            h, kv_new = jax.lax.scan(body, h, (seg_state, steer_ld[start:end], kv_xs))
             if use_cache:
-                new_k.append(kv_out[0])
-                new_v.append(kv_out[1])
+                new_k.append(kv_new[0])
+                new_v.append(kv_new[1])
             features[end] = h
             start = end
         new_cache = None
         if use_cache:
             cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
-            new_cache = KVCache(cat(new_k), cat(new_v), kv_valid_bs)
+            at = (0, 0, cache_index, 0, 0)
+            new_cache = KVCache(jax.lax.dynamic_update_slice(cache.k_lbshd, cat(new_k), at),
+                                jax.lax.dynamic_update_slice(cache.v_lbshd, cat(new_v), at), kv_valid_bs)
         hidden = self.final_norm(h)
         return ForwardOut(hidden, tuple(features[l] for l in layers), new_cache)
 
