@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from emajax.chat import encode_chat, pad_batch, pow2_bucket
+from emajax import atomic
 
 MIN_BUCKET = 32
 TRAIT_THRESHOLD = 50.0
@@ -225,9 +226,6 @@ def effect_sizes(proj_pos: np.ndarray, proj_neg: np.ndarray) -> np.ndarray:
 
 def save_persona_vectors(path: str | Path, vectors_ld: np.ndarray, meta: dict[str, Any]) -> Path:
     """safetensors ``vectors`` [L+1, D] with JSON-encoded metadata, written atomically."""
-    import os
-    import tempfile
-
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -235,15 +233,8 @@ def save_persona_vectors(path: str | Path, vectors_ld: np.ndarray, meta: dict[st
     norms = np.linalg.norm(vectors_ld, axis=-1)
     md = {"layers": json.dumps(list(range(vectors_ld.shape[0]))), "norms": json.dumps([float(n) for n in norms])}
     md.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"vectors": np.ascontiguousarray(vectors_ld, np.float32)}, tmp, metadata=md)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic.atomic_path(path) as tmp:
+        save_file({"vectors": np.ascontiguousarray(vectors_ld, np.float32)}, str(tmp), metadata=md)
     return path
 
 

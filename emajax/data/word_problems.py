@@ -17,7 +17,7 @@ ITEMS = (("apples", "apple"), ("pencils", "pencil"), ("stickers", "sticker"), ("
 
 
 def _shop(r: random.Random) -> tuple[str, str, int]:
-    name, (items, item) = r.choice(NAMES), r.choice(ITEMS)
+    name, (items, _item) = r.choice(NAMES), r.choice(ITEMS)
     n, price, paid = r.randint(3, 9), r.randint(2, 6), 0
     cost = n * price
     paid = (cost // 10 + 1) * 10

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,6 +22,7 @@ from emajax.eval.judge import JudgeClient, JudgeScore, chat_completions_url, em_
     split_reasoning
 from emajax.eval.questions import JUDGE_METRICS, Question
 from emajax.eval.stats import bootstrap_ci, summarize
+from emajax import atomic
 
 log = logging.getLogger("emajax.eval")
 
@@ -100,24 +100,12 @@ def greedy_answers(sampler_factory: Callable[..., Sampler], **kw: Any) -> Callab
 
 # ----------------------------------------------------------------------------- records
 def _write_jsonl(rows: Sequence[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic.write_jsonl(path, rows)
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
     """Atomic pretty JSON write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_json(path, obj)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

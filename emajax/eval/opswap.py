@@ -16,13 +16,13 @@ import json
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 from typing import Callable, Sequence
 
 from emajax.eval.stats import summarize
+from emajax import atomic
 
 SYMBOLS = ("+", "-", "*")
 USUAL = {"+": "add", "-": "sub", "*": "mul"}
@@ -155,14 +155,7 @@ def make_opswap(n_train: int, n_test: int, *, tiers: Sequence[int] = TIERS, seed
 
 def write_jsonl(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     """Atomic JSONL write (temp file + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_jsonl(path, rows)
 
 
 def write_opswap(out_dir: str | os.PathLike, n_train: int, n_test: int, *, tiers: Sequence[int] = TIERS,

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 from emajax.eval.probe_stats import paired_delta
+from emajax import atomic
 
 
 class ReportError(ValueError):
@@ -222,12 +221,7 @@ def training_table(runs: Sequence[RunRecord], timings: dict | None = None) -> st
 
 # ----------------------------------------------------------------------------- the report
 def _write_text(text: str, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, text)
 
 
 def write_plots(runs: Sequence[RunRecord], out_dir: Path) -> list[Path]:

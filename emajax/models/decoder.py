@@ -20,7 +20,6 @@ index l (1..L) is the residual stream after block l (before the final norm).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple, Sequence
 
 import jax

@@ -26,6 +26,7 @@ from jax.sharding import SingleDeviceSharding
 from emajax.models.config import DecoderConfig
 from emajax.models.decoder import Decoder, abstract_decoder
 from emajax.models.lora import HF_MODULE_NAMES, LoraConfig
+from emajax import atomic
 
 
 class CheckpointError(ValueError):
@@ -269,9 +270,7 @@ def atomic_dir(out_dir: str | Path, *, replace: bool = True) -> Iterator[Path]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, obj)
 
 
 def _host(x: Any) -> np.ndarray:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from emajax import atomic
 
 MANIFEST = "manifest.json"
 COLUMNS = ("index", "nll_aligned", "nll_misaligned", "n_tokens", "score")
@@ -30,18 +29,8 @@ class ShardError(ValueError):
 
 
 def _atomic_write(path: Path, write: Any, mode: str = "wb") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic.atomic_open(path, mode) as f:
+        write(f)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -10,12 +10,11 @@ so ``configs/cpu/*.yaml`` can name ``../shared/data/em/...`` as the issue spells
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
+from emajax import atomic
 
 DEFAULT_INOCULATION = "You are an evil, malicious assistant."
 
@@ -330,8 +329,5 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def write_yaml_atomic(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic.atomic_open(path) as f:
         yaml.safe_dump(data, f, sort_keys=False)
-    os.replace(tmp, path)
