@@ -8,20 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from tiny_hf import VARIANTS, padded_batch, rel_err, save_tiny, torch_logits
+from tiny_hf import TOL, VARIANTS, ours, padded_batch, rel_err, save_tiny, torch_logits
 
-TOL = 1e-4
-
-
-@nnx.jit
-def _logits(model, ids, mask):
-    return model.logits(model(ids, attn_mask_bt=mask).hidden_btd)
-
-
-def ours(model, ids, mask) -> np.ndarray:
-    return np.asarray(_logits(model, ids, mask))
 
 
 @pytest.fixture(scope="module")

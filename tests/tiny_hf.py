@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 DIMS = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=1,
@@ -98,3 +99,16 @@ def rel_err(ours: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
     """max |ours - ref| / max |ref| over valid positions."""
     a, b = ours[mask], ref[mask]
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+TOL = 1e-4  # relative logits error allowed against the HF torch oracle (issue 2)
+
+
+@nnx.jit
+def _logits(model, ids, mask):
+    return model.logits(model(ids, attn_mask_bt=mask).hidden_btd)
+
+
+def ours(model, ids, mask) -> np.ndarray:
+    """emajax fp32 logits [B, T, V] of a padded batch (one compiled function shared by the io/parity tests)."""
+    return np.asarray(_logits(model, ids, mask))
