@@ -67,12 +67,16 @@ def loss_terms(graphdef: Any, spec: StepSpec, trainable: Any, state: TrainState,
     out, w_dv = _forward(graphdef, (trainable, state.frozen), mb, layers=layers, steer_ld=state.steer_ld,
                          lora_scale=1.0)
     mask = mb["loss_mask"]
-    terms = {"ce": (1.0, losses.masked_ce(out.hidden_btd, w_dv, mb["targets"], mask, seq_chunk=spec.seq_chunk))}
-    if ref is not None:
+    if ref is not None and spec.kl_weight > 0:
+        # One pass over vocabulary chunks computes both terms: the trained logits are formed once.
         ref_out, ref_w = ref
-        if spec.kl_weight > 0:
-            terms["kl"] = (spec.kl_weight, losses.token_kl(out.hidden_btd, ref_out.hidden_btd, w_dv, ref_w, mask,
-                                                           reverse=spec.kl_reverse, seq_chunk=spec.seq_chunk))
+        ce, kl = losses.ce_and_kl(out.hidden_btd, ref_out.hidden_btd, w_dv, ref_w, mb["targets"], mask,
+                                  reverse=spec.kl_reverse, seq_chunk=spec.seq_chunk)
+        terms = {"ce": (1.0, ce), "kl": (spec.kl_weight, kl)}
+    else:
+        terms = {"ce": (1.0, losses.masked_ce(out.hidden_btd, w_dv, mb["targets"], mask, seq_chunk=spec.seq_chunk))}
+    if ref is not None:
+        ref_out, _ = ref
         if spec.ldifs_weight > 0:
             terms["ldifs"] = (spec.ldifs_weight, losses.ldifs(out.features, ref_out.features, mb["attn_mask"]))
     total, metrics = losses.compose(terms)
