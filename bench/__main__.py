@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.generate import _agreement
 from bench.harness import (DEFAULT_PEAK_GFLOPS, OPS, STACKS, Dims, Spec, add_ratios, check_op_stack, check_targets,
                            finish_row, format_report, loadavg, machine, make_tiny_model_dir, peak_rss_mb, run_worker,
                            run_worker_raw,
@@ -91,14 +92,6 @@ def worker_main(spec_json: str) -> int:
     print(json.dumps(res))
     return 0
 
-
-def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    """Mean fraction of each row's tokens that agree before the first difference."""
-    fr = []
-    for x, y in zip(a, b):
-        n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
-        fr.append(n / max(len(x), 1))
-    return sum(fr) / max(len(fr), 1)
 
 
 def resolve_model(name: str) -> Path:

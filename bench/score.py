@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import machine as bench_machine
+
 REPO = Path(__file__).resolve().parents[1]
 POOL = REPO.parent / "shared" / "data" / "em" / "pool" / "wildguard_selected_safe.jsonl"
 STACKS = ("emajax-fp32", "torch-fp32", "torch-bf16", "emajax-bf16")
@@ -48,15 +50,9 @@ TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", 
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    """One-line machine description for the score bench (bench.machine() has the details)."""
+    m = bench_machine()
+    return f"{m['cpu']}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def peak_rss_mb() -> float:
