@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emajax.models.attention import attend
 from emajax.models.config import DecoderConfig, rope_inv_freq
-from emajax.models.lora import LoraConfig
+from emajax.models.lora import LoraConfig, lora_delta
 
 
 def _dtype(name: str) -> Any:
@@ -83,8 +84,8 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(dt)
         # A static scale of 0 (the KL/LDIFS reference pass) skips the adapter matmuls entirely.
         if self.lora_a is not None and not (isinstance(lora_scale, (int, float)) and lora_scale == 0):
-            xa = jnp.dot(x.astype(dt), self.lora_a[...].astype(dt))
-            y = y + (self.lora_scaling * lora_scale) * jnp.dot(xa, self.lora_b[...].astype(dt))
+            delta = lora_delta(x.astype(dt), self.lora_a[...].astype(dt), self.lora_b[...].astype(dt))
+            y = y + (self.lora_scaling * lora_scale) * delta
         return y
 
 
@@ -116,6 +117,18 @@ def rope_tables(cfg: DecoderConfig, positions_bt: jax.Array) -> tuple[jax.Array,
     return jnp.cos(ang), jnp.sin(ang)
 
 
+def attention_bias(cfg: DecoderConfig, q_slot_t: jax.Array, kv_valid_bs: jax.Array) -> jax.Array:
+    """[B, T, S] additive attention mask shared by every layer: 0 where query t (at cache slot
+    ``q_slot_t[t]``) may attend key slot s (causal, valid, inside the sliding window), else the most
+    negative float32 (a fully masked row, e.g. a padding query, softmaxes to uniform and is ignored)."""
+    slots = jnp.arange(kv_valid_bs.shape[1])
+    allowed_ts = slots[None, :] <= q_slot_t[:, None]
+    if cfg.sliding_window:
+        allowed_ts &= slots[None, :] > q_slot_t[:, None] - cfg.sliding_window
+    allowed_bts = allowed_ts[None] & kv_valid_bs[:, None, :]
+    return jnp.where(allowed_bts, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
 def _lora_for(lora: LoraConfig | None, name: str) -> LoraConfig | None:
     return lora if lora is not None and name in lora.targets else None
 
@@ -135,7 +148,7 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.cfg = cfg
 
-    def __call__(self, x_btd, cos, sin, q_slot_t, kv_valid_bs, lora_scale, kv=None, cache_index=None):
+    def __call__(self, x_btd, cos, sin, mask_bias_bts, lora_scale, kv=None, cache_index=None):
         cfg = self.cfg
         b, t, _ = x_btd.shape
         q = self.q(x_btd, lora_scale).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -152,19 +165,8 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (0, cache_index, 0, 0))
         else:
             new_kv = None
-        s = k.shape[1]
-        slots = jnp.arange(s)
-        allowed_ts = slots[None, :] <= q_slot_t[:, None]
-        if cfg.sliding_window:
-            allowed_ts &= slots[None, :] > q_slot_t[:, None] - cfg.sliding_window
-        mask_bts = allowed_ts[None] & kv_valid_bs[:, None, :]
-        g = cfg.q_per_kv
-        qg = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
-        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
-        scores = scores * (cfg.head_dim ** -0.5)
-        scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(q.dtype))
+        qg = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
+        out = attend(qg, k, v, mask_bias_bts, cfg.head_dim ** -0.5)
         out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
         return self.o(out, lora_scale), new_kv
 
@@ -190,8 +192,8 @@ class Block(nnx.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
         self.mlp = MLP(cfg, lora, rngs)
 
-    def __call__(self, h, cos, sin, q_slot_t, kv_valid_bs, lora_scale, kv=None, cache_index=None):
-        a, new_kv = self.attn(self.input_norm(h), cos, sin, q_slot_t, kv_valid_bs, lora_scale, kv, cache_index)
+    def __call__(self, h, cos, sin, mask_bias_bts, lora_scale, kv=None, cache_index=None):
+        a, new_kv = self.attn(self.input_norm(h), cos, sin, mask_bias_bts, lora_scale, kv, cache_index)
         h = h + a
         h = h + self.mlp(self.post_norm(h), lora_scale)
         return h, new_kv
@@ -260,6 +262,7 @@ class Decoder(nnx.Module):
         else:
             q_slot_t = cache_index + jnp.arange(t)
             kv_valid_bs = jax.lax.dynamic_update_slice(cache.valid_bs, attn_mask_bt, (0, cache_index))
+        mask_bias_bts = attention_bias(cfg, q_slot_t, kv_valid_bs)
         cos, sin = rope_tables(cfg, positions_bt)
         h = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
 
@@ -280,7 +283,7 @@ class Decoder(nnx.Module):
             # as a scan output re-stacked the entire cache every decode step.)
             layer_state, steer_d, kv = xs
             block = nnx.merge(gdef, layer_state)
-            h_btd, new_kv = block(h_btd, cos, sin, q_slot_t, kv_valid_bs, lora_scale, kv, cache_index)
+            h_btd, new_kv = block(h_btd, cos, sin, mask_bias_bts, lora_scale, kv, cache_index)
             return h_btd + steer_d, new_kv
 
         if cfg.remat in _REMAT_POLICIES:

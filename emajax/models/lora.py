@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
+import jax.numpy as jnp
+
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # emajax module name -> HF / PEFT module name
 HF_MODULE_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -36,3 +39,43 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+# ----------------------------------------------------------------------------- the adapter's matmuls
+def _flat(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+@jax.custom_vjp
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``(x @ a) @ b`` (the caller applies the scaling) with a hand-written backward.
+
+    Why: differentiating this inside the layer ``scan`` let XLA:CPU contract the B-gradient over the
+    token axis by physically transposing the [tokens, out] cotangent, fused with the activation
+    backward into one slow loop (~90 ms per gate/up layer for SmolLM2 at 8 x 256: a third of the
+    LoRA step). The backward below transposes only [tokens, r]-sized arrays (r is 8-64) and keeps
+    every large operand row-major, so each matmul is a plain [M, K] x [K, N] product.
+    """
+    return jnp.dot(jnp.dot(x, a), b)
+
+
+def _lora_fwd(x, a, b):
+    xa = jnp.dot(x, a)
+    return jnp.dot(xa, b), (x, a, b, xa)
+
+
+def _lora_bwd(res, g):
+    x, a, b, xa = res
+    x2, xa2, g2 = _flat(x), _flat(xa), _flat(g)
+    gb = jnp.dot(g2, b.T)  # [N, r]: cotangent of x @ a
+    dx = jnp.dot(gb, a.T).reshape(x.shape)
+    # optimization_barrier keeps the small transposes materialised, so XLA does not fold them back
+    # into the dot as a contraction over the (large, major) token axis.
+    xa_t = jax.lax.optimization_barrier(xa2.T)
+    gb_t = jax.lax.optimization_barrier(gb.T)
+    db = jnp.dot(xa_t, g2)  # [r, out]
+    da = jnp.dot(gb_t, x2).T  # [in, r]
+    return dx, da.astype(a.dtype), db.astype(b.dtype)
+
+
+lora_delta.defvjp(_lora_fwd, _lora_bwd)

@@ -1,0 +1,74 @@
+"""Grouped-query softmax attention with a memory-lean backward.
+
+``attend(q, k, v, bias, scale)`` is plain softmax attention for every query group of a KV head.
+Its backward keeps only q, k, v, the output and the per-row log-sum-exp, and recomputes the
+[B, K, G, T, S] probabilities from them (as flash attention does, without the blocking): saving the
+probabilities instead cost two [layers, B, K, G, T, S] fp32 stacks under the layer ``scan`` (566 MB
+each for SmolLM2 at 8 x 256, zero-filled and copied every step) for one extra QK^T matmul.
+
+Shapes: q [B, T, K, G, H] (K KV heads, G query heads per KV head), k/v [B, S, K, H], bias [B, T, S]
+(additive: 0 or a very negative number), output [B, T, K, G, H]. Scores and softmax are fp32 whatever
+the compute dtype; probabilities are cast to the compute dtype for the PV product (as before).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _scores(q_bkgth, k_bksh, bias_bts, scale):
+    s = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32)
+    return s * scale + bias_bts[:, None, None]
+
+
+def _forward(q_btkgh, k_bskh, v_bskh, bias_bts, scale):
+    q = q_btkgh.transpose(0, 2, 3, 1, 4)
+    k = k_bskh.transpose(0, 2, 1, 3)
+    v = v_bskh.transpose(0, 2, 1, 3)
+    s = _scores(q, k, bias_bts, scale)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    l = jnp.sum(e, axis=-1, keepdims=True)
+    p = (e / l).astype(q.dtype)
+    o = jnp.einsum("bkgts,bksh->bkgth", p, v)
+    lse = (m + jnp.log(l))[..., 0]  # [B, K, G, T]
+    return o, (q, k, v, o, lse)
+
+
+def attend(q_btkgh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, bias_bts: jax.Array,
+           scale: float) -> jax.Array:
+    """softmax(scale * q k^T + bias) v per KV-head group; see the module doc for shapes.
+    k and v are cast to q's dtype (the compute dtype) first."""
+    return _attend_impl(q_btkgh, k_bskh.astype(q_btkgh.dtype), v_bskh.astype(q_btkgh.dtype), bias_bts,
+                        jnp.asarray(scale, jnp.float32))
+
+
+@jax.custom_vjp
+def _attend_impl(q_btkgh, k_bskh, v_bskh, bias_bts, scale_arr):
+    o, _ = _forward(q_btkgh, k_bskh, v_bskh, bias_bts, scale_arr)
+    return o.transpose(0, 3, 1, 2, 4)
+
+
+def _fwd(q_btkgh, k_bskh, v_bskh, bias_bts, scale_arr):
+    o, (q, k, v, o_res, lse) = _forward(q_btkgh, k_bskh, v_bskh, bias_bts, scale_arr)
+    return o.transpose(0, 3, 1, 2, 4), (q, k, v, o_res, lse, bias_bts, scale_arr)
+
+
+def _bwd(res, do_btkgh):
+    q, k, v, o, lse, bias_bts, scale = res
+    do = do_btkgh.transpose(0, 2, 3, 1, 4).astype(q.dtype)  # [B, K, G, T, H]
+    p32 = jnp.exp(_scores(q, k, bias_bts, scale) - lse[..., None])
+    p = p32.astype(q.dtype)
+    dv = jnp.einsum("bkgts,bkgth->bksh", p, do)
+    dp = jnp.einsum("bkgth,bksh->bkgts", do, v, preferred_element_type=jnp.float32)
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = (p32 * (dp - delta) * scale).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bksh->bkgth", ds, k)
+    dk = jnp.einsum("bkgts,bkgth->bksh", ds, q)
+    return (dq.transpose(0, 3, 1, 2, 4), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3),
+            jnp.zeros_like(bias_bts), jnp.zeros_like(scale))
+
+
+_attend_impl.defvjp(_fwd, _bwd)
+
