@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from bench.generate import _agreement
-from bench.harness import (DEFAULT_PEAK_GFLOPS, OPS, STACKS, Dims, Spec, add_ratios, check_op_stack, check_targets,
-                           finish_row, format_report, loadavg, machine, make_tiny_model_dir, peak_rss_mb, run_worker,
+from bench.harness import (DEFAULT_PEAK_GFLOPS, OPS, RANDOM_PRESETS, STACKS, Dims, Spec, add_ratios, check_op_stack, check_targets,
+                           finish_row, format_report, loadavg, machine, make_random_model_dir, peak_rss_mb, run_worker,
                            run_worker_raw,
                            write_results)
 
@@ -41,7 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="emajax model name / HF dir / .gguf; 'tiny' = a random 4-layer Llama (plumbing checks)")
+                   help="emajax model name / HF dir / .gguf; 'tiny' = a random 4-layer Llama (plumbing checks); "
+                        "'random:qwen2.5-1.5b' etc. = that architecture with random weights (no hub needed)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where both stacks run (cuda: jax's GPU backend and torch.cuda; device-synchronised timing)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--ops", nargs="+", choices=OPS, help="default: all (quick: see QUICK_PLAN)")
@@ -95,10 +98,14 @@ def worker_main(spec_json: str) -> int:
 
 
 def resolve_model(name: str) -> Path:
-    if name == "tiny":
+    preset = name.split(":", 1)[1] if name.startswith("random:") else ("tiny" if name == "tiny" else None)
+    if preset is not None:
         from emajax.paths import cache_dir
 
-        return make_tiny_model_dir(Path(cache_dir()) / "bench-tiny-llama")
+        if preset not in RANDOM_PRESETS:
+            raise SystemExit(f"bench: unknown random model {preset!r}; choose from {', '.join(RANDOM_PRESETS)}")
+        sub = "bench-tiny-llama" if preset == "tiny" else f"bench-random-{preset}"
+        return make_random_model_dir(RANDOM_PRESETS[preset], Path(cache_dir()) / sub)
     from emajax.models.hub import resolve_model_dir
 
     return resolve_model_dir(name)
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     dims = Dims.from_hf_config(model_dir / "config.json")
     info = {**machine(), "model": args.model, "model_dir": str(model_dir), "batch": args.batch, "seq": args.seq,
             "lora_rank": args.rank, "runs": runs, "warmup": warmup, "remat": args.remat,
-            "peak_gflops": args.peak_gflops, "command": "python -m bench " + " ".join(argv if argv is not None
+            "peak_gflops": args.peak_gflops, "device": args.device, "command": "python -m bench " + " ".join(argv if argv is not None
                                                                                       else sys.argv[1:])}
     if args.measure_peak:
         info.update(run_worker_raw("peak", args.timeout))
@@ -129,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, (op, stack) in enumerate(pairs):
         spec = Spec(op=op, stack=stack, model_dir=str(model_dir), batch=args.batch, seq=args.seq, rank=args.rank,
                     warmup=warmup, runs=runs, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
-                    remat=args.remat if stack.startswith("emajax") else "none")
+                    remat=args.remat if stack.startswith("emajax") else "none", device=args.device)
         la = loadavg()
         print(f"[{i + 1}/{len(pairs)}] {op} / {stack} (load {la:.1f}) ...", file=sys.stderr, flush=True)
         raw = run_worker(spec, args.timeout)

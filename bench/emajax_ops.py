@@ -18,9 +18,30 @@ from bench.harness import (KL_WEIGHT, LDIFS_WEIGHT, STEER_COEF, Spec, current_rs
                            steering_vector, synthetic_batch, synthetic_prompts, time_calls)
 
 
+def _check_device(spec: Spec) -> None:
+    import jax
+
+    want = "gpu" if spec.device == "cuda" else "cpu"
+    if jax.default_backend() != want:
+        raise SystemExit(f"bench: --device {spec.device} but jax's default backend is {jax.default_backend()!r}")
+
+
+def _device_extras() -> dict[str, Any]:
+    """On an accelerator: its name and peak bytes in use (host RSS is reported for every stack anyway)."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return {}
+    stats = dev.memory_stats() or {}
+    return {"device_name": getattr(dev, "device_kind", str(dev)),
+            "device_peak_mb": stats.get("peak_bytes_in_use", 0) / 2**20}
+
+
 def _load(spec: Spec, *, lora: Any, param_dtype: str, remat: str) -> Any:
     from emajax.models.hub import load_model
 
+    _check_device(spec)
     return load_model(spec.model_dir, dtype=spec.dtype, param_dtype=param_dtype, lora=lora, remat=remat,
                       seed=spec.seed)
 
@@ -74,7 +95,8 @@ def train_op(spec: Spec) -> dict[str, Any]:
         losses.append(float(m["loss"]))
 
     t = time_calls(once, warmup=spec.warmup, runs=spec.runs)
-    return {**t, "compile_s": compile_s, "loss_first": losses[0], "rss_after_load_mb": rss_loaded, "remat": spec.remat}
+    return {**t, "compile_s": compile_s, "loss_first": losses[0], "rss_after_load_mb": rss_loaded, "remat": spec.remat,
+            **_device_extras()}
 
 
 def score_op(spec: Spec) -> dict[str, Any]:
@@ -111,7 +133,8 @@ def score_op(spec: Spec) -> dict[str, Any]:
 
     t = time_calls(once, warmup=spec.warmup, runs=spec.runs)
     s, n = (jax.device_get(x) for x in box["out"])
-    return {**t, "compile_s": compile_s, "mean_nll": float(s.sum() / n.sum()), "rss_after_load_mb": rss_loaded}
+    return {**t, "compile_s": compile_s, "mean_nll": float(s.sum() / n.sum()), "rss_after_load_mb": rss_loaded,
+            **_device_extras()}
 
 
 def generate_op(spec: Spec) -> dict[str, Any]:
@@ -131,7 +154,7 @@ def generate_op(spec: Spec) -> dict[str, Any]:
     first = time.perf_counter() - t0
     t = time_calls(once, warmup=max(spec.warmup - 1, 0), runs=spec.runs)
     return {**t, "compile_s": max(first - t["seconds"], 0.0), "first_s": first, "tokens": box["out"],
-            "rss_after_load_mb": rss_loaded}
+            "rss_after_load_mb": rss_loaded, **_device_extras()}
 
 
 def run(spec: Spec) -> dict[str, Any]:

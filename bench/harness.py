@@ -51,6 +51,7 @@ class Spec:
     prompt_len: int = 32
     seed: int = 0
     remat: str = "none"  # emajax only: none | full | dots
+    device: str = "cpu"  # cpu | cuda (both stacks run on it; timings synchronise the device)
 
     @property
     def framework(self) -> str:
@@ -402,7 +403,7 @@ def steering_layer(num_layers: int) -> int:
     return max(1, num_layers // 2)
 
 
-# ----------------------------------------------------------------------------- tiny model for smoke runs
+# ----------------------------------------------------------------------------- random models (no hub here)
 TINY_HF_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -410,11 +411,33 @@ TINY_HF_CONFIG = {
     "tie_word_embeddings": True, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
     "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
 }
+_QWEN25 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
+           "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "hidden_act": "silu",
+           "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32",
+           "use_sliding_window": False}
+# Published shapes of real models, for timing on machines that cannot reach the hub: the weights are
+# random (speed and memory do not depend on them), the architecture is the real one.
+RANDOM_PRESETS = {
+    "tiny": TINY_HF_CONFIG,
+    "qwen2.5-0.5b": {**_QWEN25, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "qwen2.5-1.5b": {**_QWEN25, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                     "num_attention_heads": 12, "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "qwen2.5-7b": {**_QWEN25, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False},
+}
 
 
 def make_tiny_model_dir(out_dir: str | Path, seed: int = 0) -> Path:
     """A random tiny Llama as a Hugging Face directory (config, safetensors, tokenizer) that both
     emajax's loader and transformers read: the harness's plumbing runs in seconds with it."""
+    return make_random_model_dir(TINY_HF_CONFIG, out_dir, seed)
+
+
+def make_random_model_dir(c: dict[str, Any], out_dir: str | Path, seed: int = 0) -> Path:
+    """A Hugging Face directory with config ``c`` and random weights (N(0, 0.08) for the tiny model,
+    N(0, 0.02) otherwise; norms 1, biases 0) plus a word-level tokenizer over the whole vocabulary.
+    Written once (atomically) and reused."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -422,12 +445,19 @@ def make_tiny_model_dir(out_dir: str | Path, seed: int = 0) -> Path:
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    c = TINY_HF_CONFIG
     rng = np.random.default_rng(seed)
-    w = lambda *s: (0.08 * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
-    d, f, dh = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    std = 0.08 if c["hidden_size"] <= 64 else 0.02
+
+    def w(*shape: int) -> Any:
+        return (std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+
+    d, f = c["hidden_size"], c["intermediate_size"]
+    dh = c.get("head_dim") or d // c["num_attention_heads"]
     q, kv = c["num_attention_heads"] * dh, c["num_key_value_heads"] * dh
+    qkv_bias = c["model_type"] == "qwen2" or c.get("attention_bias", False)
     t = {"model.embed_tokens.weight": w(c["vocab_size"], d), "model.norm.weight": np.ones(d, np.float32)}
+    if not c.get("tie_word_embeddings", False):
+        t["lm_head.weight"] = w(c["vocab_size"], d)
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         t.update({p + "self_attn.q_proj.weight": w(q, d), p + "self_attn.k_proj.weight": w(kv, d),
@@ -435,6 +465,9 @@ def make_tiny_model_dir(out_dir: str | Path, seed: int = 0) -> Path:
                   p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d),
                   p + "mlp.down_proj.weight": w(d, f), p + "input_layernorm.weight": np.ones(d, np.float32),
                   p + "post_attention_layernorm.weight": np.ones(d, np.float32)})
+        if qkv_bias:
+            for n, size in (("q", q), ("k", kv), ("v", kv)):
+                t[p + f"self_attn.{n}_proj.bias"] = np.zeros(size, np.float32)
     tmp = out / "model.safetensors.tmp"
     save_file(t, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")

@@ -37,15 +37,31 @@ def _load(spec: Spec, dtype: Any = None) -> Any:
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=dtype or torch.float32)
     model.config.use_cache = False
-    return model
+    return model.to(spec.device)
 
 
 def _autocast(spec: Spec) -> Any:
     import torch
 
     if spec.dtype == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(spec.device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _sync(spec: Spec) -> None:
+    if spec.device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _device_extras(spec: Spec) -> dict[str, Any]:
+    """Threads (CPU) or the GPU's name and peak allocated memory (CUDA)."""
+    import torch
+
+    if spec.device == "cuda":
+        return {"device_name": torch.cuda.get_device_name(), "device_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+    return {"torch_threads": torch.get_num_threads()}
 
 
 def _ldifs_layers(num_layers: int, n: int = 5) -> list[int]:
@@ -81,10 +97,11 @@ def train_op(spec: Spec) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
     host = synthetic_batch(cfg.vocab_size, spec.batch, spec.seq, spec.seed)
-    ids = torch.from_numpy(host["inputs"]).long()
-    tgt = torch.from_numpy(host["targets"]).long()
-    attn = torch.from_numpy(host["attn_mask"]).long()
-    mask = torch.from_numpy(host["loss_mask"]).float()
+    dev = spec.device
+    ids = torch.from_numpy(host["inputs"]).long().to(dev)
+    tgt = torch.from_numpy(host["targets"]).long().to(dev)
+    attn = torch.from_numpy(host["attn_mask"]).long().to(dev)
+    mask = torch.from_numpy(host["loss_mask"]).float().to(dev)
     layers = _decoder_layers(model)
 
     feats: dict[int, Any] = {}
@@ -92,7 +109,7 @@ def train_op(spec: Spec) -> dict[str, Any]:
         for l in _ldifs_layers(cfg.num_hidden_layers):
             layers[l - 1].register_forward_hook(lambda _m, _i, out, l=l: feats.__setitem__(l, out))
     if spec.op == "lora_steer":
-        vec = torch.from_numpy(steering_vector(cfg.hidden_size, spec.seed)) * STEER_COEF
+        vec = torch.from_numpy(steering_vector(cfg.hidden_size, spec.seed)).to(spec.device) * STEER_COEF
         layers[steering_layer(cfg.num_hidden_layers) - 1].register_forward_hook(lambda _m, _i, out: out + vec.to(out.dtype))
 
     def masked_mean(x_bt: Any) -> Any:
@@ -134,7 +151,7 @@ def train_op(spec: Spec) -> dict[str, Any]:
     first = time.perf_counter() - t0
     t = time_calls(once, warmup=max(spec.warmup - 1, 0), runs=spec.runs)
     return {**t, "compile_s": None, "first_s": first, "loss_first": losses[0], "rss_after_load_mb": rss_loaded,
-            "torch_threads": torch.get_num_threads()}
+            **_device_extras(spec)}
 
 
 def score_op(spec: Spec) -> dict[str, Any]:
@@ -144,10 +161,10 @@ def score_op(spec: Spec) -> dict[str, Any]:
     model = _load(spec).eval()
     rss_loaded = current_rss_mb()
     host = synthetic_batch(model.config.vocab_size, spec.batch, spec.seq, spec.seed)
-    ids = torch.from_numpy(host["inputs"]).long()
-    tgt = torch.from_numpy(host["targets"]).long()
-    attn = torch.from_numpy(host["attn_mask"]).long()
-    mask = torch.from_numpy(host["loss_mask"]).float()
+    ids = torch.from_numpy(host["inputs"]).long().to(spec.device)
+    tgt = torch.from_numpy(host["targets"]).long().to(spec.device)
+    attn = torch.from_numpy(host["attn_mask"]).long().to(spec.device)
+    mask = torch.from_numpy(host["loss_mask"]).float().to(spec.device)
     box: dict[str, Any] = {}
 
     def once() -> None:
@@ -155,6 +172,7 @@ def score_op(spec: Spec) -> dict[str, Any]:
             logits = model(input_ids=ids, attention_mask=attn).logits.float()
             nll = F.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
             box["out"] = ((nll * mask).sum(1), mask.sum(1))
+        _sync(spec)
 
     t0 = time.perf_counter()
     once()
@@ -162,7 +180,7 @@ def score_op(spec: Spec) -> dict[str, Any]:
     t = time_calls(once, warmup=max(spec.warmup - 1, 0), runs=spec.runs)
     s, n = box["out"]
     return {**t, "compile_s": None, "first_s": first, "mean_nll": float(s.sum() / n.sum()),
-            "rss_after_load_mb": rss_loaded, "torch_threads": torch.get_num_threads()}
+            "rss_after_load_mb": rss_loaded, **_device_extras(spec)}
 
 
 def generate_op(spec: Spec) -> dict[str, Any]:
@@ -172,7 +190,7 @@ def generate_op(spec: Spec) -> dict[str, Any]:
     model.generation_config.eos_token_id = None  # exactly new_tokens per row, as the emajax worker
     rss_loaded = current_rss_mb()
     prompts = synthetic_prompts(model.config.vocab_size, spec.batch, spec.prompt_len, spec.seed)
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts).to(spec.device)
     attn = torch.ones_like(ids)
     box: dict[str, Any] = {}
 
@@ -187,7 +205,7 @@ def generate_op(spec: Spec) -> dict[str, Any]:
     first = time.perf_counter() - t0
     t = time_calls(once, warmup=max(spec.warmup - 1, 0), runs=spec.runs)
     return {**t, "compile_s": None, "first_s": first, "tokens": box["out"], "rss_after_load_mb": rss_loaded,
-            "torch_threads": torch.get_num_threads(), "mode": "bf16 weights" if spec.dtype == "bfloat16" else "fp32"}
+            **_device_extras(spec), "mode": "bf16 weights" if spec.dtype == "bfloat16" else "fp32"}
 
 
 def run(spec: Spec) -> dict[str, Any]:
