@@ -31,7 +31,7 @@ def _forward(q_btkgh, k_bskh, v_bskh, bias_bts, scale):
     e = jnp.exp(s - m)
     l = jnp.sum(e, axis=-1, keepdims=True)
     p = (e / l).astype(q.dtype)
-    o = jnp.einsum("bkgts,bksh->bkgth", p, v)
+    o = jnp.einsum("bkgts,bksh->bkgth", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
     lse = (m + jnp.log(l))[..., 0]  # [B, K, G, T]
     return o, (q, k, v, o, lse)
 
@@ -60,12 +60,12 @@ def _bwd(res, do_btkgh):
     do = do_btkgh.transpose(0, 2, 3, 1, 4).astype(q.dtype)  # [B, K, G, T, H]
     p32 = jnp.exp(_scores(q, k, bias_bts, scale) - lse[..., None])
     p = p32.astype(q.dtype)
-    dv = jnp.einsum("bkgts,bkgth->bksh", p, do)
+    dv = jnp.einsum("bkgts,bkgth->bksh", p, do, preferred_element_type=jnp.float32).astype(q.dtype)
     dp = jnp.einsum("bkgth,bksh->bkgts", do, v, preferred_element_type=jnp.float32)
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
     ds = (p32 * (dp - delta) * scale).astype(q.dtype)
-    dq = jnp.einsum("bkgts,bksh->bkgth", ds, k)
-    dk = jnp.einsum("bkgts,bkgth->bksh", ds, q)
+    dq = jnp.einsum("bkgts,bksh->bkgth", ds, k, preferred_element_type=jnp.float32).astype(q.dtype)
+    dk = jnp.einsum("bkgts,bkgth->bksh", ds, q, preferred_element_type=jnp.float32).astype(q.dtype)
     return (dq.transpose(0, 3, 1, 2, 4), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3),
             jnp.zeros_like(bias_bts), jnp.zeros_like(scale))
 

@@ -30,6 +30,7 @@ from flax import nnx
 from emajax.models.attention import attend
 from emajax.models.config import DecoderConfig, rope_inv_freq
 from emajax.models.lora import LoraConfig, lora_delta
+from emajax.models.matmul import mm
 
 
 def _dtype(name: str) -> Any:
@@ -79,7 +80,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, lora_scale: Any = 1.0) -> jax.Array:
         dt = self.dtype
-        y = jnp.dot(x.astype(dt), self.kernel[...].astype(dt), preferred_element_type=dt)
+        y = mm(x.astype(dt), self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...].astype(dt)
         # A static scale of 0 (the KL/LDIFS reference pass) skips the adapter matmuls entirely.

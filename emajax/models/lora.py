@@ -46,6 +46,11 @@ def _flat(x):
     return x.reshape(-1, x.shape[-1])
 
 
+def _dot(a, b):
+    """a @ b in a's dtype with fp32 accumulation (see emajax.models.matmul for why)."""
+    return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
 @jax.custom_vjp
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     """``(x @ a) @ b`` (the caller applies the scaling) with a hand-written backward.
@@ -56,25 +61,26 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     LoRA step). The backward below transposes only [tokens, r]-sized arrays (r is 8-64) and keeps
     every large operand row-major, so each matmul is a plain [M, K] x [K, N] product.
     """
-    return jnp.dot(jnp.dot(x, a), b)
+    return _dot(_dot(x, a), b)
 
 
 def _lora_fwd(x, a, b):
-    xa = jnp.dot(x, a)
-    return jnp.dot(xa, b), (x, a, b, xa)
+    xa = _dot(x, a)
+    return _dot(xa, b), (x, a, b, xa)
 
 
 def _lora_bwd(res, g):
     x, a, b, xa = res
+    g = g.astype(x.dtype)
     x2, xa2, g2 = _flat(x), _flat(xa), _flat(g)
-    gb = jnp.dot(g2, b.T)  # [N, r]: cotangent of x @ a
-    dx = jnp.dot(gb, a.T).reshape(x.shape)
+    gb = _dot(g2, b.T)  # [N, r]: cotangent of x @ a
+    dx = _dot(gb, a.T).reshape(x.shape)
     # optimization_barrier keeps the small transposes materialised, so XLA does not fold them back
     # into the dot as a contraction over the (large, major) token axis.
     xa_t = jax.lax.optimization_barrier(xa2.T)
     gb_t = jax.lax.optimization_barrier(gb.T)
-    db = jnp.dot(xa_t, g2)  # [r, out]
-    da = jnp.dot(gb_t, x2).T  # [in, r]
+    db = _dot(xa_t, g2)  # [r, out]
+    da = _dot(gb_t, x2).T  # [in, r]
     return dx, da.astype(a.dtype), db.astype(b.dtype)
 
 

@@ -1,0 +1,48 @@
+"""Matrix products in the compute dtype, accumulated in fp32.
+
+``mm(x, w)`` is ``x @ w`` whose result has x's dtype. In bf16 it multiplies bf16 operands into an
+fp32 accumulator and rounds once at the end, forward and backward (``jax.custom_vjp``): that is the
+numerically sound way to do bf16, and on CPUs it is also the only form XLA hands to a native bf16
+kernel — with ``--xla_cpu_experimental_onednn_fusion_type=dot`` (see ``emajax.xla_flags``) oneDNN runs
+bf16 x bf16 -> fp32 dots on AMX tiles, while a bf16-output dot, or one whose operands mix fp32 and bf16
+(what plain autodiff of a ``preferred_element_type=fp32`` dot produces in the backward), falls back to
+slow generic code. In fp32 ``mm`` is ``jnp.dot`` with ordinary autodiff.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _f32dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def mm(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x [..., K] @ w [K, N]`` in x's dtype (w is cast to it); fp32 accumulation."""
+    w = w.astype(x.dtype)
+    if x.dtype == jnp.float32:
+        return jnp.dot(x, w)
+    return _mm_low(x, w)
+
+
+@jax.custom_vjp
+def _mm_low(x, w):
+    return _f32dot(x, w).astype(x.dtype)
+
+
+def _fwd(x, w):
+    return _mm_low(x, w), (x, w)
+
+
+def _bwd(res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = _f32dot(g, w.T).astype(x.dtype)
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    dw = _f32dot(x2.T, g2).astype(w.dtype)  # dropped (and never computed) for frozen weights
+    return dx, dw
+
+
+_mm_low.defvjp(_fwd, _bwd)
