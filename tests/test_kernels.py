@@ -64,3 +64,25 @@ def test_bf16_matmul_accumulates_in_fp32_forward_and_backward():
     rx, rw = jax.grad(f32, (0, 1))(x, wt)
     assert gx.dtype == jnp.float32 and gw.dtype == jnp.float32
     assert _rel(gx, rx) < 2e-2 and _rel(gw, rw) < 2e-2
+
+
+def test_decode_attention_equals_cache_update_then_attend():
+    from emajax.models.attention import attend_decode
+
+    ks = jax.random.split(jax.random.key(3), 6)
+    b, s, kh, g, h, slot = 2, 7, 2, 3, 8, 4
+    q = jax.random.normal(ks[0], (b, 1, kh, g, h))
+    kc = jax.random.normal(ks[1], (b, s, kh, h))  # slot 4 onwards holds stale values
+    vc = jax.random.normal(ks[2], (b, s, kh, h))
+    kn = jax.random.normal(ks[3], (b, 1, kh, h))
+    vn = jax.random.normal(ks[4], (b, 1, kh, h))
+    valid = np.array([[True] * s, [False, True] + [True] * (s - 2)])  # row 1 left-padded
+    slots = np.arange(s)
+    neg = np.finfo(np.float32).min
+    full_bias = jnp.asarray(np.where((slots <= slot) & valid, 0.0, neg)[:, None, :], jnp.float32)
+    cache_bias = jnp.asarray(np.where((slots < slot) & valid, 0.0, neg)[:, None, :], jnp.float32)
+    k_upd = jax.lax.dynamic_update_slice(kc, kn, (0, slot, 0, 0))
+    v_upd = jax.lax.dynamic_update_slice(vc, vn, (0, slot, 0, 0))
+    want = attend(q, k_upd, v_upd, full_bias, 0.3)
+    got = attend_decode(q, kc, vc, kn, vn, cache_bias, 0.3)
+    assert _rel(got, want) < 1e-6

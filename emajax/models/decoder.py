@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emajax.models.attention import attend
+from emajax.models.attention import attend, attend_decode
 from emajax.models.config import DecoderConfig, rope_inv_freq
 from emajax.models.lora import LoraConfig, lora_delta
 from emajax.models.matmul import mm
@@ -118,12 +118,14 @@ def rope_tables(cfg: DecoderConfig, positions_bt: jax.Array) -> tuple[jax.Array,
     return jnp.cos(ang), jnp.sin(ang)
 
 
-def attention_bias(cfg: DecoderConfig, q_slot_t: jax.Array, kv_valid_bs: jax.Array) -> jax.Array:
+def attention_bias(cfg: DecoderConfig, q_slot_t: jax.Array, kv_valid_bs: jax.Array,
+                   exclude_self: bool = False) -> jax.Array:
     """[B, T, S] additive attention mask shared by every layer: 0 where query t (at cache slot
     ``q_slot_t[t]``) may attend key slot s (causal, valid, inside the sliding window), else the most
-    negative float32 (a fully masked row, e.g. a padding query, softmaxes to uniform and is ignored)."""
+    negative float32 (a fully masked row, e.g. a padding query, softmaxes to uniform and is ignored).
+    ``exclude_self`` also masks the query's own slot (decoding reads its own key outside the cache)."""
     slots = jnp.arange(kv_valid_bs.shape[1])
-    allowed_ts = slots[None, :] <= q_slot_t[:, None]
+    allowed_ts = (slots[None, :] < q_slot_t[:, None]) if exclude_self else (slots[None, :] <= q_slot_t[:, None])
     if cfg.sliding_window:
         allowed_ts &= slots[None, :] > q_slot_t[:, None] - cfg.sliding_window
     allowed_bts = allowed_ts[None] & kv_valid_bs[:, None, :]
@@ -158,16 +160,21 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qg = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
+        scale = cfg.head_dim ** -0.5
         if kv is not None:
-            # Return only the T new keys/values; the decoder writes them into its cache in place.
+            # Return only the T new keys/values; the decoder writes them into its cache after the scan.
             k_cache, v_cache = kv
             new_kv = (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
-            k = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (0, cache_index, 0, 0))
+            if t == 1:  # decode: the old cache and the new token separately, no per-layer cache copy
+                out = attend_decode(qg, k_cache, v_cache, new_kv[0], new_kv[1], mask_bias_bts, scale)
+            else:
+                k = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (0, cache_index, 0, 0))
+                v = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (0, cache_index, 0, 0))
+                out = attend(qg, k, v, mask_bias_bts, scale)
         else:
             new_kv = None
-        qg = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
-        out = attend(qg, k, v, mask_bias_bts, cfg.head_dim ** -0.5)
+            out = attend(qg, k, v, mask_bias_bts, scale)
         out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
         return self.o(out, lora_scale), new_kv
 
@@ -263,7 +270,7 @@ class Decoder(nnx.Module):
         else:
             q_slot_t = cache_index + jnp.arange(t)
             kv_valid_bs = jax.lax.dynamic_update_slice(cache.valid_bs, attn_mask_bt, (0, cache_index))
-        mask_bias_bts = attention_bias(cfg, q_slot_t, kv_valid_bs)
+        mask_bias_bts = attention_bias(cfg, q_slot_t, kv_valid_bs, exclude_self=cache is not None and t == 1)
         cos, sin = rope_tables(cfg, positions_bt)
         h = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
 
