@@ -38,7 +38,7 @@ class DemoPlan:
     n_general: int | None = None  # None = all 40 shipped general pairs
     n_benign: int = 32
     # training
-    epochs: int = 2
+    epochs: int = 1  # 8 optimiser steps at batch 8: what fits the 20-minute CPU budget with 7 methods
     batch_size: int = 8
     max_len: int = 160
     lr: float = 2e-4
@@ -48,7 +48,7 @@ class DemoPlan:
     dtype: str = "float32"
     seed: int = 0
     interleave_ratio: float = 0.05  # paper: 5% of the mixed set
-    monitor_every: int = 8  # EM monitor (general pairs) every N steps; 0 = off
+    monitor_every: int = 0  # EM monitor (general pairs) every N steps; 0 = only base and final (cpu budget)
     # probes
     probe_batch: int = 16
     probe_max_len: int = 256
