@@ -39,7 +39,7 @@ def run(adapter: Path, base: str, data: Path, n: int, max_len: int, batch: int) 
     from transformers import AutoModelForCausalLM
 
     from emajax.chat import encode_chat, pad_batch
-    from emajax.models.hf_io import load_peft_adapter
+    from emajax.models.hf_io import load_peft_adapter, peft_lora_config
     from emajax.models.hub import load_model
     from emajax.scoring.adapters import parse_model_spec
     from emajax.scoring.score import Scorer, score_pool
@@ -54,12 +54,7 @@ def run(adapter: Path, base: str, data: Path, n: int, max_len: int, batch: int) 
 
     hf = AutoModelForCausalLM.from_pretrained(loaded.model_dir, dtype=torch.float32)
     hf = PeftModel.from_pretrained(hf, str(adapter)).eval()
-    from emajax.models.lora import LoraConfig
-
-    lora = LoraConfig(rank=int(adapter_cfg["r"]), alpha=float(adapter_cfg["lora_alpha"]),
-                      rslora=bool(adapter_cfg.get("use_rslora", False)),
-                      targets=tuple(adapter_cfg["target_modules"]))
-    ours = load_peft_adapter(load_model(base, lora=lora).model, adapter)
+    ours = load_peft_adapter(load_model(base, lora=peft_lora_config(adapter)).model, adapter)
 
     # 1) logits on right-padded batches
     max_rel, agree, total = 0.0, 0, 0

@@ -47,27 +47,12 @@ class RequestError(ValueError):
 
 def load_model_with_adapter(model: str, adapter: str | os.PathLike | None = None, *, dtype: str = "float32"):
     """``hub.load_model`` (+ a PEFT adapter dir whose LoRA shape is read from its adapter_config.json)."""
+    from emajax.models.hf_io import load_peft_adapter, peft_lora_config
     from emajax.models.hub import load_model
-    from emajax.models.lora import LoraConfig
 
-    lora = None
-    if adapter is not None:
-        cfg_path = Path(adapter) / "adapter_config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path}: adapter config not found")
-        try:
-            ac = json.loads(cfg_path.read_text())
-            targets = ac["target_modules"]
-            if isinstance(targets, str):
-                raise ValueError("field 'target_modules' is a regex string; emajax needs a list of module names")
-            lora = LoraConfig(rank=int(ac["r"]), alpha=float(ac["lora_alpha"]), rslora=bool(ac.get("use_rslora", False)),
-                              targets=tuple(targets))
-        except (KeyError, ValueError, json.JSONDecodeError) as e:
-            raise ValueError(f"{cfg_path}: {e}") from None
+    lora = peft_lora_config(adapter) if adapter is not None else None
     loaded = load_model(model, dtype=dtype, param_dtype=dtype, lora=lora)
     if adapter is not None:
-        from emajax.models.hf_io import load_peft_adapter
-
         load_peft_adapter(loaded.model, adapter)
     return loaded
 

@@ -61,13 +61,9 @@ def _load(args: argparse.Namespace):
 
     lora = None
     if args.adapter:
-        from emajax.models.lora import LoraConfig
-        from emajax.scoring.adapters import read_peft_adapter
+        from emajax.models.hf_io import peft_lora_config
 
-        ad = read_peft_adapter(args.adapter)
-        ac = json.loads((Path(args.adapter) / "adapter_config.json").read_text())
-        lora = LoraConfig(rank=ad.rank, alpha=float(ac["lora_alpha"]), rslora=bool(ac.get("use_rslora", False)),
-                          targets=tuple(sorted(ad.targets)))
+        lora = peft_lora_config(args.adapter)
     loaded = load_model(args.model, dtype=args.dtype, param_dtype=args.dtype, lora=lora)
     if args.adapter:
         from emajax.models.hf_io import load_peft_adapter

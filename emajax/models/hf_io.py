@@ -372,6 +372,30 @@ def export_peft_adapter(model: Decoder, out_dir: str | Path, base_model_name_or_
     return out_dir
 
 
+def peft_lora_config(adapter_dir: str | Path) -> LoraConfig:
+    """The LoraConfig a model must be built with to take this PEFT adapter (r, alpha, rsLoRA, targets)."""
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: file not found")
+    try:
+        ac = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    try:
+        targets = ac["target_modules"]
+        if isinstance(targets, str):
+            raise CheckpointError(f"{cfg_path}: field 'target_modules' is a regex string; emajax needs a list of "
+                                  f"module names")
+        return LoraConfig(rank=int(ac["r"]), alpha=float(ac["lora_alpha"]), rslora=bool(ac.get("use_rslora", False)),
+                          targets=tuple(sorted(targets)))
+    except KeyError as e:
+        raise CheckpointError(f"{cfg_path}: field {e.args[0]!r} is missing") from None
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+
+
 def load_peft_adapter(model: Decoder, adapter_dir: str | Path) -> Decoder:
     """Copy a PEFT adapter's A/B into ``model``'s LoRA params in place (keeping their shardings)."""
     from safetensors import safe_open
