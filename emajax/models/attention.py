@@ -9,12 +9,15 @@ each for SmolLM2 at 8 x 256, zero-filled and copied every step) for one extra QK
 Shapes: q [B, T, K, G, H] (K KV heads, G query heads per KV head), k/v [B, S, K, H], bias [B, T, S]
 (additive: 0 or a very negative number), output [B, T, K, G, H]. Scores and softmax are fp32 whatever
 the compute dtype; probabilities are cast to the compute dtype for the PV product (as before).
+bf16 residuals are kept as bits (``emajax.models.lowp`` says why).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from emajax.models.lowp import stash, unstash
 
 
 def _scores(q_bkgth, k_bksh, bias_bts, scale):
@@ -52,11 +55,12 @@ def _attend_impl(q_btkgh, k_bskh, v_bskh, bias_bts, scale_arr):
 
 def _fwd(q_btkgh, k_bskh, v_bskh, bias_bts, scale_arr):
     o, (q, k, v, o_res, lse) = _forward(q_btkgh, k_bskh, v_bskh, bias_bts, scale_arr)
-    return o.transpose(0, 3, 1, 2, 4), (q, k, v, o_res, lse, bias_bts, scale_arr)
+    return o.transpose(0, 3, 1, 2, 4), (*map(stash, (q, k, v, o_res)), lse, bias_bts, scale_arr)
 
 
 def _bwd(res, do_btkgh):
-    q, k, v, o, lse, bias_bts, scale = res
+    q, k, v, o = map(unstash, res[:4])
+    lse, bias_bts, scale = res[4:]
     do = do_btkgh.transpose(0, 2, 3, 1, 4).astype(q.dtype)  # [B, K, G, T, H]
     p32 = jnp.exp(_scores(q, k, bias_bts, scale) - lse[..., None])
     p = p32.astype(q.dtype)

@@ -20,6 +20,7 @@ index l (1..L) is the residual stream after block l (before the final norm).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -30,6 +31,7 @@ from flax import nnx
 from emajax.models.attention import attend, attend_decode
 from emajax.models.config import DecoderConfig, rope_inv_freq
 from emajax.models.lora import LoraConfig, lora_delta
+from emajax.models.lowp import recompute_vjp
 from emajax.models.matmul import mm
 
 
@@ -85,7 +87,7 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(dt)
         # A static scale of 0 (the KL/LDIFS reference pass) skips the adapter matmuls entirely.
         if self.lora_a is not None and not (isinstance(lora_scale, (int, float)) and lora_scale == 0):
-            delta = lora_delta(x.astype(dt), self.lora_a[...].astype(dt), self.lora_b[...].astype(dt))
+            delta = lora_delta(x.astype(dt), self.lora_a[...], self.lora_b[...])
             y = y + (self.lora_scaling * lora_scale) * delta
         return y
 
@@ -96,9 +98,22 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+        fn = functools.partial(rms_norm, eps=self.eps)
+        return (fn if x.dtype == jnp.float32 else recompute_vjp(fn))(x, self.scale[...])
+
+
+def rms_norm(x: jax.Array, scale_d: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) * scale, normalised in fp32, result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale_d.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def gated_act(g: jax.Array, u: jax.Array, act: str) -> jax.Array:
+    """act(g) * u (SwiGLU / GeGLU), computed in fp32, result in g's dtype."""
+    g32 = g.astype(jnp.float32)
+    a = jax.nn.silu(g32) if act == "silu" else jax.nn.gelu(g32, approximate=act != "gelu")
+    return (a * u.astype(jnp.float32)).astype(g.dtype)
 
 
 def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
@@ -188,9 +203,9 @@ class MLP(nnx.Module):
         self.act = cfg.hidden_act
 
     def __call__(self, x, lora_scale):
-        g = self.gate(x, lora_scale)
-        g = jax.nn.silu(g) if self.act == "silu" else jax.nn.gelu(g, approximate=self.act != "gelu")
-        return self.down(g * self.up(x, lora_scale), lora_scale)
+        g, u = self.gate(x, lora_scale), self.up(x, lora_scale)
+        fn = functools.partial(gated_act, act=self.act)
+        return self.down((fn if g.dtype == jnp.float32 else recompute_vjp(fn))(g, u), lora_scale)
 
 
 class Block(nnx.Module):

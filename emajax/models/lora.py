@@ -12,6 +12,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from emajax.models.lowp import stash, unstash
+
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # emajax module name -> HF / PEFT module name
 HF_MODULE_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -53,7 +55,8 @@ def _dot(a, b):
 
 @jax.custom_vjp
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-    """``(x @ a) @ b`` (the caller applies the scaling) with a hand-written backward.
+    """``(x @ a) @ b`` in x's dtype (a, b are cast to it; the caller applies the scaling) with a
+    hand-written backward; 16-bit residuals are kept as bits (``emajax.models.lowp``).
 
     Why: differentiating this inside the layer ``scan`` let XLA:CPU contract the B-gradient over the
     token axis by physically transposing the [tokens, out] cotangent, fused with the activation
@@ -61,16 +64,17 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     LoRA step). The backward below transposes only [tokens, r]-sized arrays (r is 8-64) and keeps
     every large operand row-major, so each matmul is a plain [M, K] x [K, N] product.
     """
-    return _dot(_dot(x, a), b)
+    return _dot(_dot(x, a.astype(x.dtype)), b.astype(x.dtype))
 
 
 def _lora_fwd(x, a, b):
-    xa = _dot(x, a)
-    return _dot(xa, b), (x, a, b, xa)
+    xa = _dot(x, a.astype(x.dtype))
+    return _dot(xa, b.astype(x.dtype)), (stash(x), a, b, stash(xa))
 
 
 def _lora_bwd(res, g):
-    x, a, b, xa = res
+    x, a_orig, b_orig, xa = unstash(res[0]), res[1], res[2], unstash(res[3])
+    a, b = a_orig.astype(x.dtype), b_orig.astype(x.dtype)
     g = g.astype(x.dtype)
     x2, xa2, g2 = _flat(x), _flat(xa), _flat(g)
     gb = _dot(g2, b.T)  # [N, r]: cotangent of x @ a
@@ -81,7 +85,7 @@ def _lora_bwd(res, g):
     gb_t = jax.lax.optimization_barrier(gb.T)
     db = _dot(xa_t, g2)  # [r, out]
     da = _dot(gb_t, x2).T  # [in, r]
-    return dx, da.astype(a.dtype), db.astype(b.dtype)
+    return dx, da.astype(a_orig.dtype), db.astype(b_orig.dtype)
 
 
 lora_delta.defvjp(_lora_fwd, _lora_bwd)

@@ -7,12 +7,18 @@ kernel — with ``--xla_cpu_experimental_onednn_fusion_type=dot`` (see ``emajax.
 bf16 x bf16 -> fp32 dots on AMX tiles, while a bf16-output dot, or one whose operands mix fp32 and bf16
 (what plain autodiff of a ``preferred_element_type=fp32`` dot produces in the backward), falls back to
 slow generic code. In fp32 ``mm`` is ``jnp.dot`` with ordinary autodiff.
+
+The backward keeps x as uint16 bits (``emajax.models.lowp``) and w as given (an fp32 master weight
+is a slice of the scanned parameters, which the scan does not copy; its bf16 cast would be stacked
+anew every step), casting again where it is used.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from emajax.models.lowp import stash, unstash
 
 
 def _f32dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -21,27 +27,27 @@ def _f32dot(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def mm(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x [..., K] @ w [K, N]`` in x's dtype (w is cast to it); fp32 accumulation."""
-    w = w.astype(x.dtype)
     if x.dtype == jnp.float32:
-        return jnp.dot(x, w)
+        return jnp.dot(x, w.astype(x.dtype))
     return _mm_low(x, w)
 
 
 @jax.custom_vjp
 def _mm_low(x, w):
-    return _f32dot(x, w).astype(x.dtype)
+    return _f32dot(x, w.astype(x.dtype)).astype(x.dtype)
 
 
 def _fwd(x, w):
-    return _mm_low(x, w), (x, w)
+    return _mm_low(x, w), (stash(x), w)
 
 
 def _bwd(res, g):
-    x, w = res
+    x, w_orig = unstash(res[0]), res[1]
+    w = w_orig.astype(x.dtype)
     g = g.astype(x.dtype)
     dx = _f32dot(g, w.T).astype(x.dtype)
     x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dw = _f32dot(x2.T, g2).astype(w.dtype)  # dropped (and never computed) for frozen weights
+    dw = _f32dot(x2.T, g2).astype(w_orig.dtype)  # dropped (and never computed) for frozen weights
     return dx, dw
 
 
