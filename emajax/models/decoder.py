@@ -116,14 +116,34 @@ def gated_act(g: jax.Array, u: jax.Array, act: str) -> jax.Array:
     return (a * u.astype(jnp.float32)).astype(g.dtype)
 
 
-def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
-    """Rotate-half rope (the HF convention: first and second halves of head_dim pair up)."""
+def _rotate(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
     half = x_bthd.shape[-1] // 2
-    x1, x2 = x_bthd[..., :half], x_bthd[..., half:]
-    rot = jnp.concatenate([-x2, x1], axis=-1)
-    cos = cos_btd[:, :, None, :]
-    sin = sin_btd[:, :, None, :]
-    return (x_bthd.astype(jnp.float32) * cos + rot.astype(jnp.float32) * sin).astype(x_bthd.dtype)
+    x = x_bthd.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos_btd[:, :, None, :half], sin_btd[:, :, None, :half]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x_bthd.dtype)
+
+
+@jax.custom_vjp
+def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax.Array:
+    """Rotate-half rope (the HF convention: first and second halves of head_dim pair up), in fp32.
+
+    Rope is a rotation, so its backward is the inverse rotation (sin negated): written out, because
+    autodiff of the concatenate/negate form made XLA:CPU emit a slow transpose-pad-slice fusion per
+    layer in bf16 (~20 ms each at 8 x 256). The tables are constants: no gradient flows to them."""
+    return _rotate(x_bthd, cos_btd, sin_btd)
+
+
+def _rope_fwd(x_bthd, cos_btd, sin_btd):
+    return _rotate(x_bthd, cos_btd, sin_btd), (cos_btd, sin_btd)
+
+
+def _rope_bwd(res, g_bthd):
+    cos_btd, sin_btd = res
+    return _rotate(g_bthd, cos_btd, -sin_btd), jnp.zeros_like(cos_btd), jnp.zeros_like(sin_btd)
+
+
+apply_rope.defvjp(_rope_fwd, _rope_bwd)
 
 
 def rope_tables(cfg: DecoderConfig, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
