@@ -116,7 +116,7 @@ def score_op(spec: Spec) -> dict[str, Any]:
     @jax.jit
     def score(params, b):
         model = nnx.merge(graphdef, params)
-        out = model(b["inputs"], positions_bt=b["positions"], attn_mask_bt=b["attn_mask"])
+        out = model(b["inputs"], positions_bt=b["positions"], attn_mask_bt=b["attn_mask"], const_weights=True)
         nll = token_nll(out.hidden_btd, model.lm_head_dv(), b["targets"])
         w = b["loss_mask"].astype(jnp.float32)
         return jnp.sum(nll * w, axis=1), jnp.sum(w, axis=1)

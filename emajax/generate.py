@@ -67,7 +67,7 @@ def _generate_core(graphdef, state, tokens_bp, mask_bp, positions_bp, active_b, 
     b, p = tokens_bp.shape
     cache = KVCache.init(model.cfg, b, p + new_bucket)
     out = model(tokens_bp, positions_bt=positions_bp, attn_mask_bt=mask_bp, cache=cache, cache_index=0,
-                lora_scale=lora_scale)
+                lora_scale=lora_scale, const_weights=True)
     logits_bv = model.logits(out.hidden_btd[:, -1:])[:, 0]
 
     def is_eos(tok_b):
@@ -87,7 +87,7 @@ def _generate_core(graphdef, state, tokens_bp, mask_bp, positions_bp, active_b, 
     def body(carry):
         i, cache, tok_b, pos_b, done_b, toks_bn = carry
         o = model(tok_b[:, None], positions_bt=pos_b[:, None], attn_mask_bt=ones_b1, cache=cache,
-                  cache_index=p + i - 1, lora_scale=lora_scale)
+                  cache_index=p + i - 1, lora_scale=lora_scale, const_weights=True)
         nxt_b = _pick_token(model.logits(o.hidden_btd)[:, 0], temperature, top_p, jax.random.fold_in(key, i))
         nxt_b = jnp.where(done_b, pad_id, nxt_b)
         toks_bn = jax.lax.dynamic_update_slice(toks_bn, nxt_b[:, None], (0, i))

@@ -167,7 +167,7 @@ def _masked_means(graphdef, state, tokens_bt, mask_bt, pos_bt, answer_bt, lora_s
     """[B, n_layers, D] fp32: residual at each captured layer averaged over the answer tokens."""
     model = nnx.merge(graphdef, state)
     feats = model(tokens_bt, positions_bt=pos_bt, attn_mask_bt=mask_bt, capture_layers=layers,
-                  lora_scale=lora_scale).features
+                  lora_scale=lora_scale, const_weights=True).features
     w_bt = answer_bt.astype(jnp.float32)
     denom_b = jnp.maximum(jnp.sum(w_bt, axis=1), 1.0)
     return jnp.stack([jnp.einsum("btd,bt->bd", f.astype(jnp.float32), w_bt) / denom_b[:, None] for f in feats], 1)

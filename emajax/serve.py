@@ -61,7 +61,7 @@ def load_model_with_adapter(model: str, adapter: str | os.PathLike | None = None
 def _score_core(graphdef, state, tokens_bt, mask_bt, start, *, gen_bucket: int):
     """Log-probs of tokens[:, start+1 : start+1+gen_bucket] and the top-20 alternatives at each of them."""
     model = nnx.merge(graphdef, state)
-    hidden_btd = model(tokens_bt, attn_mask_bt=mask_bt).hidden_btd
+    hidden_btd = model(tokens_bt, attn_mask_bt=mask_bt, const_weights=True).hidden_btd
     h_bgd = jax.lax.dynamic_slice_in_dim(hidden_btd, start, gen_bucket, axis=1)
     logp_bgv = jax.nn.log_softmax(model.logits(h_bgd), axis=-1)
     nxt_bg = jax.lax.dynamic_slice_in_dim(tokens_bt, start + 1, gen_bucket, axis=1)

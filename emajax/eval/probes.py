@@ -178,7 +178,8 @@ def _answer_sums(graphdef: Any, states: tuple, inputs_bt, targets_bt, loss_bt, a
                  *, seq_chunk: int | None = None):
     """Per-row (sum of answer-token NLL, number of answer tokens), fp32."""
     model = nnx.merge(graphdef, *states)
-    out = model(inputs_bt, positions_bt=pos_bt, attn_mask_bt=attn_bt, lora_scale=lora_scale)
+    out = model(inputs_bt, positions_bt=pos_bt, attn_mask_bt=attn_bt, lora_scale=lora_scale,
+                const_weights=True)
     nll_bt = token_nll(out.hidden_btd, model.lm_head_dv(), targets_bt, seq_chunk=seq_chunk)
     w_bt = loss_bt.astype(jnp.float32)
     return jnp.sum(nll_bt * w_bt, axis=1), jnp.sum(w_bt, axis=1)

@@ -31,7 +31,7 @@ from flax import nnx
 from emajax.models.attention import attend, attend_decode
 from emajax.models.config import DecoderConfig, rope_inv_freq
 from emajax.models.lora import LoraConfig, lora_delta
-from emajax.models.lowp import recompute_vjp
+from emajax.models.lowp import recompute_vjp, stash, unstash
 from emajax.models.matmul import mm
 
 
@@ -290,7 +290,13 @@ class Decoder(nnx.Module):
         lora_scale: Any = 1.0,
         cache: KVCache | None = None,
         cache_index: Any = None,
+        const_weights: bool = False,
     ) -> ForwardOut:
+        """``const_weights=True`` treats the block weights as constants (no gradient flows to them:
+        generation, scoring, probes). bf16 weight stacks then enter the layer scan as uint16 bits,
+        because XLA:CPU would otherwise convert every stack to fp32 once and slice and convert each
+        layer's weights back to bf16 at every step (``emajax.models.lowp`` has the measurements). The
+        KV cache always travels as bits for the same reason."""
         cfg = self.cfg
         b, t = tokens_bt.shape
         dt = _dtype(cfg.dtype)
@@ -325,6 +331,10 @@ class Decoder(nnx.Module):
             # written into the cache once after the scan. (Emitting each layer's whole updated slice
             # as a scan output re-stacked the entire cache every decode step.)
             layer_state, steer_d, kv = xs
+            if const_weights:
+                layer_state = jax.tree.map(unstash, layer_state)
+            if kv is not None:
+                kv = (unstash(kv[0]), unstash(kv[1]))
             block = nnx.merge(gdef, layer_state)
             h_btd, new_kv = block(h_btd, cos, sin, mask_bias_bts, lora_scale, kv, cache_index)
             return h_btd + steer_d, new_kv
@@ -343,7 +353,9 @@ class Decoder(nnx.Module):
         for end in bounds:
             sl = lambda x, a=start, e=end: x[a:e]
             seg_state = jax.tree.map(sl, bstate)
-            kv_xs = (cache.k_lbshd[start:end], cache.v_lbshd[start:end]) if use_cache else None
+            if const_weights:
+                seg_state = jax.tree.map(lambda w: stash(jax.lax.stop_gradient(w)), seg_state)
+            kv_xs = (stash(cache.k_lbshd[start:end]), stash(cache.v_lbshd[start:end])) if use_cache else None
             h, kv_new = jax.lax.scan(body, h, (seg_state, steer_ld[start:end], kv_xs))
             if use_cache:
                 new_k.append(kv_new[0])
@@ -354,8 +366,8 @@ class Decoder(nnx.Module):
         if use_cache:
             cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
             at = (0, 0, cache_index, 0, 0)
-            new_cache = KVCache(jax.lax.dynamic_update_slice(cache.k_lbshd, cat(new_k), at),
-                                jax.lax.dynamic_update_slice(cache.v_lbshd, cat(new_v), at), kv_valid_bs)
+            write = lambda c, new: unstash(jax.lax.dynamic_update_slice(stash(c), stash(new), at))  # noqa: E731
+            new_cache = KVCache(write(cache.k_lbshd, cat(new_k)), write(cache.v_lbshd, cat(new_v)), kv_valid_bs)
         hidden = self.final_norm(h)
         return ForwardOut(hidden, tuple(features[l] for l in layers), new_cache)
 

@@ -41,7 +41,7 @@ class ScoreInterrupted(RuntimeError):
 
 def _example_sums(model: Any, tokens_bt, mask_bt, pos_bt, targets_bt, loss_bt, seq_chunk):
     """Per-row (sum of answer-token NLL, number of answer tokens), fp32."""
-    out = model(tokens_bt, positions_bt=pos_bt, attn_mask_bt=mask_bt)
+    out = model(tokens_bt, positions_bt=pos_bt, attn_mask_bt=mask_bt, const_weights=True)
     nll_bt = token_nll(out.hidden_btd, model.lm_head_dv(), targets_bt, seq_chunk=seq_chunk)
     w_bt = loss_bt.astype(jnp.float32)
     return jnp.sum(nll_bt * w_bt, axis=1), jnp.sum(w_bt, axis=1)
