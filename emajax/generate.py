@@ -84,10 +84,12 @@ def _generate_core(graphdef, state, tokens_bp, mask_bp, positions_bp, active_b, 
         i, _, _, _, done_b, _ = carry
         return (i < max_new) & ~jnp.all(done_b)
 
+    layer_states = model.unstacked_layers()  # once, outside the loop: no per-token weight copies
+
     def body(carry):
         i, cache, tok_b, pos_b, done_b, toks_bn = carry
         o = model(tok_b[:, None], positions_bt=pos_b[:, None], attn_mask_bt=ones_b1, cache=cache,
-                  cache_index=p + i - 1, lora_scale=lora_scale, const_weights=True)
+                  cache_index=p + i - 1, lora_scale=lora_scale, const_weights=True, layer_states=layer_states)
         nxt_b = _pick_token(model.logits(o.hidden_btd)[:, 0], temperature, top_p, jax.random.fold_in(key, i))
         nxt_b = jnp.where(done_b, pad_id, nxt_b)
         toks_bn = jax.lax.dynamic_update_slice(toks_bn, nxt_b[:, None], (0, i))

@@ -80,8 +80,9 @@ def test_kv_cache_decoding_matches_full_forward(model):
 
 
 def test_const_weights_bf16_is_bit_identical_and_stops_weight_gradients():
-    """const_weights (bf16 stacks and the KV cache as uint16 bits through the scan) changes nothing in
-    the values, cached decoding included, and documents its contract: no gradient reaches the weights."""
+    """const_weights (bf16 stacks and the KV cache as uint16 bits through the scan) leaves a forward
+    pass bit-identical; a cached decode step (then run with unrolled layers, which XLA fuses and rounds
+    differently) stays within bf16 rounding; and no gradient reaches the weights, by contract."""
     m = Decoder(CFG.replace(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(5))
     toks = _tokens(2, 8)
     a = m(toks).hidden_btd
@@ -92,8 +93,11 @@ def test_const_weights_bf16_is_bit_identical_and_stops_weight_gradients():
     for const in (False, True):
         o1 = m(toks[:, :5], cache=cache, cache_index=0, const_weights=const)
         o2 = m(toks[:, 5:6], positions_bt=jnp.full((2, 1), 5), cache=o1.cache, cache_index=5, const_weights=const)
-        outs.append((o2.hidden_btd, o2.cache.k_lbshd))
-    assert bool(jnp.all(outs[0][0] == outs[1][0])) and bool(jnp.all(outs[0][1] == outs[1][1]))
+        outs.append((o2.hidden_btd, o2.cache.k_lbhsd))
+    for x, y in zip(*outs):
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+        np.testing.assert_allclose(x, y, rtol=0, atol=2 ** -6 * np.abs(y).max())  # ~2 bf16 ulps at the max
+        assert np.mean(x == y) > 0.5
     g = nnx.grad(lambda mm: jnp.sum(mm(toks, const_weights=True).hidden_btd.astype(jnp.float32)))(m)
     assert float(jnp.abs(g.blocks.mlp.down.kernel[...].astype(jnp.float32)).max()) == 0.0
     assert float(jnp.abs(g.embed[...].astype(jnp.float32)).max()) > 0.0  # the embedding is outside the scan

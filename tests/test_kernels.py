@@ -84,7 +84,8 @@ def test_decode_attention_equals_cache_update_then_attend():
     k_upd = jax.lax.dynamic_update_slice(kc, kn, (0, slot, 0, 0))
     v_upd = jax.lax.dynamic_update_slice(vc, vn, (0, slot, 0, 0))
     want = attend(q, k_upd, v_upd, full_bias, 0.3)
-    got = attend_decode(q, kc, vc, kn, vn, cache_bias, 0.3)
+    t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (the decode cache is [B, K, S, H])
+    got = attend_decode(q, t(kc), t(vc), t(kn), t(vn), cache_bias, 0.3)
     assert _rel(got, want) < 1e-6
 
 

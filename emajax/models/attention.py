@@ -78,22 +78,23 @@ _attend_impl.defvjp(_fwd, _bwd)
 
 
 
-def attend_decode(q_b1kgh: jax.Array, k_cache_bskh: jax.Array, v_cache_bskh: jax.Array, k_new_b1kh: jax.Array,
-                  v_new_b1kh: jax.Array, bias_b1s: jax.Array, scale: float) -> jax.Array:
+def attend_decode(q_b1kgh: jax.Array, k_cache_bksh: jax.Array, v_cache_bksh: jax.Array, k_new_bk1h: jax.Array,
+                  v_new_bk1h: jax.Array, bias_b1s: jax.Array, scale: float) -> jax.Array:
     """One query per row against the cache *and* its own new key/value (inference only).
 
     Same result as writing the new key/value into the cache and calling :func:`attend`, without
     materialising an updated copy of the layer's cache each step: the softmax runs over the cache
-    scores (``bias_b1s`` masks the query's own, not yet written, slot) joined with the self score."""
+    scores (``bias_b1s`` masks the query's own, not yet written, slot) joined with the self score.
+    The cache is [B, K, S, H] (heads before slots, as the decoder's KV cache stores it)."""
     dt = q_b1kgh.dtype
     q = q_b1kgh[:, 0]  # [B, K, G, H]
-    s_c = jnp.einsum("bkgh,bskh->bkgs", q, k_cache_bskh.astype(dt), preferred_element_type=jnp.float32)
+    s_c = jnp.einsum("bkgh,bksh->bkgs", q, k_cache_bksh.astype(dt), preferred_element_type=jnp.float32)
     s_c = s_c * scale + bias_b1s[:, 0, None, None, :]
-    s_s = jnp.einsum("bkgh,bkh->bkg", q, k_new_b1kh[:, 0].astype(dt), preferred_element_type=jnp.float32) * scale
+    s_s = jnp.einsum("bkgh,bkh->bkg", q, k_new_bk1h[:, :, 0].astype(dt), preferred_element_type=jnp.float32) * scale
     m = jnp.maximum(jnp.max(s_c, axis=-1), s_s)
     p_c = jnp.exp(s_c - m[..., None])
     p_s = jnp.exp(s_s - m)
     inv = 1.0 / (jnp.sum(p_c, axis=-1) + p_s)
-    o = jnp.einsum("bkgs,bskh->bkgh", p_c.astype(dt), v_cache_bskh.astype(dt), preferred_element_type=jnp.float32)
-    o = (o + p_s[..., None] * v_new_b1kh[:, 0, :, None, :].astype(jnp.float32)) * inv[..., None]
+    o = jnp.einsum("bkgs,bksh->bkgh", p_c.astype(dt), v_cache_bksh.astype(dt), preferred_element_type=jnp.float32)
+    o = (o + p_s[..., None] * v_new_bk1h[:, :, 0, None, :].astype(jnp.float32)) * inv[..., None]
     return o[:, None].astype(dt)
