@@ -22,6 +22,16 @@ class ConfigError(ValueError):
     """A config.json that emajax cannot build a decoder from."""
 
 
+def read_json_file(path: Path, error: type[Exception]) -> Any:
+    """The JSON in ``path``; a missing file or bad JSON raises ``error`` naming the file (and line)."""
+    if not path.is_file():
+        raise error(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
     model_type: str
@@ -138,13 +148,7 @@ class DecoderConfig:
     @classmethod
     def from_hf_file(cls, path: str | Path) -> "DecoderConfig":
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: file not found")
-        try:
-            hf = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
-        return cls.from_hf_dict(hf, source=str(path))
+        return cls.from_hf_dict(read_json_file(path, ConfigError), source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
