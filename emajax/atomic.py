@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a resumed job) sees the old file or the whole new one, never half.
+"""Atomic file writes: a reader (or a resumed job) sees the old file or the whole new one, never half;
+and the one checked JSON reader.
 
 Every result, config, shard and plot emajax writes goes through here: write to a temp file in the
 target's directory, fsync, then ``os.replace`` (atomic on POSIX); the temp file is removed on error.
@@ -55,3 +56,15 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return Path(path)
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], missing: str = "") -> Any:
+    """The JSON in ``path``; a missing file or bad JSON raises ``error`` naming the file (and line).
+    ``missing`` is appended to the file-not-found message (e.g. what the file should have been)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: file not found{missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None

@@ -8,12 +8,13 @@ q/k norm, rope scaling, tied embeddings, explicit head_dim) are flags here.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from emajax.atomic import read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -21,15 +22,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 class ConfigError(ValueError):
     """A config.json that emajax cannot build a decoder from."""
 
-
-def read_json_file(path: Path, error: type[Exception]) -> Any:
-    """The JSON in ``path``; a missing file or bad JSON raises ``error`` naming the file (and line)."""
-    if not path.is_file():
-        raise error(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +140,7 @@ class DecoderConfig:
     @classmethod
     def from_hf_file(cls, path: str | Path) -> "DecoderConfig":
         path = Path(path)
-        return cls.from_hf_dict(read_json_file(path, ConfigError), source=str(path))
+        return cls.from_hf_dict(read_json(path, ConfigError), source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",

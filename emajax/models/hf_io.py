@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
-from emajax.models.config import DecoderConfig, read_json_file
+from emajax.models.config import DecoderConfig
 from emajax.models.decoder import Decoder, abstract_decoder
 from emajax.models.lora import HF_MODULE_NAMES, LoraConfig
 from emajax import atomic
@@ -375,7 +375,7 @@ def export_peft_adapter(model: Decoder, out_dir: str | Path, base_model_name_or_
 def peft_lora_config(adapter_dir: str | Path) -> LoraConfig:
     """The LoraConfig a model must be built with to take this PEFT adapter (r, alpha, rsLoRA, targets)."""
     cfg_path = Path(adapter_dir) / "adapter_config.json"
-    ac = read_json_file(cfg_path, CheckpointError)
+    ac = atomic.read_json(cfg_path, CheckpointError)
     try:
         targets = ac["target_modules"]
         if isinstance(targets, str):
@@ -397,7 +397,7 @@ def load_peft_adapter(model: Decoder, adapter_dir: str | Path) -> Decoder:
 
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
-    ac = read_json_file(cfg_path, CheckpointError)
+    ac = atomic.read_json(cfg_path, CheckpointError)
     lc: LoraConfig | None = model.lora_config
     if lc is None:
         raise CheckpointError(f"{cfg_path}: the model was built without LoRA; load it with a LoraConfig")

@@ -143,13 +143,7 @@ def check_or_write_manifest(out_dir: Path, manifest: dict[str, Any], *, overwrit
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{path}: file not found (not an `emajax score` output directory)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    return atomic.read_json(Path(out_dir) / MANIFEST, ShardError, " (not an `emajax score` output directory)")
 
 
 def read_scores(out_dir: Path) -> dict[str, list]:
