@@ -8,7 +8,7 @@ nonzero B) — i.e. the inner loop of ``emajax score``. The pool is the shared 2
 repeated to ``--chats`` (976 = 4 copies: same length distribution, ~1,000 chats). Each stack runs in
 its own subprocess (clean peak RSS, no thread fights between jax and torch):
 
-* ``emajax-fp32`` / ``emajax-bf16``: ``Scorer.example_nlls`` — half-octave length buckets, ~4096 padded
+* ``emajax-fp32`` / ``emajax-bf16``: ``Scorer.example_nlls`` — quarter-octave length buckets (the CLI default), ~4096 padded
   tokens per batch, chunked log-softmax, adapter swapped as an input; compile time reported separately
   (a warm-up pass over every batch shape).
 * ``torch-fp32`` / ``torch-bf16`` (autocast): length-sorted batches of 8 rows padded to the longest, full
@@ -120,13 +120,13 @@ def _examples(model_dir: Path, pool: Path, max_len: int):
 def run_emajax(dtype: str, model_dir: Path, adapter: Path, pool: Path, max_len: int, batch_tokens: int) -> dict:
     from emajax.models.hub import load_model
     from emajax.scoring.adapters import parse_model_spec
-    from emajax.scoring.plan import half_octave_buckets, plan_shards
+    from emajax.scoring.plan import octave_buckets, plan_shards
     from emajax.scoring.score import Scorer
 
     loaded = load_model(str(model_dir), dtype=dtype, param_dtype=dtype)
     scorer = Scorer(loaded, [parse_model_spec(f"misaligned={adapter}")], dtype=dtype, param_dtype=dtype)
     _, examples = _examples(model_dir, pool, max_len)
-    buckets = half_octave_buckets(max_len)
+    buckets = octave_buckets(max_len)
     (order,) = plan_shards(examples, buckets, len(examples))
     # Warm-up: one batch of every distinct shape (compiles), timed separately.
     from emajax.scoring.plan import make_batches

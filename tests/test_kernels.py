@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from emajax.models.attention import attend
+from emajax.models.attention import attend, attend_causal, causal_query_block
 from emajax.models.lora import lora_delta
 from emajax.models.matmul import mm
 
@@ -48,6 +48,29 @@ def test_attention_matches_reference_and_its_gradient(t, s):
     assert _rel(attend(q, k, v, bias, 0.35), _ref_attention(q, k, v, bias, 0.35)) < 1e-6
     for g, r in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
         assert _rel(g, r) < 1e-5
+
+
+def test_blocked_causal_attention_equals_full_attention_and_its_gradient():
+    """Query blocks against key prefixes (T = 13 in blocks of 4, so the last block is short), right padding."""
+    ks = jax.random.split(jax.random.key(2), 4)
+    b, t = 2, 13
+    q = jax.random.normal(ks[0], (b, t, 2, 3, 8))
+    k = jax.random.normal(ks[1], (b, t, 2, 8))
+    v = jax.random.normal(ks[2], (b, t, 2, 8))
+    valid = np.arange(t)[None, :] < np.array([[t], [9]])  # row 1: 4 padding tokens at the end
+    allowed = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+    bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+    w = jax.random.normal(ks[3], q.shape) * valid[:, :, None, None, None]  # padding queries carry no loss
+    full = lambda q, k, v: jnp.sum(attend(q, k, v, bias, 0.35) * w)  # noqa: E731
+    blocked = lambda q, k, v: jnp.sum(attend_causal(q, k, v, bias, 0.35, block=4) * w)  # noqa: E731
+    keep = valid[:, :, None, None, None]
+    assert _rel(attend_causal(q, k, v, bias, 0.35, block=4) * keep, attend(q, k, v, bias, 0.35) * keep) < 1e-6
+    for g, r in zip(jax.grad(blocked, (0, 1, 2))(q, k, v), jax.grad(full, (0, 1, 2))(q, k, v)):
+        assert _rel(g, r) < 1e-5
+    # the block follows the score-tile budget: whole sequence when it fits, else a power of two >= 16
+    assert causal_query_block(8, 9, 256, tile_bytes=64 << 20) == 256
+    assert causal_query_block(8, 9, 512, tile_bytes=16 << 20) == 64
+    assert causal_query_block(64, 32, 4096, tile_bytes=16 << 20) == 16
 
 
 def test_bf16_matmul_accumulates_in_fp32_forward_and_backward():

@@ -31,6 +31,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=2048, help="tokens per chat; longer chats keep their start")
     p.add_argument("--shard-size", type=int, default=512, help="examples per output shard (unit of resume)")
     p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (rows = this / length)")
+    p.add_argument("--buckets-per-octave", type=int, default=4,
+                   help="padded-length steps per doubling (4: 64, 80, 96, 112, 128, ...; more = less padding, "
+                        "more compiled shapes)")
     p.add_argument("--format", default="parquet", choices=("parquet", "jsonl"))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--param-dtype", default=None, choices=("float32", "bfloat16"), help="default: --dtype")
@@ -43,7 +46,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("max_len", "shard_size", "batch_tokens"):
+    for name in ("max_len", "shard_size", "batch_tokens", "buckets_per_octave"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.epsilon < 0:
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         scorer = Scorer(args.aligned, specs, dtype=args.dtype, param_dtype=args.param_dtype or args.dtype, mesh=mesh)
         summary = score_pool(scorer, args.pool, args.out, epsilon=args.epsilon, leave_out=args.leave_out,
                              max_len=args.max_len, shard_size=args.shard_size, batch_tokens=args.batch_tokens,
-                             fmt=args.format, overwrite=args.overwrite, progress=not args.no_progress, log=log,
+                             buckets_per_octave=args.buckets_per_octave, fmt=args.format, overwrite=args.overwrite, progress=not args.no_progress, log=log,
                              stop_after_shards=kill_after)
     except ScoreInterrupted:
         os._exit(137)  # no cleanup, as a SIGKILL would leave it

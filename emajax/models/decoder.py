@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emajax.models.attention import attend, attend_decode
+from emajax.models.attention import attend, attend_causal, attend_decode
 from emajax.models.config import DecoderConfig, rope_inv_freq
 from emajax.models.lora import LoraConfig, lora_delta
 from emajax.models.lowp import recompute_vjp, stash, unstash
@@ -212,7 +212,7 @@ class Attention(nnx.Module):
                 out = attend(qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask_bias_bts, scale)
         else:
             new_kv = None
-            out = attend(qg, k, v, mask_bias_bts, scale)
+            out = attend_causal(qg, k, v, mask_bias_bts, scale)
         out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
         return self.o(out, lora_scale), new_kv
 

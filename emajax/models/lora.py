@@ -89,3 +89,29 @@ def _lora_bwd(res, g):
 
 
 lora_delta.defvjp(_lora_fwd, _lora_bwd)
+
+
+# ----------------------------------------------------------------------------- folding a frozen adapter
+def merge_lora_kernels(base_state, lora_state, scaling: float = 1.0):
+    """``base_state`` (an ``nnx.State`` of params) with every adapted kernel replaced by W + s * A @ B.
+
+    Pure and jittable: the adapter stays an *input*, so one compiled program serves every adapter of an
+    ensemble. The sum is formed in fp32 and rounded once to W's dtype. Why: for a frozen adapter scored over
+    thousands of tokens, folding costs one [in, r] x [r, out] product per matrix per call, while the unmerged
+    path runs two skinny matmuls per token that XLA:CPU executes slowly (the adapter pass of ``emajax score``
+    took ~2x the base pass at 8 x 256 on SmolLM2-135M).
+    """
+    from flax import nnx
+
+    lora = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(lora_state)}
+    out = []
+    for path, var in nnx.to_flat_state(base_state):
+        key = tuple(map(str, path))
+        if key[-1] == "kernel" and key[:-1] + ("lora_a",) in lora:
+            a = lora[key[:-1] + ("lora_a",)][...].astype(jnp.float32)
+            b = lora[key[:-1] + ("lora_b",)][...].astype(jnp.float32)
+            w = var[...]
+            delta = jnp.einsum("...ir,...ro->...io", a, b, precision=jax.lax.Precision.HIGHEST)
+            var = var.replace((w.astype(jnp.float32) + scaling * delta).astype(w.dtype))
+        out.append((path, var))
+    return nnx.from_flat_state(out)

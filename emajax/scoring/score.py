@@ -2,8 +2,10 @@
 
 For each pool chat we need the mean answer-token NLL (content + end-of-turn) under K+1 models. One
 base model is loaded once; each misaligned PEFT adapter becomes a padded LoRA state (see
-``adapters.py``) passed as an *input* of one jitted forward, so the K adapters share one compiled
-program per batch shape; full misaligned checkpoints are param states fed to the plain forward. The
+``adapters.py``) passed as an *input* of one jitted forward that folds it into the kernels
+(``merge_lora_kernels``: W + A @ B once per call instead of two skinny matmuls per token), so the K
+adapters — and the aligned model, as a zero adapter — share one compiled program per batch shape;
+full misaligned checkpoints are param states fed to the plain forward. The
 logits never exist in full: ``emajax.losses.token_nll`` evaluates the vocabulary projection in
 sequence chunks. Batches are length-bucketed (``plan.py``) and sharded over the mesh's batch axes
 (data-parallel, multi-host via global arrays); per-example sums come back replicated.
@@ -27,9 +29,10 @@ import numpy as np
 from flax import nnx
 
 from emajax.losses import token_nll
+from emajax.models.lora import merge_lora_kernels
 from emajax.scoring.adapters import (AdapterError, ModelSpec, ensemble_lora_config, padded_lora_state,
                                      read_peft_adapter)
-from emajax.scoring.plan import (Example, encode_pool, file_sha256, half_octave_buckets, make_batches, plan_hash,
+from emajax.scoring.plan import (Example, encode_pool, file_sha256, make_batches, octave_buckets, plan_hash,
                                  plan_shards, read_pool)
 from emajax.scoring.formula import DEFAULT_EPSILON, ensemble_score
 from emajax.scoring.shards import check_or_write_manifest, shard_path, write_shard
@@ -92,6 +95,12 @@ class Scorer:
                 raise AdapterError("internal: the LoRA model's base params do not match the loaded base")
             self._gdef_lora = gdef_lora
             shard = param_shardings(lora_abs, mesh) if mesh is not None else None
+        self._zero_lora = None
+        if adapters:  # the aligned model runs the adapter program with a zero adapter: bit-identical
+            # weights (W + 0), one compiled program per batch shape instead of two
+            zero = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), lora_abs)
+            self._zero_lora = jax.tree.map(jax.device_put, zero, shard) if shard is not None else \
+                jax.tree.map(jnp.asarray, zero)
         for m in misaligned:
             if m.kind == "adapter":
                 state = padded_lora_state(adapters[m.name], lora_abs, shard)
@@ -117,8 +126,11 @@ class Scorer:
 
         self._fwd_base = jax.jit(fwd_base, out_shardings=out_sh)
         if self._gdef_lora is not None:
-            def fwd_lora(lora_state, state, *batch):
-                return _example_sums(nnx.merge(self._gdef_lora, lora_state, state), *batch, self.seq_chunk)
+            scaling = lc.scaling
+
+            def fwd_lora(lora_state, state, *batch):  # the adapter folded into the kernels per call
+                merged = merge_lora_kernels(state, lora_state, scaling)
+                return _example_sums(nnx.merge(gdef_base, merged), *batch, self.seq_chunk)
 
             self._fwd_lora = jax.jit(fwd_lora, out_shardings=out_sh)
 
@@ -153,6 +165,8 @@ class Scorer:
         """Asynchronously run one model on one placed batch: (nll sums [B], answer counts [B])."""
         if model.kind == "adapter":
             return self._fwd_lora(model.state, self.base_state, *batch_dev)
+        if model.kind == "aligned" and self._zero_lora is not None:
+            return self._fwd_lora(self._zero_lora, self.base_state, *batch_dev)
         return self._fwd_base(model.state, *batch_dev)
 
     def example_nlls(self, examples: Sequence[Example], positions: Sequence[int], buckets: Sequence[int],
@@ -210,7 +224,7 @@ def _shard_columns(scorer: Scorer, examples: Sequence[Example], results: dict[in
 
 def score_pool(scorer: Scorer, pool: str | Path, out_dir: str | Path, *, epsilon: float = DEFAULT_EPSILON,
                leave_out: Sequence[str] = (), max_len: int = 2048, shard_size: int = 512, batch_tokens: int = 4096,
-               min_bucket: int = 64, fmt: str = "parquet", overwrite: bool = False, progress: bool = True,
+               min_bucket: int = 64, buckets_per_octave: int = 4, fmt: str = "parquet", overwrite: bool = False, progress: bool = True,
                log: Callable[[str], None] | None = None, stop_after_shards: int | None = None) -> ScoreSummary:
     """Score every chat of ``pool`` into ``out_dir`` (resuming: finished shards are never recomputed)."""
     from tqdm import tqdm
@@ -224,7 +238,7 @@ def score_pool(scorer: Scorer, pool: str | Path, out_dir: str | Path, *, epsilon
                    leave_out=leave_out)  # validate epsilon / leave_out before any work
     rows = read_pool(pool)
     examples = encode_pool(scorer.tokenizer, rows, max_len)
-    buckets = half_octave_buckets(max_len, min(min_bucket, max_len))
+    buckets = octave_buckets(max_len, min(min_bucket, max_len), buckets_per_octave)
     shards = plan_shards(examples, buckets, shard_size)
     is_pool_file = Path(str(pool)).is_file()
     manifest = {
@@ -233,7 +247,7 @@ def score_pool(scorer: Scorer, pool: str | Path, out_dir: str | Path, *, epsilon
         "misaligned": [{"name": m.name, "path": m.path, "kind": m.kind} for m in scorer.models[1:]],
         "pool": str(Path(pool).resolve()) if is_pool_file else str(pool),
         "pool_sha256": file_sha256(pool) if is_pool_file else None,
-        "n_examples": len(examples), "max_len": max_len, "shard_size": shard_size,
+        "n_examples": len(examples), "max_len": max_len, "shard_size": shard_size, "buckets": buckets,
         "plan_sha256": plan_hash(examples, shards), "n_shards": len(shards),
         "epsilon": float(epsilon), "leave_out": list(leave_out),
         "dtype": scorer.cfg.dtype, "param_dtype": scorer.cfg.param_dtype, "format": fmt,
