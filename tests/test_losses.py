@@ -439,3 +439,22 @@ def test_chunked_backward_memory_well_below_full_logits():
         tz, mz = jnp.zeros(tg.shape, jnp.int32), jnp.zeros(m.shape)
         for name, fn in fns.items():
             assert _largest_intermediate(fn, hz, wz, tz, mz) < b * t * v // 4, name
+
+
+@pytest.mark.parametrize("per_row,chunk", [(False, None), (False, 2), (True, 3)])
+def test_masked_nll_sums_equal_masked_token_nll(per_row, chunk):
+    """Only masked positions are projected (gathered first, trailing chunks skipped): same sums as the
+    full per-token NLL times the mask; a row with no masked position sums to 0."""
+    from emajax.losses import masked_nll_sums
+
+    k = jax.random.split(jax.random.key(7), 4)
+    b, t, d, v = 3, 11, 8, 37
+    h = jax.random.normal(k[0], (b, t, d))
+    w = jax.random.normal(k[1], (d, v))
+    tg = jax.random.randint(k[2], (b, t), 0, v).at[0, 0].set(-100)  # ignore-index values are clipped
+    m = jax.random.bernoulli(k[3], 0.4, (b, t)).at[2].set(False).at[0, -1].set(True)
+    ref = jnp.sum(token_nll(h, w, tg) * m, axis=1)
+    sums, counts = jax.jit(lambda *a: masked_nll_sums(*a, per_row=per_row, chunk=chunk))(h, w, tg, m)
+    np.testing.assert_allclose(np.asarray(sums), np.asarray(ref), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(counts), np.asarray(m.sum(1), np.float32))
+    assert float(sums[2]) == 0.0 and float(sums[0]) > 0.0

@@ -1,6 +1,6 @@
 """Loss terms for fine-tuning with in-training defenses; depends only on jax, optax and numpy.
 
-* ``token_nll`` / ``masked_ce`` — token cross-entropy from final hidden states and the output
+* ``token_nll`` / ``masked_ce`` / ``masked_nll_sums`` (forward-only, masked positions only) — token cross-entropy from final hidden states and the output
   projection, logits computed in sequence chunks (never a full [B, T, V] tensor, forward or backward).
 * ``token_kl`` — masked per-token KL(p_theta || p_ref) (or the reverse), chunked the same way;
   ``ce_and_kl`` — both at once, computing the trained logits once.
@@ -11,7 +11,7 @@
 Formulas are in each function's docstring and in docs/losses.md.
 """
 
-from emajax.losses.ce import default_seq_chunk, masked_ce, token_nll
+from emajax.losses.ce import default_seq_chunk, masked_ce, masked_nll_sums, token_nll
 from emajax.losses.compose import compose
 from emajax.losses.kl import ce_and_kl, token_kl
 from emajax.losses.ldifs import ldifs, ldifs_layers
@@ -23,6 +23,7 @@ __all__ = [
     "ldifs",
     "ldifs_layers",
     "masked_ce",
+    "masked_nll_sums",
     "token_kl",
     "token_nll",
 ]

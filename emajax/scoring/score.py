@@ -6,8 +6,8 @@ base model is loaded once; each misaligned PEFT adapter becomes a padded LoRA st
 (``merge_lora_kernels``: W + A @ B once per call instead of two skinny matmuls per token), so the K
 adapters — and the aligned model, as a zero adapter — share one compiled program per batch shape;
 full misaligned checkpoints are param states fed to the plain forward. The
-logits never exist in full: ``emajax.losses.token_nll`` evaluates the vocabulary projection in
-sequence chunks. Batches are length-bucketed (``plan.py``) and sharded over the mesh's batch axes
+logits never exist in full: ``emajax.losses.masked_nll_sums`` evaluates the vocabulary projection in
+chunks, on answer positions only. Batches are length-bucketed (``plan.py``) and sharded over the mesh's batch axes
 (data-parallel, multi-host via global arrays); per-example sums come back replicated.
 
     score = (mean_k NLL_mis_k - NLL_aligned) / (NLL_aligned + epsilon)
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emajax.losses import token_nll
+from emajax.losses import masked_nll_sums
 from emajax.models.lora import merge_lora_kernels
 from emajax.scoring.adapters import (AdapterError, ModelSpec, ensemble_lora_config, padded_lora_state,
                                      read_peft_adapter)
@@ -42,12 +42,12 @@ class ScoreInterrupted(RuntimeError):
     """Raised by the ``stop_after_shards`` test hook after that many shards were written."""
 
 
-def _example_sums(model: Any, tokens_bt, mask_bt, pos_bt, targets_bt, loss_bt, seq_chunk):
-    """Per-row (sum of answer-token NLL, number of answer tokens), fp32."""
+def _example_sums(model: Any, tokens_bt, mask_bt, pos_bt, targets_bt, loss_bt, seq_chunk, per_row):
+    """Per-row (sum of answer-token NLL, number of answer tokens), fp32. The vocabulary projection runs
+    on answer positions only (``masked_nll_sums``; gathered per row when the batch is sharded)."""
     out = model(tokens_bt, positions_bt=pos_bt, attn_mask_bt=mask_bt, const_weights=True)
-    nll_bt = token_nll(out.hidden_btd, model.lm_head_dv(), targets_bt, seq_chunk=seq_chunk)
-    w_bt = loss_bt.astype(jnp.float32)
-    return jnp.sum(nll_bt * w_bt, axis=1), jnp.sum(w_bt, axis=1)
+    return masked_nll_sums(out.hidden_btd, model.lm_head_dv(), targets_bt, loss_bt, per_row=per_row,
+                           chunk=seq_chunk)
 
 
 @dataclasses.dataclass
@@ -121,8 +121,10 @@ class Scorer:
 
             out_sh = (NamedSharding(mesh, P()),) * 2  # per-example sums replicated: every host reads them
 
+        per_row = mesh is not None  # a sharded batch gathers answer positions within each row
+
         def fwd_base(state, *batch):
-            return _example_sums(nnx.merge(gdef_base, state), *batch, self.seq_chunk)
+            return _example_sums(nnx.merge(gdef_base, state), *batch, self.seq_chunk, per_row)
 
         self._fwd_base = jax.jit(fwd_base, out_shardings=out_sh)
         if self._gdef_lora is not None:
@@ -130,7 +132,7 @@ class Scorer:
 
             def fwd_lora(lora_state, state, *batch):  # the adapter folded into the kernels per call
                 merged = merge_lora_kernels(state, lora_state, scaling)
-                return _example_sums(nnx.merge(gdef_base, merged), *batch, self.seq_chunk)
+                return _example_sums(nnx.merge(gdef_base, merged), *batch, self.seq_chunk, per_row)
 
             self._fwd_lora = jax.jit(fwd_lora, out_shardings=out_sh)
 
