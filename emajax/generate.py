@@ -85,12 +85,14 @@ def _generate_core(graphdef, state, tokens_bp, mask_bp, positions_bp, active_b, 
         return (i < max_new) & ~jnp.all(done_b)
 
     layer_states = model.unstacked_layers()  # once, outside the loop: no per-token weight copies
+    head_vd = model.decode_head_vd()
 
     def body(carry):
         i, cache, tok_b, pos_b, done_b, toks_bn = carry
         o = model(tok_b[:, None], positions_bt=pos_b[:, None], attn_mask_bt=ones_b1, cache=cache,
                   cache_index=p + i - 1, lora_scale=lora_scale, const_weights=True, layer_states=layer_states)
-        nxt_b = _pick_token(model.logits(o.hidden_btd)[:, 0], temperature, top_p, jax.random.fold_in(key, i))
+        nxt_b = _pick_token(model.logits_from_vd(o.hidden_btd, head_vd)[:, 0], temperature, top_p,
+                            jax.random.fold_in(key, i))
         nxt_b = jnp.where(done_b, pad_id, nxt_b)
         toks_bn = jax.lax.dynamic_update_slice(toks_bn, nxt_b[:, None], (0, i))
         return i + 1, o.cache, nxt_b, pos_b + 1, done_b | is_eos(nxt_b), toks_bn

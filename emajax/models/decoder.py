@@ -32,7 +32,7 @@ from emajax.models.attention import attend, attend_causal, attend_decode
 from emajax.models.config import DecoderConfig, rope_inv_freq
 from emajax.models.lora import LoraConfig, lora_delta
 from emajax.models.lowp import recompute_vjp, stash, unstash
-from emajax.models.matmul import mm
+from emajax.models.matmul import mm, mm_t
 
 
 def _dtype(name: str) -> Any:
@@ -83,9 +83,10 @@ class Linear(nnx.Module):
             self.lora_a = self.lora_b = None
             self.lora_scaling = 0.0
 
-    def __call__(self, x: jax.Array, lora_scale: Any = 1.0) -> jax.Array:
+    def __call__(self, x: jax.Array, lora_scale: Any = 1.0, kernel_t: bool = False) -> jax.Array:
+        """``kernel_t``: the kernel holds W^T [out, in] (the decode layout of ``Decoder.unstacked_layers``)."""
         dt = self.dtype
-        y = mm(x.astype(dt), self.kernel[...])
+        y = mm_t(x.astype(dt), self.kernel[...]) if kernel_t else mm(x.astype(dt), self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...].astype(dt)
         # A static scale of 0 (the KL/LDIFS reference pass) skips the adapter matmuls entirely.
@@ -189,12 +190,12 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.cfg = cfg
 
-    def __call__(self, x_btd, cos, sin, mask_bias_bts, lora_scale, kv=None, cache_index=None):
+    def __call__(self, x_btd, cos, sin, mask_bias_bts, lora_scale, kv=None, cache_index=None, kernel_t=False):
         cfg = self.cfg
         b, t, _ = x_btd.shape
-        q = self.q(x_btd, lora_scale).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k(x_btd, lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v(x_btd, lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = self.q(x_btd, lora_scale, kernel_t).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k(x_btd, lora_scale, kernel_t).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v(x_btd, lora_scale, kernel_t).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -214,7 +215,7 @@ class Attention(nnx.Module):
             new_kv = None
             out = attend_causal(qg, k, v, mask_bias_bts, scale)
         out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
-        return self.o(out, lora_scale), new_kv
+        return self.o(out, lora_scale, kernel_t), new_kv
 
 
 class MLP(nnx.Module):
@@ -225,10 +226,10 @@ class MLP(nnx.Module):
         self.down = Linear(f, d, bias=bias, lora=_lora_for(lora, "down"), cfg=cfg, rngs=rngs)
         self.act = cfg.hidden_act
 
-    def __call__(self, x, lora_scale):
-        g, u = self.gate(x, lora_scale), self.up(x, lora_scale)
+    def __call__(self, x, lora_scale, kernel_t=False):
+        g, u = self.gate(x, lora_scale, kernel_t), self.up(x, lora_scale, kernel_t)
         fn = functools.partial(gated_act, act=self.act)
-        return self.down((fn if g.dtype == jnp.float32 else recompute_vjp(fn))(g, u), lora_scale)
+        return self.down((fn if g.dtype == jnp.float32 else recompute_vjp(fn))(g, u), lora_scale, kernel_t)
 
 
 class Block(nnx.Module):
@@ -238,10 +239,10 @@ class Block(nnx.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
         self.mlp = MLP(cfg, lora, rngs)
 
-    def __call__(self, h, cos, sin, mask_bias_bts, lora_scale, kv=None, cache_index=None):
-        a, new_kv = self.attn(self.input_norm(h), cos, sin, mask_bias_bts, lora_scale, kv, cache_index)
+    def __call__(self, h, cos, sin, mask_bias_bts, lora_scale, kv=None, cache_index=None, kernel_t=False):
+        a, new_kv = self.attn(self.input_norm(h), cos, sin, mask_bias_bts, lora_scale, kv, cache_index, kernel_t)
         h = h + a
-        h = h + self.mlp(self.post_norm(h), lora_scale)
+        h = h + self.mlp(self.post_norm(h), lora_scale, kernel_t)
         return h, new_kv
 
 
@@ -282,11 +283,33 @@ class Decoder(nnx.Module):
         return jnp.dot(hidden_btd, self.lm_head_dv(), preferred_element_type=jnp.float32)
 
     def unstacked_layers(self) -> list[Any]:
-        """Each layer's block state as its own arrays (a one-off copy of the stacks), for
-        ``__call__(layer_states=...)`` inside a decode loop: slicing the stacks there would copy every
-        weight matrix at every token."""
+        """Each layer's block state as its own arrays, kernels transposed to [out, in] (a one-off copy of
+        the stacks), for ``__call__(layer_states=...)`` inside a decode loop. Separate buffers: slicing the
+        stacks there would copy every weight matrix at every token. Transposed: a decode product has ~8
+        rows, and XLA:CPU streams a row-major [out, in] weight contracted on its minor axis at memory
+        speed (14-20 GB/s on this project's 2-core Xeon) but an [in, out] one at 3-4 GB/s."""
         _, bstate = nnx.split(self.blocks)
-        return [jax.tree.map(lambda x, i=i: jax.lax.stop_gradient(x[i]), bstate) for i in range(self.cfg.num_layers)]
+
+        def one(path, x, i):
+            w = jax.lax.stop_gradient(x[i])
+            names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path[-2:]]
+            return w.T if "kernel" in names else w
+
+        return [jax.tree_util.tree_map_with_path(lambda p, x, i=i: one(p, x, i), bstate)
+                for i in range(self.cfg.num_layers)]
+
+    def decode_head_vd(self) -> jax.Array:
+        """Output projection as [V, D] (the embedding itself when tied) for :meth:`logits_from_vd`."""
+        w = self.embed[...] if self.lm_head is None else self.lm_head[...].T
+        return jax.lax.stop_gradient(w.astype(_dtype(self.cfg.dtype)))
+
+    @staticmethod
+    def logits_from_vd(hidden_btd: jax.Array, head_vd: jax.Array) -> jax.Array:
+        """fp32 logits from a [V, D] head (decode: few rows, the weight streamed in its row-major order)."""
+        b, t, d = hidden_btd.shape
+        z_vm = jax.lax.dot_general(head_vd, hidden_btd.reshape(b * t, d).astype(head_vd.dtype),
+                                   (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return z_vm.T.reshape(b, t, -1)
 
     # ---------------------------------------------------------------- forward
     def __call__(
@@ -343,13 +366,16 @@ class Decoder(nnx.Module):
             # The scan reads each layer's cache slice and emits only the T new keys/values; they are
             # written into the cache once after the scan. (Emitting each layer's whole updated slice
             # as a scan output re-stacked the entire cache every decode step.)
+            return layer(h_btd, xs, False)
+
+        def layer(h_btd, xs, kernel_t):
             layer_state, steer_d, kv = xs
             if const_weights:
                 layer_state = jax.tree.map(unstash, layer_state)
             if kv is not None:
                 kv = (unstash(kv[0]), unstash(kv[1]))
             block = nnx.merge(gdef, layer_state)
-            h_btd, new_kv = block(h_btd, cos, sin, mask_bias_bts, lora_scale, kv, cache_index)
+            h_btd, new_kv = block(h_btd, cos, sin, mask_bias_bts, lora_scale, kv, cache_index, kernel_t)
             return h_btd + steer_d, new_kv
 
         if cfg.remat in _REMAT_POLICIES:
@@ -372,7 +398,7 @@ class Decoder(nnx.Module):
                 for i in range(start, end):
                     w = layer_states[i] if layer_states is not None else jax.tree.map(lambda x: x[i], bstate)
                     stacks = (w, steer_ld[i], (cache.k_lbhsd[i], cache.v_lbhsd[i]))
-                    h, o = body(h, jax.tree.map(jax.lax.stop_gradient, stacks))
+                    h, o = layer(h, jax.tree.map(jax.lax.stop_gradient, stacks), layer_states is not None)
                     outs.append(o)
                 kv_new = tuple(jnp.stack([o[j] for o in outs]) for j in range(2))
             else:

@@ -52,3 +52,14 @@ def _bwd(res, g):
 
 
 _mm_low.defvjp(_fwd, _bwd)
+
+
+def mm_t(x: jax.Array, w_t: jax.Array) -> jax.Array:
+    """``x [..., K] @ w_t.T`` for a weight stored transposed, ``w_t [N, K]``; x's dtype, fp32 accumulation.
+
+    For decoding (a handful of rows, weights constant): the product is formed as ``w_t x^T``, which
+    XLA:CPU computes by streaming ``w_t`` in its row-major order. No custom gradient: not for training."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    z_nm = jax.lax.dot_general(w_t.astype(x.dtype), x.reshape(-1, k), (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+    return z_nm.T.reshape(*lead, w_t.shape[0]).astype(x.dtype)
