@@ -87,17 +87,15 @@ class Scorer:
         self.base_state = base_state
         self.models = [ScoredModel("aligned", "aligned", aligned_name, base_state)]
         adapters = {m.name: read_peft_adapter(m.path) for m in misaligned if m.kind == "adapter"}
-        self._gdef_lora = None
+        self._zero_lora = None
         if adapters:
             lc = ensemble_lora_config(list(adapters.values()))
-            gdef_lora, lora_abs, rest_abs = nnx.split(abstract_decoder(self.cfg, lc), nnx.LoRAParam, ...)
+            _, lora_abs, rest_abs = nnx.split(abstract_decoder(self.cfg, lc), nnx.LoRAParam, ...)
             if jax.tree.structure(rest_abs) != jax.tree.structure(base_state):
                 raise AdapterError("internal: the LoRA model's base params do not match the loaded base")
-            self._gdef_lora = gdef_lora
             shard = param_shardings(lora_abs, mesh) if mesh is not None else None
-        self._zero_lora = None
-        if adapters:  # the aligned model runs the adapter program with a zero adapter: bit-identical
-            # weights (W + 0), one compiled program per batch shape instead of two
+            # The aligned model runs the adapter program with a zero adapter: bit-identical weights
+            # (W + 0), one compiled program per batch shape instead of two.
             zero = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), lora_abs)
             self._zero_lora = jax.tree.map(jax.device_put, zero, shard) if shard is not None else \
                 jax.tree.map(jnp.asarray, zero)
@@ -127,7 +125,7 @@ class Scorer:
             return _example_sums(nnx.merge(gdef_base, state), *batch, self.seq_chunk, per_row)
 
         self._fwd_base = jax.jit(fwd_base, out_shardings=out_sh)
-        if self._gdef_lora is not None:
+        if adapters:
             scaling = lc.scaling
 
             def fwd_lora(lora_state, state, *batch):  # the adapter folded into the kernels per call
