@@ -306,10 +306,7 @@ class Decoder(nnx.Module):
     @staticmethod
     def logits_from_vd(hidden_btd: jax.Array, head_vd: jax.Array) -> jax.Array:
         """fp32 logits from a [V, D] head (decode: few rows, the weight streamed in its row-major order)."""
-        b, t, d = hidden_btd.shape
-        z_vm = jax.lax.dot_general(head_vd, hidden_btd.reshape(b * t, d).astype(head_vd.dtype),
-                                   (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        return z_vm.T.reshape(b, t, -1)
+        return mm_t(hidden_btd.astype(head_vd.dtype), head_vd, jnp.float32)
 
     # ---------------------------------------------------------------- forward
     def __call__(

@@ -54,12 +54,13 @@ def _bwd(res, g):
 _mm_low.defvjp(_fwd, _bwd)
 
 
-def mm_t(x: jax.Array, w_t: jax.Array) -> jax.Array:
-    """``x [..., K] @ w_t.T`` for a weight stored transposed, ``w_t [N, K]``; x's dtype, fp32 accumulation.
+def mm_t(x: jax.Array, w_t: jax.Array, out_dtype=None) -> jax.Array:
+    """``x [..., K] @ w_t.T`` for a weight stored transposed, ``w_t [N, K]``; fp32 accumulation, result in
+    ``out_dtype`` (default x's dtype; w_t is cast to x's dtype).
 
     For decoding (a handful of rows, weights constant): the product is formed as ``w_t x^T``, which
     XLA:CPU computes by streaming ``w_t`` in its row-major order. No custom gradient: not for training."""
     lead, k = x.shape[:-1], x.shape[-1]
     z_nm = jax.lax.dot_general(w_t.astype(x.dtype), x.reshape(-1, k), (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
-    return z_nm.T.reshape(*lead, w_t.shape[0]).astype(x.dtype)
+    return z_nm.T.reshape(*lead, w_t.shape[0]).astype(out_dtype or x.dtype)
