@@ -22,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from emajax.chat import pad_batch, pow2_bucket, render_chat, validate_messages
-from emajax.models.decoder import Decoder, KVCache
+from emajax.models.decode import DecodeCache, cached_decode_weights, decode_weights, forward_cached
+from emajax.models.decoder import Decoder
 
 MIN_PROMPT_BUCKET = 32
 MIN_NEW_BUCKET = 16
@@ -60,15 +61,18 @@ def _pick_token(logits_bv: jax.Array, temperature: jax.Array, top_p: jax.Array, 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_bucket"))
-def _generate_core(graphdef, state, tokens_bp, mask_bp, positions_bp, active_b, eos_e, max_new, temperature, top_p,
-                   key, lora_scale, pad_id, *, new_bucket: int):
-    """Prefill + while-loop decode. Returns new tokens [B, new_bucket] (pad after EOS / max_new)."""
+def _generate_core(graphdef, state, weights, tokens_bp, mask_bp, positions_bp, active_b, eos_e, max_new, temperature,
+                   top_p, key, lora_scale, pad_id, *, new_bucket: int):
+    """Prefill + while-loop decode. Returns new tokens [B, new_bucket] (pad after EOS / max_new).
+
+    ``weights`` is the decode layout (``emajax.models.decode``) or None to build it here."""
     model: Decoder = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    if weights is None:
+        weights = decode_weights(model, lora_scale)
     b, p = tokens_bp.shape
-    cache = KVCache.init(model.cfg, b, p + new_bucket)
-    out = model(tokens_bp, positions_bt=positions_bp, attn_mask_bt=mask_bp, cache=cache, cache_index=0,
-                lora_scale=lora_scale, const_weights=True)
-    logits_bv = model.logits(out.hidden_btd[:, -1:])[:, 0]
+    cache = DecodeCache.init(cfg, b, p + new_bucket)
+    logits_bv, cache = forward_cached(cfg, weights, tokens_bp, positions_bp, mask_bp, 0, cache)
 
     def is_eos(tok_b):
         return jnp.any(tok_b[:, None] == eos_e[None, :], axis=-1)
@@ -84,20 +88,15 @@ def _generate_core(graphdef, state, tokens_bp, mask_bp, positions_bp, active_b, 
         i, _, _, _, done_b, _ = carry
         return (i < max_new) & ~jnp.all(done_b)
 
-    layer_states = model.unstacked_layers()  # once, outside the loop: no per-token weight copies
-    head_vd = model.decode_head_vd()
-
     def body(carry):
         i, cache, tok_b, pos_b, done_b, toks_bn = carry
-        o = model(tok_b[:, None], positions_bt=pos_b[:, None], attn_mask_bt=ones_b1, cache=cache,
-                  cache_index=p + i - 1, lora_scale=lora_scale, const_weights=True, layer_states=layer_states)
-        nxt_b = _pick_token(model.logits_from_vd(o.hidden_btd, head_vd)[:, 0], temperature, top_p,
-                            jax.random.fold_in(key, i))
+        logits_bv, cache = forward_cached(cfg, weights, tok_b[:, None], pos_b[:, None], ones_b1, p + i - 1, cache)
+        nxt_b = _pick_token(logits_bv, temperature, top_p, jax.random.fold_in(key, i))
         nxt_b = jnp.where(done_b, pad_id, nxt_b)
         toks_bn = jax.lax.dynamic_update_slice(toks_bn, nxt_b[:, None], (0, i))
-        return i + 1, o.cache, nxt_b, pos_b + 1, done_b | is_eos(nxt_b), toks_bn
+        return i + 1, cache, nxt_b, pos_b + 1, done_b | is_eos(nxt_b), toks_bn
 
-    carry = (jnp.int32(1), out.cache, tok_b, pos_b, done_b, toks_bn)
+    carry = (jnp.int32(1), cache, tok_b, pos_b, done_b, toks_bn)
     return jax.lax.while_loop(cond, body, carry)[-1]
 
 
@@ -163,8 +162,9 @@ def generate(
     eos_arr[: len(eos)] = eos
 
     graphdef, state = nnx.split(model)
+    weights = cached_decode_weights(model, float(lora_scale))
     out = _generate_core(
-        graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(positions), jnp.asarray(active),
+        graphdef, state, weights, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(positions), jnp.asarray(active),
         jnp.asarray(eos_arr), jnp.int32(max_new_tokens), jnp.float32(temperature), jnp.float32(top_p),
         jax.random.key(seed), jnp.float32(lora_scale), jnp.int32(pad_id), new_bucket=n_bucket)
     out = np.asarray(out)[:b, :max_new_tokens]

@@ -89,27 +89,25 @@ def test_bf16_matmul_accumulates_in_fp32_forward_and_backward():
     assert _rel(gx, rx) < 2e-2 and _rel(gw, rw) < 2e-2
 
 
-def test_decode_attention_equals_cache_update_then_attend():
-    from emajax.models.attention import attend_decode
+def test_cache_attention_equals_attend_on_the_same_keys():
+    """attend_cache (heads-first cache, T queries at slots 4..5, stale slots past them) equals attend."""
+    from emajax.models.attention import attend_cache
 
-    ks = jax.random.split(jax.random.key(3), 6)
-    b, s, kh, g, h, slot = 2, 7, 2, 3, 8, 4
-    q = jax.random.normal(ks[0], (b, 1, kh, g, h))
-    kc = jax.random.normal(ks[1], (b, s, kh, h))  # slot 4 onwards holds stale values
+    ks = jax.random.split(jax.random.key(3), 3)
+    b, s, kh, g, h, t = 2, 9, 2, 3, 8, 2
+    q = jax.random.normal(ks[0], (b, t, kh, g, h))
+    kc = jax.random.normal(ks[1], (b, s, kh, h))
     vc = jax.random.normal(ks[2], (b, s, kh, h))
-    kn = jax.random.normal(ks[3], (b, 1, kh, h))
-    vn = jax.random.normal(ks[4], (b, 1, kh, h))
     valid = np.array([[True] * s, [False, True] + [True] * (s - 2)])  # row 1 left-padded
-    slots = np.arange(s)
-    neg = np.finfo(np.float32).min
-    full_bias = jnp.asarray(np.where((slots <= slot) & valid, 0.0, neg)[:, None, :], jnp.float32)
-    cache_bias = jnp.asarray(np.where((slots < slot) & valid, 0.0, neg)[:, None, :], jnp.float32)
-    k_upd = jax.lax.dynamic_update_slice(kc, kn, (0, slot, 0, 0))
-    v_upd = jax.lax.dynamic_update_slice(vc, vn, (0, slot, 0, 0))
-    want = attend(q, k_upd, v_upd, full_bias, 0.3)
-    t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (the decode cache is [B, K, S, H])
-    got = attend_decode(q, t(kc), t(vc), t(kn), t(vn), cache_bias, 0.3)
-    assert _rel(got, want) < 1e-6
+    q_slot = np.array([4, 5])
+    allowed = (np.arange(s)[None, :] <= q_slot[:, None])[None] & valid[:, None, :]
+    bias = jnp.asarray(np.where(allowed, 0.0, np.finfo(np.float32).min), jnp.float32)
+    want = attend(q, kc, vc, bias, 0.3)
+    t_ = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (the decode cache is [B, K, S, H])
+    got = attend_cache(q, t_(kc), t_(vc), bias, 0.3)
+    assert got.shape == want.shape and _rel(got, want) < 1e-6
+    # Keys past the queries' slots (the cache's stale tail) carry no weight.
+    assert _rel(attend_cache(q, t_(kc.at[:, 6:].set(9.0)), t_(vc.at[:, 6:].set(9.0)), bias, 0.3), want) < 1e-6
 
 
 def test_bf16_residuals_are_stashed_and_recomputed_exactly():

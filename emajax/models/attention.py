@@ -114,23 +114,18 @@ def attend_causal(q_btkgh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, bias
 
 
 
-def attend_decode(q_b1kgh: jax.Array, k_cache_bksh: jax.Array, v_cache_bksh: jax.Array, k_new_bk1h: jax.Array,
-                  v_new_bk1h: jax.Array, bias_b1s: jax.Array, scale: float) -> jax.Array:
-    """One query per row against the cache *and* its own new key/value (inference only).
-
-    Same result as writing the new key/value into the cache and calling :func:`attend`, without
-    materialising an updated copy of the layer's cache each step: the softmax runs over the cache
-    scores (``bias_b1s`` masks the query's own, not yet written, slot) joined with the self score.
-    The cache is [B, K, S, H] (heads before slots, as the decoder's KV cache stores it)."""
-    dt = q_b1kgh.dtype
-    q = q_b1kgh[:, 0]  # [B, K, G, H]
-    s_c = jnp.einsum("bkgh,bksh->bkgs", q, k_cache_bksh.astype(dt), preferred_element_type=jnp.float32)
-    s_c = s_c * scale + bias_b1s[:, 0, None, None, :]
-    s_s = jnp.einsum("bkgh,bkh->bkg", q, k_new_bk1h[:, :, 0].astype(dt), preferred_element_type=jnp.float32) * scale
-    m = jnp.maximum(jnp.max(s_c, axis=-1), s_s)
-    p_c = jnp.exp(s_c - m[..., None])
-    p_s = jnp.exp(s_s - m)
-    inv = 1.0 / (jnp.sum(p_c, axis=-1) + p_s)
-    o = jnp.einsum("bkgs,bksh->bkgh", p_c.astype(dt), v_cache_bksh.astype(dt), preferred_element_type=jnp.float32)
-    o = (o + p_s[..., None] * v_new_bk1h[:, :, 0, None, :].astype(jnp.float32)) * inv[..., None]
-    return o[:, None].astype(dt)
+def attend_cache(q_btkgh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, bias_bts: jax.Array,
+                 scale: float) -> jax.Array:
+    """T queries per row against a heads-first KV cache [B, K, S, H] that already holds their own keys and
+    values (inference: no custom backward). Same math as :func:`attend`; result [B, T, K, G, H] in q's
+    dtype. The cache is read in its own dtype (fp32 caches give fp32 scores and probabilities)."""
+    dt = q_btkgh.dtype
+    b, t, kh, g, h = q_btkgh.shape
+    # (t, g) folded into one row axis: two plain [B, K]-batched matmuls, the form XLA:CPU's YNNPACK
+    # fusions take (a separate size-1 t axis sent the PV product to a slow generic dot).
+    q = q_btkgh.transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
+    s = jnp.einsum("bkrh,bksh->bkrs", q, k_bksh.astype(dt), preferred_element_type=jnp.float32)
+    s = s.reshape(b, kh, t, g, -1) * scale + bias_bts[:, None, :, None, :]
+    p = jax.nn.softmax(s, axis=-1).reshape(b, kh, t * g, -1)
+    o = jnp.einsum("bkrs,bksh->bkrh", p.astype(dt), v_bksh.astype(dt), preferred_element_type=jnp.float32)
+    return o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).astype(dt)

@@ -12,7 +12,8 @@ defenses need from the forward pass is an explicit argument, never a global hook
   steering is wanted): preventative steering in the training forward pass only.
 * ``lora_scale`` multiplies every LoRA update; 0 gives the frozen base model, which is
   how the KL/LDIFS reference shares the weights with the trained model.
-* ``cache``/``cache_index`` run incremental decoding against a KV cache.
+
+Incremental decoding with a KV cache is ``emajax.models.decode`` (its own weight layout).
 
 Residual index convention (as HF ``hidden_states``): index 0 is the embedding output,
 index l (1..L) is the residual stream after block l (before the final norm).
@@ -28,38 +29,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emajax.models.attention import attend, attend_causal, attend_decode
+from emajax.models.attention import attend_causal
 from emajax.models.config import DecoderConfig, rope_inv_freq
 from emajax.models.lora import LoraConfig, lora_delta
 from emajax.models.lowp import recompute_vjp, stash, unstash
-from emajax.models.matmul import mm, mm_t
+from emajax.models.matmul import mm
 
 
 def _dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
-class KVCache(NamedTuple):
-    """Per-layer keys/values [L, B, Hkv, S, Dh] and which cache slots hold real tokens [B, S].
-
-    Heads before slots: the decode step's score and value products then read each layer's cache as
-    it lies (a per-layer, per-step transpose of the [B, S, Hkv, Dh] layout cost ~10 % of decoding)."""
-
-    k_lbhsd: jax.Array
-    v_lbhsd: jax.Array
-    valid_bs: jax.Array
-
-    @staticmethod
-    def init(cfg: DecoderConfig, batch: int, length: int, dtype: Any = None) -> "KVCache":
-        dtype = dtype or _dtype(cfg.dtype)
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool))
-
-
 class ForwardOut(NamedTuple):
     hidden_btd: jax.Array  # final-normed hidden states (multiply by lm_head for logits)
     features: tuple[jax.Array, ...]  # residual stream at each of capture_layers, [B, T, D]
-    cache: KVCache | None
 
 
 class Linear(nnx.Module):
@@ -83,10 +66,9 @@ class Linear(nnx.Module):
             self.lora_a = self.lora_b = None
             self.lora_scaling = 0.0
 
-    def __call__(self, x: jax.Array, lora_scale: Any = 1.0, kernel_t: bool = False) -> jax.Array:
-        """``kernel_t``: the kernel holds W^T [out, in] (the decode layout of ``Decoder.unstacked_layers``)."""
+    def __call__(self, x: jax.Array, lora_scale: Any = 1.0) -> jax.Array:
         dt = self.dtype
-        y = mm_t(x.astype(dt), self.kernel[...]) if kernel_t else mm(x.astype(dt), self.kernel[...])
+        y = mm(x.astype(dt), self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...].astype(dt)
         # A static scale of 0 (the KL/LDIFS reference pass) skips the adapter matmuls entirely.
@@ -157,14 +139,12 @@ def rope_tables(cfg: DecoderConfig, positions_bt: jax.Array) -> tuple[jax.Array,
     return jnp.cos(ang), jnp.sin(ang)
 
 
-def attention_bias(cfg: DecoderConfig, q_slot_t: jax.Array, kv_valid_bs: jax.Array,
-                   exclude_self: bool = False) -> jax.Array:
+def attention_bias(cfg: DecoderConfig, q_slot_t: jax.Array, kv_valid_bs: jax.Array) -> jax.Array:
     """[B, T, S] additive attention mask shared by every layer: 0 where query t (at cache slot
     ``q_slot_t[t]``) may attend key slot s (causal, valid, inside the sliding window), else the most
-    negative float32 (a fully masked row, e.g. a padding query, softmaxes to uniform and is ignored).
-    ``exclude_self`` also masks the query's own slot (decoding reads its own key outside the cache)."""
+    negative float32 (a fully masked row, e.g. a padding query, softmaxes to uniform and is ignored)."""
     slots = jnp.arange(kv_valid_bs.shape[1])
-    allowed_ts = (slots[None, :] < q_slot_t[:, None]) if exclude_self else (slots[None, :] <= q_slot_t[:, None])
+    allowed_ts = slots[None, :] <= q_slot_t[:, None]
     if cfg.sliding_window:
         allowed_ts &= slots[None, :] > q_slot_t[:, None] - cfg.sliding_window
     allowed_bts = allowed_ts[None] & kv_valid_bs[:, None, :]
@@ -190,32 +170,19 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.cfg = cfg
 
-    def __call__(self, x_btd, cos, sin, mask_bias_bts, lora_scale, kv=None, cache_index=None, kernel_t=False):
+    def __call__(self, x_btd, cos, sin, mask_bias_bts, lora_scale):
         cfg = self.cfg
         b, t, _ = x_btd.shape
-        q = self.q(x_btd, lora_scale, kernel_t).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = self.k(x_btd, lora_scale, kernel_t).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v(x_btd, lora_scale, kernel_t).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q = self.q(x_btd, lora_scale).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k(x_btd, lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v(x_btd, lora_scale).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         qg = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, cfg.head_dim)
-        scale = cfg.head_dim ** -0.5
-        if kv is not None:
-            # Return only the T new keys/values; the decoder writes them into its cache after the scan.
-            k_cache, v_cache = kv  # [B, Hkv, S, Dh]
-            new_kv = (k.transpose(0, 2, 1, 3).astype(k_cache.dtype), v.transpose(0, 2, 1, 3).astype(v_cache.dtype))
-            if t == 1:  # decode: the old cache and the new token separately, no per-layer cache copy
-                out = attend_decode(qg, k_cache, v_cache, new_kv[0], new_kv[1], mask_bias_bts, scale)
-            else:  # prefill (once per generation)
-                k = jax.lax.dynamic_update_slice(k_cache, new_kv[0], (0, 0, cache_index, 0))
-                v = jax.lax.dynamic_update_slice(v_cache, new_kv[1], (0, 0, cache_index, 0))
-                out = attend(qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask_bias_bts, scale)
-        else:
-            new_kv = None
-            out = attend_causal(qg, k, v, mask_bias_bts, scale)
+        out = attend_causal(qg, k, v, mask_bias_bts, cfg.head_dim ** -0.5)
         out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
-        return self.o(out, lora_scale, kernel_t), new_kv
+        return self.o(out, lora_scale)
 
 
 class MLP(nnx.Module):
@@ -226,10 +193,10 @@ class MLP(nnx.Module):
         self.down = Linear(f, d, bias=bias, lora=_lora_for(lora, "down"), cfg=cfg, rngs=rngs)
         self.act = cfg.hidden_act
 
-    def __call__(self, x, lora_scale, kernel_t=False):
-        g, u = self.gate(x, lora_scale, kernel_t), self.up(x, lora_scale, kernel_t)
+    def __call__(self, x, lora_scale):
+        g, u = self.gate(x, lora_scale), self.up(x, lora_scale)
         fn = functools.partial(gated_act, act=self.act)
-        return self.down((fn if g.dtype == jnp.float32 else recompute_vjp(fn))(g, u), lora_scale, kernel_t)
+        return self.down((fn if g.dtype == jnp.float32 else recompute_vjp(fn))(g, u), lora_scale)
 
 
 class Block(nnx.Module):
@@ -239,11 +206,9 @@ class Block(nnx.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg)
         self.mlp = MLP(cfg, lora, rngs)
 
-    def __call__(self, h, cos, sin, mask_bias_bts, lora_scale, kv=None, cache_index=None, kernel_t=False):
-        a, new_kv = self.attn(self.input_norm(h), cos, sin, mask_bias_bts, lora_scale, kv, cache_index, kernel_t)
-        h = h + a
-        h = h + self.mlp(self.post_norm(h), lora_scale, kernel_t)
-        return h, new_kv
+    def __call__(self, h, cos, sin, mask_bias_bts, lora_scale):
+        h = h + self.attn(self.input_norm(h), cos, sin, mask_bias_bts, lora_scale)
+        return h + self.mlp(self.post_norm(h), lora_scale)
 
 
 _REMAT_POLICIES = {
@@ -282,32 +247,6 @@ class Decoder(nnx.Module):
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
         return jnp.dot(hidden_btd, self.lm_head_dv(), preferred_element_type=jnp.float32)
 
-    def unstacked_layers(self) -> list[Any]:
-        """Each layer's block state as its own arrays, kernels transposed to [out, in] (a one-off copy of
-        the stacks), for ``__call__(layer_states=...)`` inside a decode loop. Separate buffers: slicing the
-        stacks there would copy every weight matrix at every token. Transposed: a decode product has ~8
-        rows, and XLA:CPU streams a row-major [out, in] weight contracted on its minor axis at memory
-        speed (14-20 GB/s on this project's 2-core Xeon) but an [in, out] one at 3-4 GB/s."""
-        _, bstate = nnx.split(self.blocks)
-
-        def one(path, x, i):
-            w = jax.lax.stop_gradient(x[i])
-            names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path[-2:]]
-            return w.T if "kernel" in names else w
-
-        return [jax.tree_util.tree_map_with_path(lambda p, x, i=i: one(p, x, i), bstate)
-                for i in range(self.cfg.num_layers)]
-
-    def decode_head_vd(self) -> jax.Array:
-        """Output projection as [V, D] (the embedding itself when tied) for :meth:`logits_from_vd`."""
-        w = self.embed[...] if self.lm_head is None else self.lm_head[...].T
-        return jax.lax.stop_gradient(w.astype(_dtype(self.cfg.dtype)))
-
-    @staticmethod
-    def logits_from_vd(hidden_btd: jax.Array, head_vd: jax.Array) -> jax.Array:
-        """fp32 logits from a [V, D] head (decode: few rows, the weight streamed in its row-major order)."""
-        return mm_t(hidden_btd.astype(head_vd.dtype), head_vd, jnp.float32)
-
     # ---------------------------------------------------------------- forward
     def __call__(
         self,
@@ -318,18 +257,12 @@ class Decoder(nnx.Module):
         capture_layers: Sequence[int] = (),
         steer_ld: jax.Array | None = None,
         lora_scale: Any = 1.0,
-        cache: KVCache | None = None,
-        cache_index: Any = None,
         const_weights: bool = False,
-        layer_states: Sequence[Any] | None = None,
     ) -> ForwardOut:
         """``const_weights=True`` treats the block weights as constants (no gradient flows to them:
-        generation, scoring, probes). bf16 weight stacks then enter the layer scan as uint16 bits,
-        because XLA:CPU would otherwise convert every stack to fp32 once and slice and convert each
-        layer's weights back to bf16 at every step (``emajax.models.lowp`` has the measurements). The
-        KV cache always travels as bits for the same reason. ``layer_states`` (from
-        :meth:`unstacked_layers`, computed once outside a decode loop) gives a decode step each layer's
-        weights as separate buffers."""
+        scoring, probes). bf16 weight stacks then enter the layer scan as uint16 bits, because XLA:CPU
+        would otherwise convert every stack to fp32 once and slice and convert each layer's weights
+        back to bf16 at every step (``emajax.models.lowp`` has the measurements)."""
         cfg = self.cfg
         b, t = tokens_bt.shape
         dt = _dtype(cfg.dtype)
@@ -338,13 +271,7 @@ class Decoder(nnx.Module):
         attn_mask_bt = attn_mask_bt.astype(bool)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
-        if cache is None:
-            q_slot_t = jnp.arange(t)
-            kv_valid_bs = attn_mask_bt
-        else:
-            q_slot_t = cache_index + jnp.arange(t)
-            kv_valid_bs = jax.lax.dynamic_update_slice(cache.valid_bs, attn_mask_bt, (0, cache_index))
-        mask_bias_bts = attention_bias(cfg, q_slot_t, kv_valid_bs, exclude_self=cache is not None and t == 1)
+        mask_bias_bts = attention_bias(cfg, jnp.arange(t), attn_mask_bt)
         cos, sin = rope_tables(cfg, positions_bt)
         h = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
 
@@ -357,23 +284,13 @@ class Decoder(nnx.Module):
         steer_ld = steer_ld.astype(dt)
 
         gdef, bstate = nnx.split(self.blocks)
-        use_cache = cache is not None
 
         def body(h_btd, xs):
-            # The scan reads each layer's cache slice and emits only the T new keys/values; they are
-            # written into the cache once after the scan. (Emitting each layer's whole updated slice
-            # as a scan output re-stacked the entire cache every decode step.)
-            return layer(h_btd, xs, False)
-
-        def layer(h_btd, xs, kernel_t):
-            layer_state, steer_d, kv = xs
+            layer_state, steer_d = xs
             if const_weights:
                 layer_state = jax.tree.map(unstash, layer_state)
-            if kv is not None:
-                kv = (unstash(kv[0]), unstash(kv[1]))
             block = nnx.merge(gdef, layer_state)
-            h_btd, new_kv = block(h_btd, cos, sin, mask_bias_bts, lora_scale, kv, cache_index, kernel_t)
-            return h_btd + steer_d, new_kv
+            return block(h_btd, cos, sin, mask_bias_bts, lora_scale) + steer_d, None
 
         if cfg.remat in _REMAT_POLICIES:
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
@@ -385,39 +302,14 @@ class Decoder(nnx.Module):
         start = 0
         if 0 in layers:
             features[0] = h
-        new_k, new_v = [], []
         for end in bounds:
-            if t == 1 and const_weights and use_cache:
-                # A decode step unrolls the layers: each reads its weights and cache as static slices of
-                # the stacks, where the scan's per-layer dynamic slice copied every weight matrix at every
-                # token (~40 % of the ops' time generating 8 x 64 tokens with SmolLM2 in bf16).
-                outs = []
-                for i in range(start, end):
-                    w = layer_states[i] if layer_states is not None else jax.tree.map(lambda x: x[i], bstate)
-                    stacks = (w, steer_ld[i], (cache.k_lbhsd[i], cache.v_lbhsd[i]))
-                    h, o = layer(h, jax.tree.map(jax.lax.stop_gradient, stacks), layer_states is not None)
-                    outs.append(o)
-                kv_new = tuple(jnp.stack([o[j] for o in outs]) for j in range(2))
-            else:
-                sl = lambda x, a=start, e=end: x[a:e]
-                seg_state = jax.tree.map(sl, bstate)
-                if const_weights:
-                    seg_state = jax.tree.map(lambda w: stash(jax.lax.stop_gradient(w)), seg_state)
-                kv_xs = (stash(cache.k_lbhsd[start:end]), stash(cache.v_lbhsd[start:end])) if use_cache else None
-                h, kv_new = jax.lax.scan(body, h, (seg_state, steer_ld[start:end], kv_xs))
-            if use_cache:
-                new_k.append(kv_new[0])
-                new_v.append(kv_new[1])
+            seg_state = jax.tree.map(lambda x, a=start, e=end: x[a:e], bstate)
+            if const_weights:
+                seg_state = jax.tree.map(lambda w: stash(jax.lax.stop_gradient(w)), seg_state)
+            h, _ = jax.lax.scan(body, h, (seg_state, steer_ld[start:end]))
             features[end] = h
             start = end
-        new_cache = None
-        if use_cache:
-            cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
-            at = (0, 0, 0, cache_index, 0)
-            write = lambda c, new: unstash(jax.lax.dynamic_update_slice(stash(c), stash(new), at))  # noqa: E731
-            new_cache = KVCache(write(cache.k_lbhsd, cat(new_k)), write(cache.v_lbhsd, cat(new_v)), kv_valid_bs)
-        hidden = self.final_norm(h)
-        return ForwardOut(hidden, tuple(features[l] for l in layers), new_cache)
+        return ForwardOut(self.final_norm(h), tuple(features[l] for l in layers))
 
 
 def steering_array(cfg: DecoderConfig, vectors: dict[int, Any], coef: float = 1.0) -> jax.Array:
