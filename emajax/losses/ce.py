@@ -115,9 +115,27 @@ def mask_weights(loss_mask_bt: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- per-chunk math
+def logsumexp_v(z_bcv: jax.Array) -> jax.Array:
+    """logsumexp over the last (vocabulary) axis, in fp32; finite inputs (logits).
+
+    The sum of exponentials is a product with a ones vector: XLA:CPU runs that as a matrix-vector
+    product, where its fused exp-and-reduce took 2.8x as long (59 vs 21 ms for a [296, 49152] chunk of
+    SmolLM2's logits on this project's 2-core Xeon; that reduction was ~5 % of a LoRA step)."""
+    z = z_bcv.astype(jnp.float32)
+    m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    s = jnp.dot(jnp.exp(z - m), jnp.ones((z.shape[-1],), jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return m[..., 0] + jnp.log(s)
+
+
+def log_softmax_v(z_bcv: jax.Array) -> jax.Array:
+    """log softmax over the last axis in fp32 (see :func:`logsumexp_v`)."""
+    z = z_bcv.astype(jnp.float32)
+    return z - logsumexp_v(z)[..., None]
+
+
 def chunk_nll(z_bcv: jax.Array, tgt_bc: jax.Array) -> tuple[jax.Array, jax.Array]:
     """lse = logsumexp_v z, nll = lse - z[target]; both fp32 [B, c]."""
-    lse = jax.nn.logsumexp(z_bcv, axis=-1)
+    lse = logsumexp_v(z_bcv)
     z_t = jnp.take_along_axis(z_bcv, tgt_bc[..., None], axis=-1)[..., 0]
     return lse, lse - z_t
 

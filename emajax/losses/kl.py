@@ -18,6 +18,7 @@ from emajax.losses.ce import (
     check_hidden_w,
     chunk_logits,
     chunk_nll,
+    log_softmax_v,
     from_chunks,
     grad_h,
     grad_w,
@@ -29,15 +30,16 @@ from emajax.losses.ce import (
 )
 
 
-def _chunk_kl(z_bcv, zr_bcv, reverse: bool, want_grad: bool):
+def _chunk_kl(z_bcv, zr_bcv, reverse: bool, want_grad: bool, lse_z_bc=None):
     """Per-token KL [B, c] and, if wanted, its gradient w.r.t. the trained logits z [B, c, V] (fp32).
 
     forward  KL(p||q) = sum_v p (log p - log q);  d/dz_j = p_j (log p_j - log q_j - KL)
     reverse  KL(q||p) = sum_v q (log q - log p);  d/dz_j = p_j - q_j
-    with p = softmax(z) (trained), q = softmax(zr) (reference).
+    with p = softmax(z) (trained), q = softmax(zr) (reference). ``lse_z_bc``: logsumexp of z when the
+    caller has it already (CE + KL share it).
     """
-    logp = jax.nn.log_softmax(z_bcv, axis=-1)
-    logq = jax.nn.log_softmax(zr_bcv, axis=-1)
+    logp = log_softmax_v(z_bcv) if lse_z_bc is None else z_bcv - lse_z_bc[..., None]
+    logq = log_softmax_v(zr_bcv)  # the same function on both sides: KL(p || p) is exactly 0
     p = jnp.exp(logp)
     diff = logp - logq
     if reverse:
@@ -148,7 +150,7 @@ def _ce_kl_scan(h_btd, rh_btd, w_dv, rw_dv, tgt_bt, ce_wt_bt, kl_wt_bt, reverse,
         h, rh, tg, cw, kw = xs
         z = chunk_logits(h, w_dv)
         lse, nll = chunk_nll(z, tg)
-        kl, dz_kl = _chunk_kl(z, chunk_logits(rh, rw_dv), reverse, want_grad)
+        kl, dz_kl = _chunk_kl(z, chunk_logits(rh, rw_dv), reverse, want_grad, lse)
         ce = ce + jnp.sum(cw * nll)
         kl_sum = kl_sum + jnp.sum(kw * kl)
         dh = None
