@@ -39,6 +39,7 @@ from flax import nnx
 from emajax.models.attention import attend_cache
 from emajax.models.config import DecoderConfig
 from emajax.models.decoder import Decoder, apply_rope, attention_bias, gated_act, rms_norm, rope_tables
+from emajax.models.lora import fold_lora
 from emajax.models.matmul import mm_t
 
 
@@ -96,9 +97,8 @@ def _kernel(linear: Any, lora_scale: Any, dtype: Any) -> jax.Array:
     """The stacked [L, in, out] kernel with its adapter folded in, as [L, out, in] in ``dtype``."""
     w = _const(linear.kernel)
     if linear.lora_a is not None:
-        a, b = _const(linear.lora_a).astype(jnp.float32), _const(linear.lora_b).astype(jnp.float32)
-        delta = jnp.einsum("lir,lro->lio", a, b, precision=jax.lax.Precision.HIGHEST)
-        w = w.astype(jnp.float32) + (linear.lora_scaling * lora_scale) * delta
+        w = fold_lora(w.astype(jnp.float32), _const(linear.lora_a), _const(linear.lora_b),
+                      linear.lora_scaling * lora_scale)
     return jnp.swapaxes(w.astype(dtype), 1, 2)
 
 

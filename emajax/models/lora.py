@@ -94,6 +94,13 @@ lora_delta.defvjp(_lora_fwd, _lora_bwd)
 
 
 # ----------------------------------------------------------------------------- folding a frozen adapter
+def fold_lora(w, a, b, scaling):
+    """W + scaling * A @ B (any leading axes, e.g. stacked layers) summed in fp32, rounded once to W's dtype."""
+    delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    return (w.astype(jnp.float32) + scaling * delta).astype(w.dtype)
+
+
 def merge_lora_kernels(base_state, lora_state, scaling: float = 1.0):
     """``base_state`` (an ``nnx.State`` of params) with every adapted kernel replaced by W + s * A @ B.
 
@@ -110,10 +117,7 @@ def merge_lora_kernels(base_state, lora_state, scaling: float = 1.0):
     for path, var in nnx.to_flat_state(base_state):
         key = tuple(map(str, path))
         if key[-1] == "kernel" and key[:-1] + ("lora_a",) in lora:
-            a = lora[key[:-1] + ("lora_a",)][...].astype(jnp.float32)
-            b = lora[key[:-1] + ("lora_b",)][...].astype(jnp.float32)
-            w = var[...]
-            delta = jnp.einsum("...ir,...ro->...io", a, b, precision=jax.lax.Precision.HIGHEST)
-            var = var.replace((w.astype(jnp.float32) + scaling * delta).astype(w.dtype))
+            a, b = lora[key[:-1] + ("lora_a",)][...], lora[key[:-1] + ("lora_b",)][...]
+            var = var.replace(fold_lora(var[...], a, b, scaling))
         out.append((path, var))
     return nnx.from_flat_state(out)
