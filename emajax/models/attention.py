@@ -118,7 +118,8 @@ def attend_cache(q_btkgh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, bias_
                  scale: float) -> jax.Array:
     """T queries per row against a heads-first KV cache [B, K, S, H] that already holds their own keys and
     values (inference: no custom backward). Same math as :func:`attend`; result [B, T, K, G, H] in q's
-    dtype. The cache is read in its own dtype (fp32 caches give fp32 scores and probabilities)."""
+    dtype. k and v are cast to q's dtype (decoding passes an fp32 q with its fp32 CPU cache, so scores,
+    probabilities and the value product are then fp32)."""
     dt = q_btkgh.dtype
     b, t, kh, g, h = q_btkgh.shape
     # (t, g) folded into one row axis: two plain [B, K]-batched matmuls, the form XLA:CPU's YNNPACK
