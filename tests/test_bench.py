@@ -69,3 +69,15 @@ def test_workers_run_both_stacks_on_the_same_objective(tiny_dir):
         out[stack] = row
     assert out["emajax-fp32"]["compile_s"] > 0
     assert out["emajax-fp32"]["loss_first"] == pytest.approx(out["torch-fp32"]["loss_first"], rel=1e-4)
+
+
+def test_onednn_dots_rows_time_each_path(monkeypatch):
+    """bench.onednn_dots times XLA's product and, where it builds, the oneDNN handler on every shape."""
+    import bench.onednn_dots as od
+    from emajax.native import onednn
+
+    monkeypatch.setattr(od, "SHAPES", [("tiny", 16, 8, 24, True, False), ("tiny^T", 16, 8, 24, False, True)])
+    rows = od.jax_rows(reps=1)
+    stacks = {"xla"} | ({"onednn-ffi"} if onednn.unavailable_reason() is None else set())
+    assert {(r["op"], r["stack"]) for r in rows} == {(op, s) for op in ("tiny", "tiny^T") for s in stacks}
+    assert all(r["gflops_per_s"] > 0 and r["ms"] == pytest.approx(r["seconds"] * 1e3) for r in rows)
