@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from emajax.losses import ce_and_kl, compose, default_seq_chunk, ldifs, ldifs_layers, masked_ce, token_kl, token_nll
+from emajax.losses import ce_and_kl, ce_plus_kl, compose, default_seq_chunk, ldifs, ldifs_layers, masked_ce, token_kl, token_nll
 
 B, T, D, V = 2, 7, 8, 33
 CHUNKS = [None, 1, 3, 5, 7, 16]  # 3 and 5 do not divide T=7 (internal padding); 16 > T
@@ -198,6 +198,42 @@ def test_ce_and_kl_equals_separate_terms(data):
         _close(gw, sw)
 
 
+def test_ce_plus_kl_is_the_weighted_sum_with_its_gradient(data):
+    """ce_plus_kl = ce + w kl in value and in gradient (w traced or a number, either KL direction); its
+    ce and kl outputs equal ce_and_kl's and carry no gradient."""
+    h, hr, w, wr, tg, m = data["h"], data["hr"], data["w"], data["wr"], data["tg"], data["m"]
+    km = m.at[1].set(0.0)
+
+    @jax.jit
+    def run(h, w, lam):
+        out = []
+        for rev in (False, True):
+            def fused(h, w):
+                return ce_plus_kl(h, hr, w, wr, tg, m, km, kl_weight=lam, reverse=rev, seq_chunk=3)[0]
+
+            def pair(h, w):
+                ce, kl = ce_and_kl(h, hr, w, wr, tg, m, km, reverse=rev, seq_chunk=3)
+                return ce + lam * kl
+
+            parts = ce_plus_kl(h, hr, w, wr, tg, m, km, kl_weight=0.7, reverse=rev, seq_chunk=3)
+            side = jax.grad(lambda h: sum(ce_plus_kl(h, hr, w, wr, tg, m, km, kl_weight=lam, reverse=rev,
+                                                     seq_chunk=3)[1:]))(h)
+            out.append((jax.value_and_grad(fused, (0, 1))(h, w), jax.value_and_grad(pair, (0, 1))(h, w),
+                        parts[1:], ce_and_kl(h, hr, w, wr, tg, m, km, reverse=rev, seq_chunk=3), side))
+        return out
+
+    for (val, (gh, gw)), (pval, (ph, pw)), parts, pair_parts, side in run(h, w, jnp.float32(0.37)):
+        _close(val, pval)
+        _close(gh, ph)
+        _close(gw, pw)
+        assert float(jnp.abs(gh).max()) > 0
+        for a, b in zip(parts, pair_parts):
+            _close(a, b)
+        assert not np.any(np.asarray(side))  # ce and kl are for reporting: no gradient through them
+    with pytest.raises(ValueError, match="kl_weight must be a scalar"):
+        ce_plus_kl(h, hr, w, wr, tg, m, kl_weight=jnp.ones(2))
+
+
 def test_kl_zero_with_zero_grad_at_reference_and_direction_matters(data):
     h, w, m, hr, wr = data["h"], data["w"], data["m"], data["hr"], data["wr"]
     # theta: a tiny "model" (scale, shift) producing the hidden state; theta_ref = the same values
@@ -248,7 +284,9 @@ def test_fused_backward_skips_frozen_projection(data):
     hr, wr = data["hr"], data["wr"]
     sep = jax.make_jaxpr(jax.grad(lambda h: masked_ce(h, w, tg, m, seq_chunk=3) + token_kl(h, hr, w, wr, m, seq_chunk=3)))(h).jaxpr
     fused = jax.make_jaxpr(jax.grad(lambda h: sum(ce_and_kl(h, hr, w, wr, tg, m, seq_chunk=3))))(h).jaxpr
-    assert (count_dots(sep), count_dots(fused)) == (5, 4)
+    # with the KL weight known, the two logit gradients share one product back to h: 3
+    summed = jax.make_jaxpr(jax.grad(lambda h: ce_plus_kl(h, hr, w, wr, tg, m, kl_weight=0.1, seq_chunk=3)[0]))(h).jaxpr
+    assert (count_dots(sep), count_dots(fused), count_dots(summed)) == (5, 4, 3)
 
 
 def _subjaxprs(eqn):
@@ -427,6 +465,8 @@ def test_chunked_backward_memory_well_below_full_logits():
         "token_nll": jax.grad(lambda h, w, tg, m: jnp.sum(token_nll(h, w, tg, seq_chunk=32) * m), (0, 1)),
         "token_kl": jax.grad(lambda h, w, tg, m: token_kl(h, h * 2.0, w, w, m, seq_chunk=32), (0, 1)),
         "ce_and_kl": jax.grad(lambda h, w, tg, m: sum(ce_and_kl(h, h * 2.0, w, w, tg, m, seq_chunk=32)), (0, 1)),
+        "ce_plus_kl": jax.grad(lambda h, w, tg, m: ce_plus_kl(h, h * 2.0, w, w, tg, m, kl_weight=0.1, seq_chunk=32)[0],
+                               (0, 1)),
     }
     naive = jax.grad(lambda h, w, tg, m: _naive_ce(h, w, tg, m), (0, 1))
     naive_temp = _temp_bytes(naive, h, w, tg, m)

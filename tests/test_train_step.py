@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import sys
 from pathlib import Path
 
@@ -68,12 +70,16 @@ def test_kl_zero_with_zero_grad_at_reference(lora):
     g, st, _, _ = setup(model, make_mesh(1, 1, 1), spec)
     mb = mb0(host_batch())
 
+    ce_only = dataclasses.replace(spec, kl_weight=0.0)
+
     @jax.jit
     def kl_and_grads(st, mb):
+        # The step differentiates ce + w kl as one fused term (losses.ce_plus_kl): the KL part's gradient
+        # is the difference from the CE-only step's gradient.
         ref = reference_outputs(g, spec, st, mb)
-        terms = lambda tr: loss_terms(g, spec, tr, st, mb, ref)[1]
-        kl, kl_g = jax.value_and_grad(lambda tr: terms(tr)["kl"])(st.trainable)
-        return kl, kl_g, jax.grad(lambda tr: terms(tr)["ce"])(st.trainable)
+        total_g, metrics = jax.grad(lambda tr: loss_terms(g, spec, tr, st, mb, ref), has_aux=True)(st.trainable)
+        ce_g = jax.grad(lambda tr: loss_terms(g, ce_only, tr, st, mb, None)[0])(st.trainable)
+        return metrics["kl"], jax.tree.map(jnp.subtract, total_g, ce_g), ce_g
 
     kl, grads, ce_g = kl_and_grads(st, mb)
     assert abs(float(kl)) < 1e-6
@@ -81,6 +87,36 @@ def test_kl_zero_with_zero_grad_at_reference(lora):
     assert gmax < 1e-6, gmax
     # ... and the CE gradient is not zero, so the zero above is not vacuous
     assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(ce_g)) > 1e-4
+
+
+def test_kl_gradient_in_the_step_is_the_weighted_token_kl_gradient():
+    """Away from the reference, the step's total gradient minus its CE-only gradient is kl_weight x the
+    gradient of losses.token_kl on the same hidden states (the fused term trains the KL, not only CE)."""
+    from emajax import losses
+    from emajax.train.step import _forward
+
+    spec = StepSpec(lora=True, kl_weight=0.3)
+    g, st, _, _ = setup(perturbed_lora_model(), make_mesh(1, 1, 1), spec)
+    mb = mb0(host_batch())
+
+    @jax.jit
+    def parts(st, mb):
+        ref = reference_outputs(g, spec, st, mb)
+        total_g, metrics = jax.grad(lambda tr: loss_terms(g, spec, tr, st, mb, ref), has_aux=True)(st.trainable)
+        ce_g = jax.grad(lambda tr: loss_terms(g, dataclasses.replace(spec, kl_weight=0.0), tr, st, mb, None)[0])(
+            st.trainable)
+
+        def kl_only(tr):
+            out, w = _forward(g, (tr, st.frozen), mb, layers=(), steer_ld=st.steer_ld, lora_scale=1.0)
+            return spec.kl_weight * losses.token_kl(out.hidden_btd, ref[0].hidden_btd, w, ref[1], mb["loss_mask"])
+
+        return metrics["kl"], jax.tree.map(jnp.subtract, total_g, ce_g), jax.grad(kl_only)(st.trainable)
+
+    kl, diff, want = parts(st, mb)
+    assert float(kl) > 1e-4
+    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(want)) > 1e-5
+    for a, b in zip(jax.tree.leaves(diff), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-6)
 
 
 def test_ldifs_has_gradient_wrt_trainable_params():

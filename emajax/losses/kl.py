@@ -140,13 +140,19 @@ def token_kl(
 
 
 # ----------------------------------------------------------------------------- CE + KL sharing logits
-def _ce_kl_scan(h_btd, rh_btd, w_dv, rw_dv, tgt_bt, ce_wt_bt, kl_wt_bt, reverse, chunk, need_dh, need_dw):
-    """(Σ ce_wt·nll, Σ kl_wt·kl) over chunks from one trained-logits matmul per chunk, plus gradients."""
+def _ce_kl_scan(h_btd, rh_btd, w_dv, rw_dv, tgt_bt, ce_wt_bt, kl_wt_bt, reverse, chunk, need_dh, need_dw,
+                kl_weight=None):
+    """(Σ ce_wt·nll, Σ kl_wt·kl) over chunks from one trained-logits matmul per chunk, plus gradients.
+
+    ``kl_weight`` None: one gradient per term, (dh_ce, dh_kl), (dw_ce, dw_kl). Otherwise the gradient of
+    ce + kl_weight·kl alone, ((dh,), (dw,)): the two logit gradients are added before they are projected
+    back through the output matrix, one [c, V] x [V, D] product per chunk instead of two."""
     t = h_btd.shape[1]
     want_grad = need_dh or need_dw
+    parts = 1 if kl_weight is not None else 2
 
     def body(carry, xs):
-        ce, kl_sum, dw_ce, dw_kl = carry
+        ce, kl_sum, dws = carry
         h, rh, tg, cw, kw = xs
         z = chunk_logits(h, w_dv)
         lse, nll = chunk_nll(z, tg)
@@ -157,20 +163,23 @@ def _ce_kl_scan(h_btd, rh_btd, w_dv, rw_dv, tgt_bt, ce_wt_bt, kl_wt_bt, reverse,
         if want_grad:
             dz_ce = softmax_minus_onehot(z, lse, tg, cw)
             dz_kl = kw[..., None] * dz_kl
+            dzs = (dz_ce, dz_kl) if kl_weight is None else (dz_ce + kl_weight * dz_kl,)
             if need_dh:
-                dh = (grad_h(dz_ce, w_dv, h_btd.dtype), grad_h(dz_kl, w_dv, h_btd.dtype))
+                dh = tuple(grad_h(dz, w_dv, h_btd.dtype) for dz in dzs)
             if need_dw:
-                dw_ce, dw_kl = dw_ce + grad_w(h, dz_ce), dw_kl + grad_w(h, dz_kl)
-        return (ce, kl_sum, dw_ce, dw_kl), dh
+                dws = tuple(acc + grad_w(h, dz) for acc, dz in zip(dws, dzs))
+        return (ce, kl_sum, dws), dh
 
-    dw0 = jnp.zeros(w_dv.shape, jnp.float32) if need_dw else None
+    dw0 = tuple(jnp.zeros(w_dv.shape, jnp.float32) for _ in range(parts)) if need_dw else None
     zero = jnp.zeros((), jnp.float32)
     xs = tuple(to_chunks(a, chunk) for a in (h_btd, rh_btd, tgt_bt, ce_wt_bt, kl_wt_bt))
-    (ce, kl, dw_ce, dw_kl), dh_c = jax.lax.scan(body, (zero, zero, dw0, dw0), xs)
-    dh_ce = dh_kl = None
-    if need_dh:
-        dh_ce, dh_kl = from_chunks(dh_c[0], t), from_chunks(dh_c[1], t)
-    return (ce, kl), (dh_ce, dh_kl, dw_ce, dw_kl)
+    (ce, kl, dws), dh_c = jax.lax.scan(body, (zero, zero, dw0), xs)
+    dhs = tuple(from_chunks(d, t) for d in dh_c) if need_dh else (None,) * parts
+    return (ce, kl), (dhs, dws if need_dw else (None,) * parts)
+
+
+def _cast_like(x, ref):
+    return None if x is None else x.astype(ref.dtype)
 
 
 def _ce_kl_impl(h, rh, w, rw, tgt, cw, kw, reverse, chunk):
@@ -182,9 +191,8 @@ _ce_kl_vjp = jax.custom_vjp(_ce_kl_impl, nondiff_argnums=(7, 8))
 
 def _ce_kl_fwd(h, rh, w, rw, tgt, cw, kw, reverse, chunk):
     vals = tuple(a.value for a in (h, rh, w, rw, tgt, cw, kw))
-    out, (dh_ce, dh_kl, dw_ce, dw_kl) = _ce_kl_scan(*vals, reverse, chunk, h.perturbed, w.perturbed)
-    cast = lambda x: None if x is None else x.astype(w.value.dtype)  # noqa: E731
-    return out, (dh_ce, dh_kl, cast(dw_ce), cast(dw_kl))
+    out, (dhs, dws) = _ce_kl_scan(*vals, reverse, chunk, h.perturbed, w.perturbed)
+    return out, (*dhs, *(_cast_like(d, w.value) for d in dws))
 
 
 def _ce_kl_bwd(reverse, chunk, res, g):
@@ -197,6 +205,43 @@ def _ce_kl_bwd(reverse, chunk, res, g):
 
 
 _ce_kl_vjp.defvjp(_ce_kl_fwd, _ce_kl_bwd, symbolic_zeros=True)
+
+
+def _ce_plus_kl_impl(h, rh, w, rw, tgt, cw, kw, lam, reverse, chunk):
+    (ce, kl), _ = _ce_kl_scan(h, rh, w, rw, tgt, cw, kw, reverse, chunk, False, False)
+    return ce + lam * kl, ce, kl
+
+
+_ce_plus_kl_vjp = jax.custom_vjp(_ce_plus_kl_impl, nondiff_argnums=(8, 9))
+
+
+def _ce_plus_kl_fwd(h, rh, w, rw, tgt, cw, kw, lam, reverse, chunk):
+    vals = tuple(a.value for a in (h, rh, w, rw, tgt, cw, kw))
+    (ce, kl), ((dh,), (dw,)) = _ce_kl_scan(*vals, reverse, chunk, h.perturbed, w.perturbed, kl_weight=lam.value)
+    return (ce + lam.value * kl, ce, kl), (dh, _cast_like(dw, w.value))
+
+
+def _ce_plus_kl_bwd(reverse, chunk, res, g):
+    dh, dw = scale_grads(g[0], *res)  # ce and kl leave ce_plus_kl through stop_gradient: no cotangent
+    return dh, None, dw, None, None, None, None, None
+
+
+_ce_plus_kl_vjp.defvjp(_ce_plus_kl_fwd, _ce_plus_kl_bwd, symbolic_zeros=True)
+
+
+def _check_ce_kl_args(name, hidden_btd, ref_hidden_btd, w_dv, ref_w_dv, targets_bt, loss_mask_bt, kl_mask_bt):
+    b, t, _, v = check_hidden_w(hidden_btd, w_dv, name)
+    if ref_hidden_btd.ndim != 3 or tuple(ref_hidden_btd.shape[:2]) != (b, t):
+        raise ValueError(f"emajax.losses.{name}: ref_hidden_btd must be [{b}, {t}, D_ref], got {ref_hidden_btd.shape}")
+    if ref_w_dv.ndim != 2 or tuple(ref_w_dv.shape) != (ref_hidden_btd.shape[2], v):
+        raise ValueError(
+            f"emajax.losses.{name}: ref_w_dv must be [D_ref, V] = [{ref_hidden_btd.shape[2]}, {v}], got {ref_w_dv.shape}"
+        )
+    check_bt(targets_bt, b, t, "targets_bt", name)
+    check_bt(loss_mask_bt, b, t, "loss_mask_bt", name)
+    kl_mask_bt = loss_mask_bt if kl_mask_bt is None else kl_mask_bt
+    check_bt(kl_mask_bt, b, t, "kl_mask_bt", name)
+    return jnp.clip(targets_bt.astype(jnp.int32), 0, v - 1), mask_weights(loss_mask_bt), mask_weights(kl_mask_bt)
 
 
 def ce_and_kl(
@@ -218,23 +263,41 @@ def ce_and_kl(
 
     Equal to calling both functions, values and gradients (each output is separately differentiable,
     e.g. through ``compose``), with one vocabulary matmul fewer per chunk: the KL-regularised step
-    needs the trained logits for both terms. The reference side gets no gradient.
+    needs the trained logits for both terms. The reference side gets no gradient. When the weight of
+    the KL term is known, :func:`ce_plus_kl` saves one more product per chunk.
     """
-    b, t, _, v = check_hidden_w(hidden_btd, w_dv, "ce_and_kl")
-    if ref_hidden_btd.ndim != 3 or tuple(ref_hidden_btd.shape[:2]) != (b, t):
-        raise ValueError(f"emajax.losses.ce_and_kl: ref_hidden_btd must be [{b}, {t}, D_ref], got {ref_hidden_btd.shape}")
-    if ref_w_dv.ndim != 2 or tuple(ref_w_dv.shape) != (ref_hidden_btd.shape[2], v):
-        raise ValueError(
-            f"emajax.losses.ce_and_kl: ref_w_dv must be [D_ref, V] = [{ref_hidden_btd.shape[2]}, {v}], got {ref_w_dv.shape}"
-        )
-    check_bt(targets_bt, b, t, "targets_bt", "ce_and_kl")
-    check_bt(loss_mask_bt, b, t, "loss_mask_bt", "ce_and_kl")
-    kl_mask_bt = loss_mask_bt if kl_mask_bt is None else kl_mask_bt
-    check_bt(kl_mask_bt, b, t, "kl_mask_bt", "ce_and_kl")
-    chunk = resolve_seq_chunk(seq_chunk, b, t, v)
-    tgt = jnp.clip(targets_bt.astype(jnp.int32), 0, v - 1)
-    ref_h = jax.lax.stop_gradient(ref_hidden_btd)
-    ref_w = jax.lax.stop_gradient(ref_w_dv)
-    return _ce_kl_vjp(
-        hidden_btd, ref_h, w_dv, ref_w, tgt, mask_weights(loss_mask_bt), mask_weights(kl_mask_bt), bool(reverse), chunk
-    )
+    tgt, cw, kw = _check_ce_kl_args("ce_and_kl", hidden_btd, ref_hidden_btd, w_dv, ref_w_dv, targets_bt,
+                                    loss_mask_bt, kl_mask_bt)
+    chunk = resolve_seq_chunk(seq_chunk, *hidden_btd.shape[:2], w_dv.shape[1])
+    ref_h, ref_w = jax.lax.stop_gradient(ref_hidden_btd), jax.lax.stop_gradient(ref_w_dv)
+    return _ce_kl_vjp(hidden_btd, ref_h, w_dv, ref_w, tgt, cw, kw, bool(reverse), chunk)
+
+
+def ce_plus_kl(
+    hidden_btd: jax.Array,
+    ref_hidden_btd: jax.Array,
+    w_dv: jax.Array,
+    ref_w_dv: jax.Array,
+    targets_bt: jax.Array,
+    loss_mask_bt: jax.Array,
+    kl_mask_bt: jax.Array | None = None,
+    *,
+    kl_weight: float | jax.Array,
+    reverse: bool = False,
+    seq_chunk: int | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(ce + kl_weight * kl, ce, kl) with ce and kl as in :func:`ce_and_kl`; only the first is
+    differentiable (ce and kl come back through ``stop_gradient``, for reporting).
+
+    The KL-regularised objective with its weight fixed at the call: each chunk's two logit gradients
+    are added before the [c, V] x [V, D] product back to the hidden states, so a chunk costs one such
+    product instead of :func:`ce_and_kl`'s two. ``kl_weight`` may be a traced scalar (a schedule)."""
+    tgt, cw, kw = _check_ce_kl_args("ce_plus_kl", hidden_btd, ref_hidden_btd, w_dv, ref_w_dv, targets_bt,
+                                    loss_mask_bt, kl_mask_bt)
+    if jnp.ndim(kl_weight) != 0:
+        raise ValueError(f"emajax.losses.ce_plus_kl: kl_weight must be a scalar, got shape {jnp.shape(kl_weight)}")
+    chunk = resolve_seq_chunk(seq_chunk, *hidden_btd.shape[:2], w_dv.shape[1])
+    ref_h, ref_w = jax.lax.stop_gradient(ref_hidden_btd), jax.lax.stop_gradient(ref_w_dv)
+    lam = jax.lax.stop_gradient(jnp.asarray(kl_weight, jnp.float32))
+    total, ce, kl = _ce_plus_kl_vjp(hidden_btd, ref_h, w_dv, ref_w, tgt, cw, kw, lam, bool(reverse), chunk)
+    return total, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(kl)

@@ -68,11 +68,14 @@ def loss_terms(graphdef: Any, spec: StepSpec, trainable: Any, state: TrainState,
                          lora_scale=1.0)
     mask = mb["loss_mask"]
     if ref is not None and spec.kl_weight > 0:
-        # One pass over vocabulary chunks computes both terms: the trained logits are formed once.
+        # One pass over vocabulary chunks computes both terms (the trained logits are formed once) and
+        # the gradient of ce + w kl (one product back through the output matrix per chunk). The "ce"
+        # term carries that gradient (ce_kl - stop_gradient(ce_kl) is exactly 0 in value); "kl" is
+        # reported and weighted in the total without a gradient of its own.
         ref_out, ref_w = ref
-        ce, kl = losses.ce_and_kl(out.hidden_btd, ref_out.hidden_btd, w_dv, ref_w, mb["targets"], mask,
-                                  reverse=spec.kl_reverse, seq_chunk=spec.seq_chunk)
-        terms = {"ce": (1.0, ce), "kl": (spec.kl_weight, kl)}
+        ce_kl, ce, kl = losses.ce_plus_kl(out.hidden_btd, ref_out.hidden_btd, w_dv, ref_w, mb["targets"], mask,
+                                          kl_weight=spec.kl_weight, reverse=spec.kl_reverse, seq_chunk=spec.seq_chunk)
+        terms = {"ce": (1.0, ce + (ce_kl - jax.lax.stop_gradient(ce_kl))), "kl": (spec.kl_weight, kl)}
     else:
         terms = {"ce": (1.0, losses.masked_ce(out.hidden_btd, w_dv, mb["targets"], mask, seq_chunk=spec.seq_chunk))}
     if ref is not None:
