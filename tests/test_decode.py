@@ -86,7 +86,7 @@ def test_bf16_decoding_within_rounding_of_the_training_forward():
     np.testing.assert_allclose(got, full, rtol=0, atol=0.05 * np.abs(full).max())
     assert np.mean(np.argmax(got, -1) == np.argmax(full, -1)) >= 0.8
     want = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16  # in-place writes on XLA:CPU
-    assert cache_dtype(cfg) == want and DecodeCache.init(cfg, 1, 4).k_bksh[0].dtype == want
+    assert cache_dtype(cfg) == want and DecodeCache.init(cfg, 1, 4).k_bkhs[0].dtype == want
 
 
 def test_layout_cache_follows_the_weights_and_the_adapter_scale():

@@ -103,11 +103,12 @@ def test_cache_attention_equals_attend_on_the_same_keys():
     allowed = (np.arange(s)[None, :] <= q_slot[:, None])[None] & valid[:, None, :]
     bias = jnp.asarray(np.where(allowed, 0.0, np.finfo(np.float32).min), jnp.float32)
     want = attend(q, kc, vc, bias, 0.3)
-    t_ = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  (the decode cache is [B, K, S, H])
-    got = attend_cache(q, t_(kc), t_(vc), bias, 0.3)
+    kt_ = lambda x: x.transpose(0, 2, 3, 1)  # noqa: E731  (the decode cache's keys are [B, K, H, S]
+    vt_ = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  and its values [B, K, S, H])
+    got = attend_cache(q, kt_(kc), vt_(vc), bias, 0.3)
     assert got.shape == want.shape and _rel(got, want) < 1e-6
     # Keys past the queries' slots (the cache's stale tail) carry no weight.
-    assert _rel(attend_cache(q, t_(kc.at[:, 6:].set(9.0)), t_(vc.at[:, 6:].set(9.0)), bias, 0.3), want) < 1e-6
+    assert _rel(attend_cache(q, kt_(kc.at[:, 6:].set(9.0)), vt_(vc.at[:, 6:].set(9.0)), bias, 0.3), want) < 1e-6
 
 
 def test_bf16_residuals_are_stashed_and_recomputed_exactly():

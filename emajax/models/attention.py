@@ -114,18 +114,20 @@ def attend_causal(q_btkgh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, bias
 
 
 
-def attend_cache(q_btkgh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, bias_bts: jax.Array,
+def attend_cache(q_btkgh: jax.Array, k_bkhs: jax.Array, v_bksh: jax.Array, bias_bts: jax.Array,
                  scale: float) -> jax.Array:
-    """T queries per row against a heads-first KV cache [B, K, S, H] that already holds their own keys and
-    values (inference: no custom backward). Same math as :func:`attend`; result [B, T, K, G, H] in q's
-    dtype. k and v are cast to q's dtype (decoding passes an fp32 q with its fp32 CPU cache, so scores,
-    probabilities and the value product are then fp32)."""
+    """T queries per row against a heads-first KV cache — keys [B, K, H, S] (slots minor), values
+    [B, K, S, H] — that already holds their own keys and values (inference: no custom backward). Same
+    math as :func:`attend`; result [B, T, K, G, H] in q's dtype. k and v are cast to q's dtype (decoding
+    passes an fp32 q with its fp32 CPU cache, so scores, probabilities and the value product are then
+    fp32)."""
     dt = q_btkgh.dtype
     b, t, kh, g, h = q_btkgh.shape
     # (t, g) folded into one row axis: two plain [B, K]-batched matmuls, the form XLA:CPU's YNNPACK
-    # fusions take (a separate size-1 t axis sent the PV product to a slow generic dot).
+    # fusions take (a separate size-1 t axis sent the PV product to a slow generic dot); both contract
+    # their operands' canonical axes (keys over H rows, values over S rows).
     q = q_btkgh.transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, h)
-    s = jnp.einsum("bkrh,bksh->bkrs", q, k_bksh.astype(dt), preferred_element_type=jnp.float32)
+    s = jnp.einsum("bkrh,bkhs->bkrs", q, k_bkhs.astype(dt), preferred_element_type=jnp.float32)
     s = s.reshape(b, kh, t, g, -1) * scale + bias_bts[:, None, :, None, :]
     p = jax.nn.softmax(s, axis=-1).reshape(b, kh, t * g, -1)
     o = jnp.einsum("bkrs,bksh->bkrh", p.astype(dt), v_bksh.astype(dt), preferred_element_type=jnp.float32)

