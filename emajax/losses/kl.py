@@ -229,7 +229,10 @@ def _ce_plus_kl_bwd(reverse, chunk, res, g):
 _ce_plus_kl_vjp.defvjp(_ce_plus_kl_fwd, _ce_plus_kl_bwd, symbolic_zeros=True)
 
 
-def _check_ce_kl_args(name, hidden_btd, ref_hidden_btd, w_dv, ref_w_dv, targets_bt, loss_mask_bt, kl_mask_bt):
+def _ce_kl_inputs(name, hidden_btd, ref_hidden_btd, w_dv, ref_w_dv, targets_bt, loss_mask_bt, kl_mask_bt,
+                  seq_chunk):
+    """Checked inputs of ce_and_kl / ce_plus_kl: (ref_h, ref_w (no gradient), targets, CE and KL token
+    weights, chunk)."""
     b, t, _, v = check_hidden_w(hidden_btd, w_dv, name)
     if ref_hidden_btd.ndim != 3 or tuple(ref_hidden_btd.shape[:2]) != (b, t):
         raise ValueError(f"emajax.losses.{name}: ref_hidden_btd must be [{b}, {t}, D_ref], got {ref_hidden_btd.shape}")
@@ -241,7 +244,9 @@ def _check_ce_kl_args(name, hidden_btd, ref_hidden_btd, w_dv, ref_w_dv, targets_
     check_bt(loss_mask_bt, b, t, "loss_mask_bt", name)
     kl_mask_bt = loss_mask_bt if kl_mask_bt is None else kl_mask_bt
     check_bt(kl_mask_bt, b, t, "kl_mask_bt", name)
-    return jnp.clip(targets_bt.astype(jnp.int32), 0, v - 1), mask_weights(loss_mask_bt), mask_weights(kl_mask_bt)
+    return (jax.lax.stop_gradient(ref_hidden_btd), jax.lax.stop_gradient(ref_w_dv),
+            jnp.clip(targets_bt.astype(jnp.int32), 0, v - 1), mask_weights(loss_mask_bt), mask_weights(kl_mask_bt),
+            resolve_seq_chunk(seq_chunk, b, t, v))
 
 
 def ce_and_kl(
@@ -266,10 +271,8 @@ def ce_and_kl(
     needs the trained logits for both terms. The reference side gets no gradient. When the weight of
     the KL term is known, :func:`ce_plus_kl` saves one more product per chunk.
     """
-    tgt, cw, kw = _check_ce_kl_args("ce_and_kl", hidden_btd, ref_hidden_btd, w_dv, ref_w_dv, targets_bt,
-                                    loss_mask_bt, kl_mask_bt)
-    chunk = resolve_seq_chunk(seq_chunk, *hidden_btd.shape[:2], w_dv.shape[1])
-    ref_h, ref_w = jax.lax.stop_gradient(ref_hidden_btd), jax.lax.stop_gradient(ref_w_dv)
+    ref_h, ref_w, tgt, cw, kw, chunk = _ce_kl_inputs("ce_and_kl", hidden_btd, ref_hidden_btd, w_dv, ref_w_dv,
+                                                     targets_bt, loss_mask_bt, kl_mask_bt, seq_chunk)
     return _ce_kl_vjp(hidden_btd, ref_h, w_dv, ref_w, tgt, cw, kw, bool(reverse), chunk)
 
 
@@ -292,12 +295,10 @@ def ce_plus_kl(
     The KL-regularised objective with its weight fixed at the call: each chunk's two logit gradients
     are added before the [c, V] x [V, D] product back to the hidden states, so a chunk costs one such
     product instead of :func:`ce_and_kl`'s two. ``kl_weight`` may be a traced scalar (a schedule)."""
-    tgt, cw, kw = _check_ce_kl_args("ce_plus_kl", hidden_btd, ref_hidden_btd, w_dv, ref_w_dv, targets_bt,
-                                    loss_mask_bt, kl_mask_bt)
+    ref_h, ref_w, tgt, cw, kw, chunk = _ce_kl_inputs("ce_plus_kl", hidden_btd, ref_hidden_btd, w_dv, ref_w_dv,
+                                                     targets_bt, loss_mask_bt, kl_mask_bt, seq_chunk)
     if jnp.ndim(kl_weight) != 0:
         raise ValueError(f"emajax.losses.ce_plus_kl: kl_weight must be a scalar, got shape {jnp.shape(kl_weight)}")
-    chunk = resolve_seq_chunk(seq_chunk, *hidden_btd.shape[:2], w_dv.shape[1])
-    ref_h, ref_w = jax.lax.stop_gradient(ref_hidden_btd), jax.lax.stop_gradient(ref_w_dv)
     lam = jax.lax.stop_gradient(jnp.asarray(kl_weight, jnp.float32))
     total, ce, kl = _ce_plus_kl_vjp(hidden_btd, ref_h, w_dv, ref_w, tgt, cw, kw, lam, bool(reverse), chunk)
     return total, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(kl)
