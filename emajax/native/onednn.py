@@ -93,7 +93,10 @@ def build() -> Path:
 def load() -> str:
     """Build if needed, load, and register the FFI targets with XLA:CPU; returns oneDNN's version."""
     libpath = build()
-    handle = ctypes.cdll.LoadLibrary(str(libpath))
+    try:
+        handle = ctypes.cdll.LoadLibrary(str(libpath))
+    except OSError as e:  # e.g. a oneDNN build whose threading library is not on this machine
+        raise OnednnUnavailable(f"loading {libpath} failed: {e}") from e
     jax.ffi.register_ffi_target(_TARGETS[jnp.dtype(jnp.float32)], jax.ffi.pycapsule(handle.EmajaxOnednnMatmulF32),
                                 platform="cpu")
     jax.ffi.register_ffi_target(_TARGETS[jnp.dtype(jnp.bfloat16)],
