@@ -11,8 +11,10 @@ params when training, bf16 params for score/generate, i.e. inference weights in 
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 from bench.harness import (KL_WEIGHT, LDIFS_WEIGHT, STEER_COEF, Spec, current_rss_mb, steering_layer,
                            steering_vector, synthetic_batch, synthetic_prompts, time_calls)
@@ -38,6 +40,17 @@ def _device_extras() -> dict[str, Any]:
             "device_peak_mb": stats.get("peak_bytes_in_use", 0) / 2**20}
 
 
+def _program_facts(compiled: Any) -> dict[str, Any]:
+    """What tells two compiled variants apart: a hash of the optimised program and its custom-call
+    targets (e.g. emajax's oneDNN matmul when ``EMAJAX_CPU_MATMUL=onednn`` was set while tracing)."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # a backend that cannot print its program: nothing to report
+        return {}
+    targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
+    return {"program_sha1": hashlib.sha1(text.encode()).hexdigest()[:12], "custom_calls": targets}
+
+
 def _load(spec: Spec, *, lora: Any, param_dtype: str, remat: str) -> Any:
     from emajax.models.hub import load_model
 
@@ -46,7 +59,9 @@ def _load(spec: Spec, *, lora: Any, param_dtype: str, remat: str) -> Any:
                       seed=spec.seed)
 
 
-def train_op(spec: Spec) -> dict[str, Any]:
+def prepare_train(spec: Spec) -> tuple[Callable[[], float], dict[str, Any]]:
+    """The compiled training step of ``spec`` on its state and a fixed batch: a call that runs one step
+    (state donated and carried over) and returns its loss, and the compile time / RSS after loading."""
     import jax
     import numpy as np
 
@@ -87,20 +102,25 @@ def train_op(spec: Spec) -> dict[str, Any]:
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     box: dict[str, Any] = {"state": state}
-    losses: list[float] = []
 
-    def once() -> None:
+    def once() -> float:
         box["state"], m = compiled(box["state"], batch)
         jax.block_until_ready((box["state"], m))
-        losses.append(float(m["loss"]))
+        return float(m["loss"])
 
-    t = time_calls(once, warmup=spec.warmup, runs=spec.runs)
-    return {**t, "compile_s": compile_s, "loss_first": losses[0], "rss_after_load_mb": rss_loaded, "remat": spec.remat,
-            **_device_extras()}
+    return once, {"compile_s": compile_s, "rss_after_load_mb": rss_loaded, "remat": spec.remat, **_program_facts(compiled)}
 
 
-def score_op(spec: Spec) -> dict[str, Any]:
-    """Per-example answer-token NLL sums (the scoring forward of Interleaving++ / eval)."""
+def train_op(spec: Spec) -> dict[str, Any]:
+    once, info = prepare_train(spec)
+    losses: list[float] = []
+    t = time_calls(lambda: losses.append(once()), warmup=spec.warmup, runs=spec.runs)
+    return {**t, **info, "loss_first": losses[0], **_device_extras()}
+
+
+def prepare_score(spec: Spec) -> tuple[Callable[[], float], dict[str, Any]]:
+    """The compiled scoring forward (per-example answer-token NLL sums, as Interleaving++ / eval run it)
+    on a fixed batch: a call that runs it and returns the mean NLL, and the compile time / RSS."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -126,15 +146,19 @@ def score_op(spec: Spec) -> dict[str, Any]:
     t0 = time.perf_counter()
     compiled = score.lower(params, batch).compile()
     compile_s = time.perf_counter() - t0
-    box: dict[str, Any] = {}
 
-    def once() -> None:
-        box["out"] = jax.block_until_ready(compiled(params, batch))
+    def once() -> float:
+        s, n = (jax.device_get(x) for x in jax.block_until_ready(compiled(params, batch)))
+        return float(s.sum() / n.sum())
 
-    t = time_calls(once, warmup=spec.warmup, runs=spec.runs)
-    s, n = (jax.device_get(x) for x in box["out"])
-    return {**t, "compile_s": compile_s, "mean_nll": float(s.sum() / n.sum()), "rss_after_load_mb": rss_loaded,
-            **_device_extras()}
+    return once, {"compile_s": compile_s, "rss_after_load_mb": rss_loaded, **_program_facts(compiled)}
+
+
+def score_op(spec: Spec) -> dict[str, Any]:
+    once, info = prepare_score(spec)
+    nll: list[float] = []
+    t = time_calls(lambda: nll.append(once()), warmup=spec.warmup, runs=spec.runs)
+    return {**t, **info, "mean_nll": nll[-1], **_device_extras()}
 
 
 def generate_op(spec: Spec) -> dict[str, Any]:

@@ -8,6 +8,7 @@ time the same objective), which also checks the HF directory the harness writes 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -81,3 +82,30 @@ def test_onednn_dots_rows_time_each_path(monkeypatch):
     stacks = {"xla"} | ({"onednn-ffi"} if onednn.unavailable_reason() is None else set())
     assert {(r["op"], r["stack"]) for r in rows} == {(op, s) for op in ("tiny", "tiny^T") for s in stacks}
     assert all(r["gflops_per_s"] > 0 and r["ms"] == pytest.approx(r["seconds"] * 1e3) for r in rows)
+
+
+def test_paired_variants_differ_only_in_the_switch_traced_under_their_env(tiny_dir, monkeypatch):
+    """bench.paired traces each variant under its own environment (here the trace-time matmul switch),
+    alternates their steps, and reports what it timed; process-start settings are refused."""
+    from bench.paired import environment, parse_env, run_pairs
+    from emajax.native import onednn
+
+    if onednn.unavailable_reason() is not None:
+        pytest.skip(f"oneDNN path unavailable: {onednn.unavailable_reason()}")
+    monkeypatch.delenv("EMAJAX_CPU_MATMUL", raising=False)
+    spec = Spec(op="lora", stack="emajax-bf16", model_dir=str(tiny_dir), batch=2, seq=16, rank=4, warmup=0, runs=3)
+    out = run_pairs(spec, {}, {"EMAJAX_CPU_MATMUL": "onednn"}, pairs=3)
+    a, b = out["results"]
+    assert "EMAJAX_CPU_MATMUL" not in os.environ  # restored after tracing B
+    assert a["custom_calls"] == [] and b["custom_calls"] == ["emajax_onednn_matmul_bf16"]
+    assert a["program_sha1"] != b["program_sha1"]
+    assert len(a["runs_s"]) == len(b["runs_s"]) == 3 and 0 <= out["paired"]["pairs_b_faster"] <= 3
+    assert a["loss_first"] == pytest.approx(b["loss_first"], rel=1e-3)  # the same step, two matmul paths
+    with pytest.raises(SystemExit, match="process starts"):
+        parse_env(["XLA_FLAGS=--xla_cpu_use_thunk_runtime=false"], "--b-env")
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        parse_env(["EMAJAX_CPU_MATMUL"], "--b-env")
+    monkeypatch.setenv("EMAJAX_CPU_MATMUL", "xla")
+    with environment({"EMAJAX_CPU_MATMUL": "", "EMAJAX_OTHER": "1"}):
+        assert "EMAJAX_CPU_MATMUL" not in os.environ and os.environ["EMAJAX_OTHER"] == "1"
+    assert os.environ["EMAJAX_CPU_MATMUL"] == "xla" and "EMAJAX_OTHER" not in os.environ

@@ -1,0 +1,143 @@
+"""Two variants of one emajax op timed step by step in one process: ``python -m bench.paired``.
+
+Why: on a shared VM the speed of whole runs drifts by 20-40 % between minutes, so "run A, then run B"
+decides nothing below that (a transparent-huge-page setting looked ~20 % faster over three alternating
+pairs of processes and was 1.00-1.02x here). This compiles the op twice in one process, variant A and B
+each traced under its own environment, then alternates single steps (A B, B A, A B, ...), each variant
+carrying its own training state: both see the same machine state within a pair, and the paired
+difference of the medians is what is reported.
+
+    python -m bench.paired --op lora --b-env EMAJAX_CPU_MATMUL=onednn --pairs 8
+
+The environments are applied while each variant is traced and compiled, so they reach the switches
+emajax reads at trace time (``EMAJAX_CPU_MATMUL``); settings read once at process start (``XLA_FLAGS``,
+``GLIBC_TUNABLES``) cannot be paired this way and are refused. Prints both variants' step times, first
+losses, compiled-program hashes and custom calls, and writes JSON ``{"machine", "op", "stack", "pairs",
+"results": [{"variant", "env", "seconds", "runs_s", "loss_first", ...}], "paired": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from bench.harness import TRAIN_OPS, Spec, machine, write_results
+
+PAIRED_OPS = (*TRAIN_OPS, "score")
+STARTUP_ONLY = ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD", "JAX_PLATFORMS")
+
+
+def parse_env(items: list[str] | None, flag: str) -> dict[str, str]:
+    """``["K=V", ...]`` -> dict; a malformed item or a variable read only at process start is an error."""
+    env: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"bench.paired: {flag} expects NAME=VALUE, got {item!r}")
+        if key in STARTUP_ONLY:
+            raise SystemExit(f"bench.paired: {flag} {key} is read when the process starts, not while tracing; "
+                             "compare it with separate `python -m bench` runs")
+        env[key] = value
+    return env
+
+
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``env`` applied (an empty value unsets), restored afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        for k, v in env.items():
+            if v:
+                os.environ[k] = v
+            else:
+                os.environ.pop(k, None)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_pairs(spec: Spec, a_env: dict[str, str], b_env: dict[str, str], pairs: int) -> dict[str, Any]:
+    """Compile ``spec``'s op under each environment, warm both up, then time ``pairs`` alternating pairs."""
+    from bench.emajax_ops import prepare_score, prepare_train
+
+    if spec.framework != "emajax" or spec.op not in PAIRED_OPS:
+        raise SystemExit(f"bench.paired: needs an emajax stack and one of {', '.join(PAIRED_OPS)}")
+    prepare = prepare_score if spec.op == "score" else prepare_train
+    variants: dict[str, dict[str, Any]] = {}
+    calls = {}
+    for name, env in (("A", a_env), ("B", b_env)):
+        with environment(env):
+            calls[name], info = prepare(spec)
+        variants[name] = {"variant": name, "env": env, **info, "runs_s": []}
+    for name in ("A", "B"):
+        variants[name]["loss_first"] = calls[name]()  # warm-up step; its loss shows both compute the same thing
+    for i in range(pairs):
+        for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
+            t0 = time.perf_counter()
+            calls[name]()
+            variants[name]["runs_s"].append(time.perf_counter() - t0)
+    a, b = variants["A"]["runs_s"], variants["B"]["runs_s"]
+    for v in variants.values():
+        v["seconds"] = statistics.median(v["runs_s"])
+    paired = {"median_b_minus_a_s": statistics.median(y - x for x, y in zip(a, b)),
+              "ratio_b_over_a": variants["B"]["seconds"] / variants["A"]["seconds"],
+              "pairs_b_faster": sum(y < x for x, y in zip(a, b)), "pairs": pairs}
+    return {"results": [variants["A"], variants["B"]], "paired": paired}
+
+
+def format_paired(out: dict[str, Any]) -> str:
+    lines = [f"{'variant':8s} {'median s':>9s} {'min s':>7s} {'loss_first':>11s} {'program':>12s}  env / custom calls"]
+    for v in out["results"]:
+        env = " ".join(f"{k}={val}" for k, val in v["env"].items()) or "(as started)"
+        lines.append(f"{v['variant']:8s} {v['seconds']:9.3f} {min(v['runs_s']):7.3f} {v['loss_first']:11.5f} "
+                     f"{v.get('program_sha1', '-'):>12s}  {env}; {', '.join(v.get('custom_calls', [])) or 'none'}")
+    p = out["paired"]
+    same = out["results"][0].get("program_sha1") == out["results"][1].get("program_sha1")
+    lines.append(f"B/A {p['ratio_b_over_a']:.3f}; median paired difference {p['median_b_minus_a_s']:+.3f} s; "
+                 f"B faster in {p['pairs_b_faster']} of {p['pairs']} pairs"
+                 + ("; the two compiled programs are identical" if same else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.__main__ import resolve_model
+
+    ap = argparse.ArgumentParser(prog="python -m bench.paired", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--op", default="lora", choices=PAIRED_OPS)
+    ap.add_argument("--stack", default="emajax-bf16", choices=("emajax-bf16", "emajax-fp32"))
+    ap.add_argument("--a-env", nargs="*", metavar="NAME=VALUE", help="variant A's environment (default: as started)")
+    ap.add_argument("--b-env", nargs="+", metavar="NAME=VALUE", required=True,
+                    help="variant B's environment (an empty VALUE unsets NAME)")
+    ap.add_argument("--pairs", type=int, default=6)
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="as for python -m bench")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--out", default="bench_paired.json")
+    args = ap.parse_args(argv)
+    if args.pairs < 1:
+        raise SystemExit("bench.paired: --pairs must be >= 1")
+    a_env, b_env = parse_env(args.a_env, "--a-env"), parse_env(args.b_env, "--b-env")
+    spec = Spec(op=args.op, stack=args.stack, model_dir=str(resolve_model(args.model)), batch=args.batch,
+                seq=args.seq, rank=args.rank, warmup=1, runs=args.pairs)
+    out = run_pairs(spec, a_env, b_env, args.pairs)
+    print(format_paired(out))
+    write_results(args.out, machine(), out["results"], op=args.op, stack=args.stack, pairs=args.pairs,
+                  paired=out["paired"], batch=args.batch, seq=args.seq)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
