@@ -59,9 +59,11 @@ def _load(spec: Spec, *, lora: Any, param_dtype: str, remat: str) -> Any:
                       seed=spec.seed)
 
 
-def prepare_train(spec: Spec) -> tuple[Callable[[], float], dict[str, Any]]:
+def prepare_train(spec: Spec, compiler_options: dict[str, Any] | None = None
+                  ) -> tuple[Callable[[], float], dict[str, Any]]:
     """The compiled training step of ``spec`` on its state and a fixed batch: a call that runs one step
-    (state donated and carried over) and returns its loss, and the compile time / RSS after loading."""
+    (state donated and carried over) and returns its loss, and the compile time / RSS after loading.
+    ``compiler_options``: XLA options for this compilation only (e.g. ``xla_cpu_...`` flags)."""
     import jax
     import numpy as np
 
@@ -99,7 +101,7 @@ def prepare_train(spec: Spec) -> tuple[Callable[[], float], dict[str, Any]]:
     batch = {k: jax.device_put(np.asarray(host[k])[None], sh) for k in BATCH_FIELDS}
     step_fn = compile_train_step(graphdef, sspec, tx, schedule, state, mesh)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = step_fn.lower(state, batch).compile(compiler_options)
     compile_s = time.perf_counter() - t0
     box: dict[str, Any] = {"state": state}
 
@@ -118,9 +120,11 @@ def train_op(spec: Spec) -> dict[str, Any]:
     return {**t, **info, "loss_first": losses[0], **_device_extras()}
 
 
-def prepare_score(spec: Spec) -> tuple[Callable[[], float], dict[str, Any]]:
+def prepare_score(spec: Spec, compiler_options: dict[str, Any] | None = None
+                  ) -> tuple[Callable[[], float], dict[str, Any]]:
     """The compiled scoring forward (per-example answer-token NLL sums, as Interleaving++ / eval run it)
-    on a fixed batch: a call that runs it and returns the mean NLL, and the compile time / RSS."""
+    on a fixed batch: a call that runs it and returns the mean NLL, and the compile time / RSS
+    (``compiler_options`` as for :func:`prepare_train`)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -144,7 +148,7 @@ def prepare_score(spec: Spec) -> tuple[Callable[[], float], dict[str, Any]]:
     host = synthetic_batch(vocab, spec.batch, spec.seq, spec.seed)
     batch = {k: jnp.asarray(v) for k, v in host.items()}
     t0 = time.perf_counter()
-    compiled = score.lower(params, batch).compile()
+    compiled = score.lower(params, batch).compile(compiler_options)
     compile_s = time.perf_counter() - t0
 
     def once() -> float:

@@ -3,15 +3,17 @@
 Why: on a shared VM the speed of whole runs drifts by 20-40 % between minutes, so "run A, then run B"
 decides nothing below that (a transparent-huge-page setting looked ~20 % faster over three alternating
 pairs of processes and was 1.00-1.02x here). This compiles the op twice in one process, variant A and B
-each traced under its own environment, then alternates single steps (A B, B A, A B, ...), each variant
-carrying its own training state: both see the same machine state within a pair, and the paired
-difference of the medians is what is reported.
+each traced under its own environment and compiled with its own XLA options, then alternates single
+steps (A B, B A, A B, ...), each variant carrying its own training state: both see the same machine
+state within a pair, and the paired difference of the medians is what is reported.
 
     python -m bench.paired --op lora --b-env EMAJAX_CPU_MATMUL=onednn --pairs 8
+    python -m bench.paired --op lora --b-xla xla_cpu_enable_concurrency_optimized_scheduler=false
 
 The environments are applied while each variant is traced and compiled, so they reach the switches
-emajax reads at trace time (``EMAJAX_CPU_MATMUL``); settings read once at process start (``XLA_FLAGS``,
-``GLIBC_TUNABLES``) cannot be paired this way and are refused. Prints both variants' step times, first
+emajax reads at trace time (``EMAJAX_CPU_MATMUL``); ``--b-xla`` passes XLA debug options (the names
+``XLA_FLAGS`` takes, without the dashes) to that variant's compilation only. Settings read once at
+process start (``XLA_FLAGS`` itself, ``GLIBC_TUNABLES``) cannot be paired this way and are refused. Prints both variants' step times, first
 losses, compiled-program hashes and custom calls, and writes JSON ``{"machine", "op", "stack", "pairs",
 "results": [{"variant", "env", "seconds", "runs_s", "loss_first", ...}], "paired": {...}}``.
 """
@@ -46,6 +48,18 @@ def parse_env(items: list[str] | None, flag: str) -> dict[str, str]:
     return env
 
 
+def parse_xla(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """``["xla_option=value", ...]`` -> compile options (true/false -> bool, integers -> int, else str)."""
+    opts: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep or not key.startswith("xla_"):
+            raise SystemExit(f"bench.paired: {flag} expects xla_OPTION=VALUE, got {item!r}")
+        low = value.strip().lower()
+        opts[key] = low == "true" if low in ("true", "false") else int(value) if value.lstrip("-").isdigit() else value
+    return opts
+
+
 @contextmanager
 def environment(env: dict[str, str]) -> Iterator[None]:
     """``os.environ`` with ``env`` applied (an empty value unsets), restored afterwards."""
@@ -65,8 +79,10 @@ def environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def run_pairs(spec: Spec, a_env: dict[str, str], b_env: dict[str, str], pairs: int) -> dict[str, Any]:
-    """Compile ``spec``'s op under each environment, warm both up, then time ``pairs`` alternating pairs."""
+def run_pairs(spec: Spec, a_env: dict[str, str], b_env: dict[str, str], pairs: int,
+              a_xla: dict[str, Any] | None = None, b_xla: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compile ``spec``'s op under each environment (and XLA options), warm both up, then time ``pairs``
+    alternating pairs."""
     from bench.emajax_ops import prepare_score, prepare_train
 
     if spec.framework != "emajax" or spec.op not in PAIRED_OPS:
@@ -74,10 +90,10 @@ def run_pairs(spec: Spec, a_env: dict[str, str], b_env: dict[str, str], pairs: i
     prepare = prepare_score if spec.op == "score" else prepare_train
     variants: dict[str, dict[str, Any]] = {}
     calls = {}
-    for name, env in (("A", a_env), ("B", b_env)):
+    for name, env, xla in (("A", a_env, a_xla or {}), ("B", b_env, b_xla or {})):
         with environment(env):
-            calls[name], info = prepare(spec)
-        variants[name] = {"variant": name, "env": env, **info, "runs_s": []}
+            calls[name], info = prepare(spec, xla or None)
+        variants[name] = {"variant": name, "env": env, "xla_options": xla, **info, "runs_s": []}
     for name in ("A", "B"):
         variants[name]["loss_first"] = calls[name]()  # warm-up step; its loss shows both compute the same thing
     for i in range(pairs):
@@ -97,7 +113,8 @@ def run_pairs(spec: Spec, a_env: dict[str, str], b_env: dict[str, str], pairs: i
 def format_paired(out: dict[str, Any]) -> str:
     lines = [f"{'variant':8s} {'median s':>9s} {'min s':>7s} {'loss_first':>11s} {'program':>12s}  env / custom calls"]
     for v in out["results"]:
-        env = " ".join(f"{k}={val}" for k, val in v["env"].items()) or "(as started)"
+        env = " ".join([f"{k}={val}" for k, val in v["env"].items()]
+                       + [f"{k}={val}" for k, val in v.get("xla_options", {}).items()]) or "(as started)"
         lines.append(f"{v['variant']:8s} {v['seconds']:9.3f} {min(v['runs_s']):7.3f} {v['loss_first']:11.5f} "
                      f"{v.get('program_sha1', '-'):>12s}  {env}; {', '.join(v.get('custom_calls', [])) or 'none'}")
     p = out["paired"]
@@ -117,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--op", default="lora", choices=PAIRED_OPS)
     ap.add_argument("--stack", default="emajax-bf16", choices=("emajax-bf16", "emajax-fp32"))
     ap.add_argument("--a-env", nargs="*", metavar="NAME=VALUE", help="variant A's environment (default: as started)")
-    ap.add_argument("--b-env", nargs="+", metavar="NAME=VALUE", required=True,
+    ap.add_argument("--b-env", nargs="+", metavar="NAME=VALUE",
                     help="variant B's environment (an empty VALUE unsets NAME)")
+    ap.add_argument("--a-xla", nargs="*", metavar="xla_OPTION=VALUE", help="XLA options for A's compilation")
+    ap.add_argument("--b-xla", nargs="+", metavar="xla_OPTION=VALUE", help="XLA options for B's compilation")
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="as for python -m bench")
     ap.add_argument("--batch", type=int, default=8)
@@ -129,9 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs < 1:
         raise SystemExit("bench.paired: --pairs must be >= 1")
     a_env, b_env = parse_env(args.a_env, "--a-env"), parse_env(args.b_env, "--b-env")
+    a_xla, b_xla = parse_xla(args.a_xla, "--a-xla"), parse_xla(args.b_xla, "--b-xla")
+    if not (b_env or b_xla or a_env or a_xla):
+        raise SystemExit("bench.paired: give variant B (or A) something to differ in: --b-env and/or --b-xla")
     spec = Spec(op=args.op, stack=args.stack, model_dir=str(resolve_model(args.model)), batch=args.batch,
                 seq=args.seq, rank=args.rank, warmup=1, runs=args.pairs)
-    out = run_pairs(spec, a_env, b_env, args.pairs)
+    out = run_pairs(spec, a_env, b_env, args.pairs, a_xla, b_xla)
     print(format_paired(out))
     write_results(args.out, machine(), out["results"], op=args.op, stack=args.stack, pairs=args.pairs,
                   paired=out["paired"], batch=args.batch, seq=args.seq)

@@ -87,7 +87,7 @@ def test_onednn_dots_rows_time_each_path(monkeypatch):
 def test_paired_variants_differ_only_in_the_switch_traced_under_their_env(tiny_dir, monkeypatch):
     """bench.paired traces each variant under its own environment (here the trace-time matmul switch),
     alternates their steps, and reports what it timed; process-start settings are refused."""
-    from bench.paired import environment, parse_env, run_pairs
+    from bench.paired import environment, parse_env, parse_xla, run_pairs
     from emajax.native import onednn
 
     if onednn.unavailable_reason() is not None:
@@ -105,7 +105,28 @@ def test_paired_variants_differ_only_in_the_switch_traced_under_their_env(tiny_d
         parse_env(["XLA_FLAGS=--xla_cpu_use_thunk_runtime=false"], "--b-env")
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         parse_env(["EMAJAX_CPU_MATMUL"], "--b-env")
+    assert parse_xla(["--xla_cpu_enable_fast_math=false", "xla_cpu_parallel_codegen_split_count=4",
+                      "xla_cpu_max_isa=AVX2"], "--b-xla") == {
+        "xla_cpu_enable_fast_math": False, "xla_cpu_parallel_codegen_split_count": 4, "xla_cpu_max_isa": "AVX2"}
+    with pytest.raises(SystemExit, match="xla_OPTION"):
+        parse_xla(["enable_fast_math=false"], "--b-xla")
     monkeypatch.setenv("EMAJAX_CPU_MATMUL", "xla")
     with environment({"EMAJAX_CPU_MATMUL": "", "EMAJAX_OTHER": "1"}):
         assert "EMAJAX_CPU_MATMUL" not in os.environ and os.environ["EMAJAX_OTHER"] == "1"
     assert os.environ["EMAJAX_CPU_MATMUL"] == "xla" and "EMAJAX_OTHER" not in os.environ
+
+
+def test_paired_compiles_each_variant_with_its_own_xla_options(tiny_dir):
+    """--b-xla reaches B's compilation only: turning XLA:CPU's fusion emitters off changes B's program (the
+    same math), A's stays the default one, and an option XLA does not know is an error, not ignored."""
+    from bench.emajax_ops import prepare_score
+    from bench.paired import run_pairs
+
+    spec = Spec(op="score", stack="emajax-fp32", model_dir=str(tiny_dir), batch=2, seq=16, warmup=0, runs=1)
+    out = run_pairs(spec, {}, {}, pairs=1, b_xla={"xla_cpu_use_fusion_emitters": False})
+    a, b = out["results"]
+    assert a["xla_options"] == {} and b["xla_options"] == {"xla_cpu_use_fusion_emitters": False}
+    assert a["program_sha1"] != b["program_sha1"]
+    assert a["loss_first"] == pytest.approx(b["loss_first"], rel=1e-5)
+    with pytest.raises(Exception, match="xla_cpu_no_such_option"):
+        prepare_score(spec, {"xla_cpu_no_such_option": True})
