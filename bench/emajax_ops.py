@@ -110,7 +110,8 @@ def prepare_train(spec: Spec, compiler_options: dict[str, Any] | None = None
         jax.block_until_ready((box["state"], m))
         return float(m["loss"])
 
-    return once, {"compile_s": compile_s, "rss_after_load_mb": rss_loaded, "remat": spec.remat, **_program_facts(compiled)}
+    return once, {"compile_s": compile_s, "rss_after_load_mb": rss_loaded, "remat": spec.remat,
+                  **_program_facts(compiled)}
 
 
 def train_op(spec: Spec) -> dict[str, Any]:

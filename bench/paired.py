@@ -13,9 +13,10 @@ state within a pair, and the paired difference of the medians is what is reporte
 The environments are applied while each variant is traced and compiled, so they reach the switches
 emajax reads at trace time (``EMAJAX_CPU_MATMUL``); ``--b-xla`` passes XLA debug options (the names
 ``XLA_FLAGS`` takes, without the dashes) to that variant's compilation only. Settings read once at
-process start (``XLA_FLAGS`` itself, ``GLIBC_TUNABLES``) cannot be paired this way and are refused. Prints both variants' step times, first
-losses, compiled-program hashes and custom calls, and writes JSON ``{"machine", "op", "stack", "pairs",
-"results": [{"variant", "env", "seconds", "runs_s", "loss_first", ...}], "paired": {...}}``.
+process start (``XLA_FLAGS`` itself, ``GLIBC_TUNABLES``) cannot be paired this way and are refused.
+Prints both variants' step times, first losses, compiled-program hashes and custom calls, and writes JSON
+``{"machine", "op", "stack", "pairs", "results": [{"variant", "env", "xla_options", "seconds", "runs_s",
+"loss_first", ...}], "paired": {...}}``.
 """
 
 from __future__ import annotations
