@@ -9,19 +9,26 @@ state within a pair, and the paired difference of the medians is what is reporte
 
     python -m bench.paired --op lora --b-env EMAJAX_CPU_MATMUL=onednn --pairs 8
     python -m bench.paired --op lora --b-xla xla_cpu_enable_concurrency_optimized_scheduler=false
+    python -m bench.paired --op lora --b-op lora_ldifs --pairs 8     # a regulariser's overhead
+
+``--b-op`` makes variant B a different op on the same model and batch: the overhead ratios issue 6 sets
+(``lora_kl``/``lora``, ``lora_ldifs``/``lora``, ``lora_steer``/``lora``) then come from steps that
+alternated on one machine state, not from two worker processes minutes apart (a whole ``python -m
+bench`` run put ``lora_ldifs``/``lora`` anywhere between 1.03 and 1.27).
 
 The environments are applied while each variant is traced and compiled, so they reach the switches
 emajax reads at trace time (``EMAJAX_CPU_MATMUL``); ``--b-xla`` passes XLA debug options (the names
 ``XLA_FLAGS`` takes, without the dashes) to that variant's compilation only. Settings read once at
 process start (``XLA_FLAGS`` itself, ``GLIBC_TUNABLES``) cannot be paired this way and are refused.
 Prints both variants' step times, first losses, compiled-program hashes and custom calls, and writes JSON
-``{"machine", "op", "stack", "pairs", "results": [{"variant", "env", "xla_options", "seconds", "runs_s",
-"loss_first", ...}], "paired": {...}}``.
+``{"machine", "op", "b_op", "stack", "pairs", "results": [{"variant", "op", "env", "xla_options", "seconds",
+"runs_s", "loss_first", ...}], "paired": {...}}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -81,20 +88,25 @@ def environment(env: dict[str, str]) -> Iterator[None]:
 
 
 def run_pairs(spec: Spec, a_env: dict[str, str], b_env: dict[str, str], pairs: int,
-              a_xla: dict[str, Any] | None = None, b_xla: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Compile ``spec``'s op under each environment (and XLA options), warm both up, then time ``pairs``
-    alternating pairs."""
+              a_xla: dict[str, Any] | None = None, b_xla: dict[str, Any] | None = None,
+              b_op: str | None = None) -> dict[str, Any]:
+    """Compile ``spec``'s op (B: ``b_op`` if given) under each environment (and XLA options), warm both
+    up, then time ``pairs`` alternating pairs."""
     from bench.emajax_ops import prepare_score, prepare_train
 
-    if spec.framework != "emajax" or spec.op not in PAIRED_OPS:
-        raise SystemExit(f"bench.paired: needs an emajax stack and one of {', '.join(PAIRED_OPS)}")
-    prepare = prepare_score if spec.op == "score" else prepare_train
+    specs = {"A": spec, "B": dataclasses.replace(spec, op=b_op or spec.op)}
+    if spec.framework != "emajax" or any(s.op not in PAIRED_OPS for s in specs.values()):
+        raise SystemExit(f"bench.paired: needs an emajax stack and ops from {', '.join(PAIRED_OPS)}")
+    if (spec.op == "score") != (specs["B"].op == "score"):
+        raise SystemExit("bench.paired: pair a training op with a training op (score only with score)")
     variants: dict[str, dict[str, Any]] = {}
     calls = {}
     for name, env, xla in (("A", a_env, a_xla or {}), ("B", b_env, b_xla or {})):
+        s = specs[name]
+        prepare = prepare_score if s.op == "score" else prepare_train
         with environment(env):
-            calls[name], info = prepare(spec, xla or None)
-        variants[name] = {"variant": name, "env": env, "xla_options": xla, **info, "runs_s": []}
+            calls[name], info = prepare(s, xla or None)
+        variants[name] = {"variant": name, "op": s.op, "env": env, "xla_options": xla, **info, "runs_s": []}
     for name in ("A", "B"):
         variants[name]["loss_first"] = calls[name]()  # warm-up step; its loss shows both compute the same thing
     for i in range(pairs):
@@ -112,17 +124,20 @@ def run_pairs(spec: Spec, a_env: dict[str, str], b_env: dict[str, str], pairs: i
 
 
 def format_paired(out: dict[str, Any]) -> str:
-    lines = [f"{'variant':8s} {'median s':>9s} {'min s':>7s} {'loss_first':>11s} {'program':>12s}  env / custom calls"]
+    lines = [f"{'variant':8s} {'op':11s} {'median s':>9s} {'min s':>7s} {'loss_first':>11s} {'program':>12s}  "
+             "env / custom calls"]
     for v in out["results"]:
         env = " ".join([f"{k}={val}" for k, val in v["env"].items()]
                        + [f"{k}={val}" for k, val in v.get("xla_options", {}).items()]) or "(as started)"
-        lines.append(f"{v['variant']:8s} {v['seconds']:9.3f} {min(v['runs_s']):7.3f} {v['loss_first']:11.5f} "
+        lines.append(f"{v['variant']:8s} {v.get('op', '-'):11s} {v['seconds']:9.3f} {min(v['runs_s']):7.3f} "
+                     f"{v['loss_first']:11.5f} "
                      f"{v.get('program_sha1', '-'):>12s}  {env}; {', '.join(v.get('custom_calls', [])) or 'none'}")
     p = out["paired"]
     same = out["results"][0].get("program_sha1") == out["results"][1].get("program_sha1")
     lines.append(f"B/A {p['ratio_b_over_a']:.3f}; median paired difference {p['median_b_minus_a_s']:+.3f} s; "
                  f"B faster in {p['pairs_b_faster']} of {p['pairs']} pairs"
-                 + ("; the two compiled programs are identical" if same else ""))
+                 + ("; both optimised HLO programs are identical (options acting only on code"
+                    " generation, such as the vector width, still differ below it)" if same else ""))
     return "\n".join(lines)
 
 
@@ -139,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="variant B's environment (an empty VALUE unsets NAME)")
     ap.add_argument("--a-xla", nargs="*", metavar="xla_OPTION=VALUE", help="XLA options for A's compilation")
     ap.add_argument("--b-xla", nargs="+", metavar="xla_OPTION=VALUE", help="XLA options for B's compilation")
+    ap.add_argument("--b-op", choices=PAIRED_OPS, help="variant B runs this op instead of --op (e.g. an overhead ratio)")
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="as for python -m bench")
     ap.add_argument("--batch", type=int, default=8)
@@ -150,14 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench.paired: --pairs must be >= 1")
     a_env, b_env = parse_env(args.a_env, "--a-env"), parse_env(args.b_env, "--b-env")
     a_xla, b_xla = parse_xla(args.a_xla, "--a-xla"), parse_xla(args.b_xla, "--b-xla")
-    if not (b_env or b_xla or a_env or a_xla):
-        raise SystemExit("bench.paired: give variant B (or A) something to differ in: --b-env and/or --b-xla")
+    if not (b_env or b_xla or a_env or a_xla or (args.b_op and args.b_op != args.op)):
+        raise SystemExit("bench.paired: give variant B (or A) something to differ in: --b-env, --b-xla or --b-op")
     spec = Spec(op=args.op, stack=args.stack, model_dir=str(resolve_model(args.model)), batch=args.batch,
                 seq=args.seq, rank=args.rank, warmup=1, runs=args.pairs)
-    out = run_pairs(spec, a_env, b_env, args.pairs, a_xla, b_xla)
+    out = run_pairs(spec, a_env, b_env, args.pairs, a_xla, b_xla, b_op=args.b_op)
     print(format_paired(out))
-    write_results(args.out, machine(), out["results"], op=args.op, stack=args.stack, pairs=args.pairs,
-                  paired=out["paired"], batch=args.batch, seq=args.seq)
+    write_results(args.out, machine(), out["results"], op=args.op, b_op=args.b_op or args.op, stack=args.stack,
+                  pairs=args.pairs, paired=out["paired"], batch=args.batch, seq=args.seq)
     print(f"wrote {args.out}")
     return 0
 

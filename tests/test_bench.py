@@ -130,3 +130,18 @@ def test_paired_compiles_each_variant_with_its_own_xla_options(tiny_dir):
     assert a["loss_first"] == pytest.approx(b["loss_first"], rel=1e-5)
     with pytest.raises(Exception, match="xla_cpu_no_such_option"):
         prepare_score(spec, {"xla_cpu_no_such_option": True})
+
+
+def test_paired_b_op_alternates_two_ops_on_one_batch(tiny_dir):
+    """--b-op: B is another op on the same model and batch (an overhead ratio timed step by step); the
+    steered step computes a different loss from the same batch, and a training op never pairs with score."""
+    from bench.paired import run_pairs
+
+    spec = Spec(op="lora", stack="emajax-fp32", model_dir=str(tiny_dir), batch=2, seq=16, rank=4, warmup=0, runs=2)
+    out = run_pairs(spec, {}, {}, pairs=2, b_op="lora_steer")
+    a, b = out["results"]
+    assert (a["op"], b["op"]) == ("lora", "lora_steer") and a["program_sha1"] != b["program_sha1"]
+    assert a["loss_first"] != pytest.approx(b["loss_first"], rel=1e-4)
+    assert len(a["runs_s"]) == len(b["runs_s"]) == 2
+    with pytest.raises(SystemExit, match="training op with a training op"):
+        run_pairs(spec, {}, {}, pairs=1, b_op="score")
