@@ -10,6 +10,7 @@ Prints a table, emajax's regularizer overheads and issue 6's targets; writes JSO
     python -m bench --quick                 # < 10 min on a 2-core CPU
     python -m bench                         # every op x stack, 5 runs after 2 warm-ups
     python -m bench --model tiny --batch 2 --seq 32 --runs 1   # plumbing check in seconds
+    python -m bench --ops lora lora_kl lora_ldifs lora_steer --stacks emajax-bf16 --paired-overheads 8
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.generate import _agreement
 from bench.harness import (DEFAULT_PEAK_GFLOPS, OPS, RANDOM_PRESETS, STACKS, Dims, Spec, add_ratios, check_op_stack, check_targets,
-                           finish_row, format_report, loadavg, machine, make_random_model_dir, peak_rss_mb, run_worker,
-                           run_worker_raw,
-                           write_results)
+                           finish_row, format_report, loadavg, machine, make_random_model_dir, peak_rss_mb,
+                           run_paired_overhead, run_worker, run_worker_raw, write_results)
 
 # --quick: the pairs that decide issue 6's targets, fewest runs (emajax-bf16 only where it can win);
 # emajax's own overheads first, so a run cut short still answers them.
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="fp32 FLOP peak for peak_fraction (default: XLA:CPU fp32 matmul measured 494 GFLOP/s)")
     p.add_argument("--measure-peak", action="store_true",
                    help="also measure XLA's fp32/bf16 matmul rate here and use the fp32 figure as --peak-gflops")
+    p.add_argument("--paired-overheads", type=int, default=0, metavar="PAIRS",
+                   help="also time lora_kl/lora_ldifs/lora_steer against lora step by step in one process "
+                        "(bench.paired, PAIRS alternating pairs each) and decide the overhead targets by those")
     p.add_argument("--timeout", type=float, default=900, help="seconds per worker")
     p.add_argument("--out", default="bench_results.json", help="JSON output path")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -111,6 +115,22 @@ def resolve_model(name: str) -> Path:
     return resolve_model_dir(name)
 
 
+def paired_overheads(args: argparse.Namespace, pairs: list[tuple[str, str]], model_dir: Path,
+                     overheads: dict[str, Any]) -> None:
+    """For each emajax stack, each regularised op of the plan against lora, timed step by step in one
+    process (``run_paired_overhead``); results go to ``overheads[stack]["paired"]["<op>/lora"]``."""
+    for op, stack in pairs:
+        if op not in ("lora_kl", "lora_ldifs", "lora_steer") or not stack.startswith("emajax"):
+            continue
+        spec = Spec(op="lora", stack=stack, model_dir=str(model_dir), batch=args.batch, seq=args.seq, rank=args.rank,
+                    remat=args.remat, device=args.device)
+        print(f"[paired] lora vs {op} / {stack}, {args.paired_overheads} pairs (load {loadavg():.1f}) ...",
+              file=sys.stderr, flush=True)
+        res = run_paired_overhead(spec, op, args.paired_overheads, args.timeout)
+        print(f"    {res.get('ratio') or res.get('error')}", file=sys.stderr, flush=True)
+        overheads.setdefault(stack, {}).setdefault("paired", {})[f"{op}/lora"] = res
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -152,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             if r["op"] == "generate" and r["stack"] in tokens and r.get("seconds"):
                 r["token_agreement_vs_torch_fp32"] = _agreement(tokens[r["stack"]], tokens["torch-fp32"])
     overheads = add_ratios(rows)
+    if args.paired_overheads > 0:
+        paired_overheads(args, pairs, model_dir, overheads)
     targets = check_targets(rows, overheads, args.peak_gflops)
     info["loadavg_1m_end"] = loadavg()
     info["total_s"] = time.perf_counter() - t_start

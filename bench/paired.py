@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--remat", default="none", choices=("none", "full", "dots"), help="emajax remat policy")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--out", default="bench_paired.json")
     args = ap.parse_args(argv)
     if args.pairs < 1:
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (b_env or b_xla or a_env or a_xla or (args.b_op and args.b_op != args.op)):
         raise SystemExit("bench.paired: give variant B (or A) something to differ in: --b-env, --b-xla or --b-op")
     spec = Spec(op=args.op, stack=args.stack, model_dir=str(resolve_model(args.model)), batch=args.batch,
-                seq=args.seq, rank=args.rank, warmup=1, runs=args.pairs)
+                seq=args.seq, rank=args.rank, warmup=1, runs=args.pairs, remat=args.remat, device=args.device)
     out = run_pairs(spec, a_env, b_env, args.pairs, a_xla, b_xla, b_op=args.b_op)
     print(format_paired(out))
     write_results(args.out, machine(), out["results"], op=args.op, b_op=args.b_op or args.op, stack=args.stack,

@@ -57,6 +57,29 @@ def test_report_ratios_and_targets():
     assert "ERROR" in text and "boom" in text and "lora_kl/lora 1.250" in text
 
 
+def test_targets_cover_every_emajax_stack_and_prefer_paired_overheads():
+    """Peak fraction and overheads are decided for each emajax stack in the run (a bf16-only run used to
+    get none); an overhead timed step by step (--paired-overheads) replaces the two-process ratio, and a
+    paired run that failed leaves the two-process ratio in charge and shows its error."""
+    spec = lambda op, st: Spec(op=op, stack=st, model_dir="x", batch=8, seq=256)  # noqa: E731
+    d = Dims(layers=2, hidden=8, inter=16, heads=2, kv_heads=1, head_dim=4, vocab=32)
+    raw = {("lora", "emajax-fp32"): 2.0, ("lora", "emajax-bf16"): 1.0, ("lora_ldifs", "emajax-bf16"): 1.05,
+           ("lora_kl", "emajax-bf16"): 1.2}
+    rows = [finish_row(spec(op, st), {"seconds": s, "peak_rss_mb": 100.0}, d, 500.0) for (op, st), s in raw.items()]
+    over = add_ratios(rows)
+    over["emajax-bf16"]["paired"] = {"lora_ldifs/lora": {"ratio": 1.23, "pairs": 8, "pairs_b_faster": 0},
+                                     "lora_kl/lora": {"error": "timed out after 900 s"}}
+    targets = {t["target"]: t for t in check_targets(rows, over, 500.0)}
+    assert {"lora fraction of fp32 peak (emajax-fp32, peak 500 GFLOP/s)",
+            "lora fraction of fp32 peak (emajax-bf16, peak 500 GFLOP/s)"} <= set(targets)
+    ldifs = targets["lora_ldifs/lora time (emajax-bf16, paired: 8 pairs in one process)"]
+    assert ldifs["value"] == 1.23 and ldifs["met"] is False  # the two-process 1.05 would have passed
+    assert "lora_ldifs/lora time (emajax-bf16)" not in targets
+    assert targets["lora_kl/lora time (emajax-bf16)"]["value"] == pytest.approx(1.2)
+    text = format_report(rows, over, list(targets.values()))
+    assert "lora_ldifs/lora 1.230 (B faster in 0 of 8)" in text and "lora_kl/lora ERROR timed out" in text
+
+
 @pytest.mark.slow
 def test_workers_run_both_stacks_on_the_same_objective(tiny_dir):
     assert json.loads((tiny_dir / "config.json").read_text())["vocab_size"] == TINY_HF_CONFIG["vocab_size"]
