@@ -223,20 +223,30 @@ def run_worker(spec: Spec, timeout: float) -> dict[str, Any]:
 
 def run_worker_raw(arg: str, timeout: float) -> dict[str, Any]:
     """``python -m bench --worker ARG``; errors come back as ``{"error": ...}``, never raised."""
-    cmd = [sys.executable, "-m", "bench", "--worker", arg]
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
+    proc = _run_process([sys.executable, "-m", "bench", "--worker", arg], timeout)
+    if isinstance(proc, dict):
+        return proc
     wall = time.perf_counter() - t0
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
-        return {"error": f"exit {proc.returncode}: {tail}"}
+        return _process_error(proc)
     out = json.loads(lines[-1])
     out["wall_s"] = wall
     return out
+
+
+def _run_process(cmd: list[str], timeout: float) -> subprocess.CompletedProcess | dict[str, Any]:
+    """The finished process, or ``{"error": ...}`` when it ran past ``timeout``."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+
+
+def _process_error(proc: subprocess.CompletedProcess) -> dict[str, Any]:
+    tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
+    return {"error": f"exit {proc.returncode}: {tail}"}
 
 
 def run_paired_overhead(spec: Spec, b_op: str, pairs: int, timeout: float) -> dict[str, Any]:
@@ -247,13 +257,11 @@ def run_paired_overhead(spec: Spec, b_op: str, pairs: int, timeout: float) -> di
         cmd = [sys.executable, "-m", "bench.paired", "--op", spec.op, "--b-op", b_op, "--stack", spec.stack,
                "--pairs", str(pairs), "--model", spec.model_dir, "--batch", str(spec.batch), "--seq", str(spec.seq),
                "--rank", str(spec.rank), "--remat", spec.remat, "--device", spec.device, "--out", str(out)]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout:.0f} s"}
+        proc = _run_process(cmd, timeout)
+        if isinstance(proc, dict):
+            return proc
         if proc.returncode != 0 or not out.exists():
-            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
-            return {"error": f"exit {proc.returncode}: {tail}"}
+            return _process_error(proc)
         res = json.loads(out.read_text())
     p, (a, b) = res["paired"], res["results"]
     return {"ratio": p["ratio_b_over_a"], "pairs": p["pairs"], "pairs_b_faster": p["pairs_b_faster"],
