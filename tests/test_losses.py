@@ -67,6 +67,42 @@ def test_masked_ce_value_and_grads_match_naive(data):
         _close(gw, nw)
 
 
+def test_prompt_and_padding_chunks_never_reach_the_vocabulary(data):
+    """SFT-shaped masks (prompt, answer, padding; one row without answer tokens): within each row the
+    weighted positions go first and chunks past the fullest row's last one are skipped. NaN hidden
+    states planted where only skipped chunks would read them leave CE and CE + KL, values and
+    gradients, equal to the naive reference on the same inputs with zeros there."""
+    rng = np.random.default_rng(1)
+    b, t, c = 3, 12, 3
+    m = np.zeros((b, t), np.float32)
+    m[0, 3:9] = 1.0  # 6 answer tokens: two full chunks, the most of any row
+    m[1, 2:5] = 1.0  # 3: its first three unweighted positions (0, 1, 5) fill the second chunk
+    h = rng.standard_normal((b, t, D)).astype(np.float32)
+    skipped = np.zeros((b, t), bool)
+    skipped[0, [0, 1, 2, 9, 10, 11]] = skipped[1, 6:] = skipped[2, 6:] = True
+    h_nan = jnp.asarray(np.where(skipped[..., None], np.nan, h))
+    h0 = jnp.asarray(np.where(skipped[..., None], 0.0, h))
+    hr = h0 + 0.3
+    w, wr, m = data["w"], data["w"] * 0.9, jnp.asarray(m)
+    tg = jnp.asarray(rng.integers(0, V, (b, t)).astype(np.int32))
+
+    def naive(h, w):
+        return _naive_ce(h, w, tg, m) + 0.5 * _naive_kl(h, hr, w, wr, m)
+
+    nval, (nh, nw) = jax.value_and_grad(lambda h, w: _naive_ce(h, w, tg, m), (0, 1))(h0, w)
+    val, (gh, gw) = jax.jit(jax.value_and_grad(lambda h, w: masked_ce(h, w, tg, m, seq_chunk=c), (0, 1)))(h_nan, w)
+    _close(val, nval)
+    _close(gh, nh)
+    _close(gw, nw)
+    nval, (nh, nw) = jax.value_and_grad(naive, (0, 1))(h0, w)
+    val, (gh, gw) = jax.jit(jax.value_and_grad(
+        lambda h, w: ce_plus_kl(h, hr, w, wr, tg, m, kl_weight=0.5, seq_chunk=c)[0], (0, 1)))(h_nan, w)
+    _close(val, nval)
+    _close(gh, nh)
+    _close(gw, nw)
+    assert not np.asarray(gh)[skipped].any()  # no gradient where nothing was weighted
+
+
 def test_token_nll_and_its_backward_match_naive(data):
     h, w, tg = data["h"], data["w"], data["tg"]
 

@@ -10,7 +10,8 @@ and the backward pass never reads a saved logit tensor:
   computes each chunk's softmax gradient right after the chunk's logits and keeps only dL/dhidden
   [B, T, D] and dL/dW [D, V] (each only if that input is being differentiated); the backward rule just
   scales them by the output cotangent. Three vocabulary matmuls per chunk (logits, dh, dW), no
-  recomputation, and two when ``w_dv`` is frozen (LoRA).
+  recomputation, and two when ``w_dv`` is frozen (LoRA). Only positions with a nonzero weight reach
+  the vocabulary (``scan_weighted``): prompt and padding chunks are skipped.
 
 Inputs are already shifted: position t of ``hidden_btd`` predicts ``targets_bt[t]``. Logits are
 accumulated in fp32 (``preferred_element_type``) and logsumexp is taken in fp32 whatever the input dtype.
@@ -69,6 +70,43 @@ def from_chunks(x_cb: jax.Array, seq_len: int) -> jax.Array:
     n, b, c = x_cb.shape[:3]
     x = jnp.moveaxis(x_cb, 0, 1).reshape((b, n * c) + x_cb.shape[3:])
     return x[:, :seq_len]
+
+
+def scan_weighted(body: Any, carry: Any, arrays_bt: tuple[jax.Array, ...], weights_bt: tuple[jax.Array, ...],
+                  chunk: int) -> tuple[Any, Any]:
+    """``lax.scan(body, carry, chunks of arrays_bt)`` over the positions that carry weight only.
+
+    Within each row, positions with a nonzero weight in any of ``weights_bt`` are moved to the front
+    (stable order), and only the chunks up to the fullest row's last such position run (a loop with a
+    traced trip count: the loss functions compute their gradients in their forward rules, so nothing
+    differentiates through it). Prompt and padding positions, a third to a half of a chat SFT batch,
+    then cost no vocabulary products. ``body(carry, xs) -> (carry, ys)`` sees permuted positions; ys
+    (e.g. dL/dh per chunk) come back as [B, T, ...] in the original order, zero where skipped. Rows
+    stay whole, so a batch sharded over rows needs no communication."""
+    t = arrays_bt[0].shape[1]
+    live_bt = weights_bt[0] != 0
+    for w in weights_bt[1:]:
+        live_bt = live_bt | (w != 0)
+    order_bt = jnp.argsort(jnp.logical_not(live_bt).astype(jnp.int8), axis=1, stable=True)
+    back_bt = jnp.argsort(order_bt, axis=1)
+
+    def take(x_bt, idx_bt):
+        return jnp.take_along_axis(x_bt, idx_bt.reshape(idx_bt.shape + (1,) * (x_bt.ndim - 2)), axis=1)
+
+    xs = tuple(to_chunks(take(a, order_bt), chunk) for a in arrays_bt)
+    n = xs[0].shape[0]
+    n_live = jnp.minimum(-(-jnp.max(jnp.sum(live_bt, axis=1)) // chunk), n)
+    at = lambda i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), xs)  # noqa: E731
+    y_shape = jax.eval_shape(body, carry, at(0))[1]
+    ys0 = jax.tree.map(lambda sd: jnp.zeros((n,) + sd.shape, sd.dtype), y_shape)
+
+    def step(i, state):
+        c, ys = state
+        c, y = body(c, at(i))
+        return c, jax.tree.map(lambda acc, v: jax.lax.dynamic_update_index_in_dim(acc, v, i, 0), ys, y)
+
+    carry, ys = jax.lax.fori_loop(0, n_live, step, (carry, ys0))
+    return carry, jax.tree.map(lambda y: take(from_chunks(y, t), back_bt), ys)
 
 
 def chunk_logits(h_bcd: jax.Array, w_dv: jax.Array) -> jax.Array:
@@ -258,7 +296,6 @@ def masked_nll_sums(hidden_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Arra
 # ----------------------------------------------------------------------------- masked_ce (fused)
 def _ce_scan(h_btd, w_dv, tgt_bt, wt_bt, chunk, need_dh, need_dw):
     """Sum_t wt*nll over chunks; optionally also dL/dh [B,T,D] and dL/dW [D,V] of that sum."""
-    t = h_btd.shape[1]
 
     def body(carry, xs):
         loss, dw = carry
@@ -276,9 +313,7 @@ def _ce_scan(h_btd, w_dv, tgt_bt, wt_bt, chunk, need_dh, need_dw):
         return (loss, dw), dh
 
     dw0 = jnp.zeros(w_dv.shape, jnp.float32) if need_dw else None
-    xs = (to_chunks(h_btd, chunk), to_chunks(tgt_bt, chunk), to_chunks(wt_bt, chunk))
-    (loss, dw), dh_c = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), xs)
-    dh = from_chunks(dh_c, t) if need_dh else None
+    (loss, dw), dh = scan_weighted(body, (jnp.zeros((), jnp.float32), dw0), (h_btd, tgt_bt, wt_bt), (wt_bt,), chunk)
     return loss, dh, dw
 
 

@@ -19,14 +19,13 @@ from emajax.losses.ce import (
     chunk_logits,
     chunk_nll,
     log_softmax_v,
-    from_chunks,
     grad_h,
     grad_w,
     mask_weights,
     resolve_seq_chunk,
     scale_grads,
+    scan_weighted,
     softmax_minus_onehot,
-    to_chunks,
 )
 
 
@@ -53,7 +52,6 @@ def _chunk_kl(z_bcv, zr_bcv, reverse: bool, want_grad: bool, lse_z_bc=None):
 
 
 def _kl_scan(h_btd, rh_btd, w_dv, rw_dv, wt_bt, reverse, chunk, need_dh, need_dw):
-    t = h_btd.shape[1]
     want_grad = need_dh or need_dw
 
     def body(carry, xs):
@@ -71,9 +69,7 @@ def _kl_scan(h_btd, rh_btd, w_dv, rw_dv, wt_bt, reverse, chunk, need_dh, need_dw
         return (loss, dw), dh
 
     dw0 = jnp.zeros(w_dv.shape, jnp.float32) if need_dw else None
-    xs = (to_chunks(h_btd, chunk), to_chunks(rh_btd, chunk), to_chunks(wt_bt, chunk))
-    (loss, dw), dh_c = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), xs)
-    dh = from_chunks(dh_c, t) if need_dh else None
+    (loss, dw), dh = scan_weighted(body, (jnp.zeros((), jnp.float32), dw0), (h_btd, rh_btd, wt_bt), (wt_bt,), chunk)
     return loss, dh, dw
 
 
@@ -147,7 +143,6 @@ def _ce_kl_scan(h_btd, rh_btd, w_dv, rw_dv, tgt_bt, ce_wt_bt, kl_wt_bt, reverse,
     ``kl_weight`` None: one gradient per term, (dh_ce, dh_kl), (dw_ce, dw_kl). Otherwise the gradient of
     ce + kl_weight·kl alone, ((dh,), (dw,)): the two logit gradients are added before they are projected
     back through the output matrix, one [c, V] x [V, D] product per chunk instead of two."""
-    t = h_btd.shape[1]
     want_grad = need_dh or need_dw
     parts = 1 if kl_weight is not None else 2
 
@@ -172,9 +167,9 @@ def _ce_kl_scan(h_btd, rh_btd, w_dv, rw_dv, tgt_bt, ce_wt_bt, kl_wt_bt, reverse,
 
     dw0 = tuple(jnp.zeros(w_dv.shape, jnp.float32) for _ in range(parts)) if need_dw else None
     zero = jnp.zeros((), jnp.float32)
-    xs = tuple(to_chunks(a, chunk) for a in (h_btd, rh_btd, tgt_bt, ce_wt_bt, kl_wt_bt))
-    (ce, kl, dws), dh_c = jax.lax.scan(body, (zero, zero, dw0), xs)
-    dhs = tuple(from_chunks(d, t) for d in dh_c) if need_dh else (None,) * parts
+    (ce, kl, dws), dhs = scan_weighted(body, (zero, zero, dw0), (h_btd, rh_btd, tgt_bt, ce_wt_bt, kl_wt_bt),
+                                       (ce_wt_bt, kl_wt_bt), chunk)
+    dhs = dhs if need_dh else (None,) * parts
     return (ce, kl), (dhs, dws if need_dw else (None,) * parts)
 
 
