@@ -72,6 +72,16 @@ def from_chunks(x_cb: jax.Array, seq_len: int) -> jax.Array:
     return x[:, :seq_len]
 
 
+def live_first(live_gn: jax.Array) -> jax.Array:
+    """Per row, the indices that put the True positions first, each group in its original order."""
+    return jnp.argsort(jnp.logical_not(live_gn).astype(jnp.int8), axis=1, stable=True)
+
+
+def take_rows(x_gn: jax.Array, idx_gn: jax.Array) -> jax.Array:
+    """``x_gn`` [G, N, ...] with each row's positions reordered by ``idx_gn`` [G, N]."""
+    return jnp.take_along_axis(x_gn, idx_gn.reshape(idx_gn.shape + (1,) * (x_gn.ndim - 2)), axis=1)
+
+
 def scan_weighted(body: Any, carry: Any, arrays_bt: tuple[jax.Array, ...], weights_bt: tuple[jax.Array, ...],
                   chunk: int) -> tuple[Any, Any]:
     """``lax.scan(body, carry, chunks of arrays_bt)`` over the positions that carry weight only.
@@ -79,21 +89,17 @@ def scan_weighted(body: Any, carry: Any, arrays_bt: tuple[jax.Array, ...], weigh
     Within each row, positions with a nonzero weight in any of ``weights_bt`` are moved to the front
     (stable order), and only the chunks up to the fullest row's last such position run (a loop with a
     traced trip count: the loss functions compute their gradients in their forward rules, so nothing
-    differentiates through it). Prompt and padding positions, a third to a half of a chat SFT batch,
-    then cost no vocabulary products. ``body(carry, xs) -> (carry, ys)`` sees permuted positions; ys
+    differentiates through it). Prompt and padding positions (42 % of the safe pool's tokens are
+    not answers, before any padding) then cost no vocabulary products. ``body(carry, xs) -> (carry, ys)`` sees permuted positions; ys
     (e.g. dL/dh per chunk) come back as [B, T, ...] in the original order, zero where skipped. Rows
     stay whole, so a batch sharded over rows needs no communication."""
     t = arrays_bt[0].shape[1]
     live_bt = weights_bt[0] != 0
     for w in weights_bt[1:]:
         live_bt = live_bt | (w != 0)
-    order_bt = jnp.argsort(jnp.logical_not(live_bt).astype(jnp.int8), axis=1, stable=True)
+    order_bt = live_first(live_bt)
     back_bt = jnp.argsort(order_bt, axis=1)
-
-    def take(x_bt, idx_bt):
-        return jnp.take_along_axis(x_bt, idx_bt.reshape(idx_bt.shape + (1,) * (x_bt.ndim - 2)), axis=1)
-
-    xs = tuple(to_chunks(take(a, order_bt), chunk) for a in arrays_bt)
+    xs = tuple(to_chunks(take_rows(a, order_bt), chunk) for a in arrays_bt)
     n = xs[0].shape[0]
     n_live = jnp.minimum(-(-jnp.max(jnp.sum(live_bt, axis=1)) // chunk), n)
     at = lambda i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), xs)  # noqa: E731
@@ -106,7 +112,7 @@ def scan_weighted(body: Any, carry: Any, arrays_bt: tuple[jax.Array, ...], weigh
         return c, jax.tree.map(lambda acc, v: jax.lax.dynamic_update_index_in_dim(acc, v, i, 0), ys, y)
 
     carry, ys = jax.lax.fori_loop(0, n_live, step, (carry, ys0))
-    return carry, jax.tree.map(lambda y: take(from_chunks(y, t), back_bt), ys)
+    return carry, jax.tree.map(lambda y: take_rows(from_chunks(y, t), back_bt), ys)
 
 
 def chunk_logits(h_bcd: jax.Array, w_dv: jax.Array) -> jax.Array:
@@ -274,9 +280,8 @@ def masked_nll_sums(hidden_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Arra
     g, n = (b, t) if per_row else (1, b * t)  # gather within groups of n positions
     c = resolve_seq_chunk(chunk, g, n, v)
     m_gn, h_gnd, tg_gn = mask.reshape(g, n), hidden_btd.reshape(g, n, d), tgt.reshape(g, n)
-    order_gn = jnp.argsort(jnp.logical_not(m_gn).astype(jnp.int8), axis=1, stable=True)  # masked first
-    take = lambda x: jnp.take_along_axis(x, order_gn.reshape(order_gn.shape + (1,) * (x.ndim - 2)), axis=1)
-    h_gnd, tg_gn, m_gn = take(h_gnd), take(tg_gn), take(m_gn)
+    order_gn = live_first(m_gn)
+    h_gnd, tg_gn, m_gn = (take_rows(x, order_gn) for x in (h_gnd, tg_gn, m_gn))
     live = jnp.max(jnp.sum(m_gn, axis=1))  # positions worth computing in the fullest group
 
     def body(_, xs):
