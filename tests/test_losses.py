@@ -536,3 +536,44 @@ def test_masked_nll_sums_equal_masked_token_nll(per_row, chunk):
     np.testing.assert_allclose(np.asarray(sums), np.asarray(ref), rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(counts), np.asarray(m.sum(1), np.float32))
     assert float(sums[2]) == 0.0 and float(sums[0]) > 0.0
+
+
+def test_denominators_make_micro_batches_sum_to_the_batch_mean():
+    """masked_ce / token_kl / ce_plus_kl / ldifs with the counts of a larger batch: the two halves' values
+    and gradients add up to the whole batch's mean (gradient accumulation weighted by tokens)."""
+    k = jax.random.split(jax.random.PRNGKey(3), 5)
+    b, t, d, v = 4, 6, 8, 32
+    h, hr = jax.random.normal(k[0], (b, t, d)), jax.random.normal(k[1], (b, t, d))
+    w = jax.random.normal(k[2], (d, v))
+    tg = jax.random.randint(k[3], (b, t), 0, v)
+    m = (jnp.arange(t)[None, :] >= jnp.array([[1], [4], [2], [5]])).astype(jnp.float32)  # 5, 2, 4, 1 tokens
+    km = jnp.ones((b, t))
+    halves = (slice(0, 1), slice(1, 4))
+
+    def whole_and_parts(fn, mask):
+        @jax.jit
+        def run(h, hr, tg, mask):
+            whole = jax.value_and_grad(lambda h: fn(h, hr, tg, mask, None))(h)
+            n = jnp.sum(mask)
+            parts = [jax.value_and_grad(lambda hh: fn(hh, hr[s], tg[s], mask[s], n))(h[s]) for s in halves]
+            return whole, (sum(p[0] for p in parts), jnp.concatenate([p[1] for p in parts]))
+
+        return run(h, hr, tg, mask)
+
+    fns = [(lambda h, hr, tg, m, n: masked_ce(h, w, tg, m, seq_chunk=4, denom=n), m),
+           (lambda h, hr, tg, m, n: token_kl(h, hr, w, w, m, seq_chunk=4, denom=n), m),
+           (lambda h, hr, tg, m, n: ldifs([h], [hr], m, denom=None if n is None else 4.0), m)]
+    for fn, mask in fns:
+        (v1, g1), (v2, g2) = whole_and_parts(fn, mask)
+        np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-4, atol=1e-6)
+    # ce_plus_kl with its two counts (KL over every position here, CE over answers)
+    @jax.jit
+    def fused(h, hr, tg, m, km):
+        whole = ce_plus_kl(h, hr, w, w * 1.1, tg, m, km, kl_weight=0.5, seq_chunk=4)
+        return whole, [ce_plus_kl(h[s], hr[s], w, w * 1.1, tg[s], m[s], km[s], kl_weight=0.5, seq_chunk=4,
+                                  ce_denom=jnp.sum(m), kl_denom=jnp.sum(km)) for s in halves]
+
+    whole, parts = fused(h, hr, tg, m, km)
+    for i in range(3):
+        np.testing.assert_allclose(float(whole[i]), float(sum(p[i] for p in parts)), rtol=1e-5)

@@ -180,3 +180,65 @@ def test_mesh_2x2x2_step_equals_single_device():
         assert abs(m1[k] - m8[k]) <= 1e-5 * max(abs(m1[k]), 1e-30), (k, m1[k], m8[k])
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a)
+
+
+# ----------------------------------------------------------------------------- KL positions, accumulation
+def test_kl_tokens_all_averages_over_every_non_padding_position():
+    """defenses.kl.tokens: all (the released code's choice) = the naive KL mean over the attention mask;
+    answer (the default) = over the answer mask; the two differ on a batch with prompts."""
+    from emajax.train.step import _forward
+
+    mb = mb0(host_batch(5))
+    kls = {}
+    for tokens in ("answer", "all"):
+        spec = StepSpec(lora=True, kl_weight=0.5, kl_tokens=tokens)
+        g, st, _, _ = setup(perturbed_lora_model(), make_mesh(1, 1, 1), spec)
+
+        @jax.jit
+        def both(st, mb):
+            ref = reference_outputs(g, spec, st, mb)
+            out, w = _forward(g, (st.trainable, st.frozen), mb, layers=(), steer_ld=None, lora_scale=1.0)
+            logp = jax.nn.log_softmax(out.hidden_btd @ w, axis=-1)
+            logq = jax.nn.log_softmax(ref[0].hidden_btd @ ref[1], axis=-1)
+            kl_bt = jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+            return loss_terms(g, spec, st.trainable, st, mb, ref)[1]["kl"], kl_bt
+
+        kls[tokens], kl_bt = both(st, mb)
+        m = np.asarray(mb["attn_mask"] if tokens == "all" else mb["loss_mask"], np.float64)
+        want = float((np.asarray(kl_bt, np.float64) * m).sum() / m.sum())
+        np.testing.assert_allclose(float(kls[tokens]), want, rtol=1e-4)
+    assert abs(float(kls["all"]) - float(kls["answer"])) > 1e-3 * float(kls["answer"])
+
+
+def _uneven_rows(n: int = 4) -> dict[str, np.ndarray]:
+    """n rows with very different answer lengths (3 .. 13 answer tokens) and some padding."""
+    rng = np.random.default_rng(11)
+    shape = (1, n, T)
+    attn = np.zeros(shape, bool)
+    lm = np.zeros(shape, np.float32)
+    for r, (length, answer) in enumerate([(16, 13), (9, 3), (12, 8), (6, 4)][:n]):
+        attn[0, r, :length] = True
+        lm[0, r, length - answer:length] = 1.0
+    return dict(inputs=rng.integers(0, TINY.vocab_size, shape).astype(np.int32),
+                targets=rng.integers(0, TINY.vocab_size, shape).astype(np.int32),
+                loss_mask=lm, attn_mask=attn, positions=np.broadcast_to(np.arange(T, dtype=np.int32), shape).copy())
+
+
+def test_accumulation_4x1_equals_one_batch_of_4_on_uneven_answers():
+    """loss.normalize: global (the default) makes 4 micro-batches of 1 row the same optimiser step as one
+    batch of 4 rows: every term divides by its count over the accumulated batch. The per-micro-batch mean
+    (micro_batch) weighs a 3-token answer like a 13-token one, so it differs: the test can fail."""
+    spec = StepSpec(lora=True, kl_weight=0.3, kl_tokens="all", ldifs_weight=0.5, ldifs_layers=(2, 4))
+    one = _uneven_rows()
+    four = {k: np.moveaxis(v, 1, 0) for k, v in one.items()}  # [4, 1, T]: the same rows, one per micro-batch
+    p1, m1, _ = _run_step(make_mesh(1, 1, 1), spec, one)
+    keys = ("loss", "ce", "kl", "ldifs", "grad_norm")
+    for normalize in ("global", "micro_batch"):
+        p4, m4, _ = _run_step(make_mesh(1, 1, 1), dataclasses.replace(spec, normalize=normalize), four)
+        dist = max(float(np.linalg.norm(a - b) / np.linalg.norm(a))
+                   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)))
+        gap = max(abs(m1[k] - m4[k]) / max(abs(m1[k]), 1e-30) for k in keys)
+        if normalize == "global":
+            assert dist <= 1e-5 and gap <= 1e-5, (dist, gap)
+        else:
+            assert gap > 1e-3, gap

@@ -152,10 +152,15 @@ def check_bt(x_bt: jax.Array, b: int, t: int, name: str, where: str) -> None:
         raise ValueError(f"emajax.losses.{where}: {name} must be [B, T] = [{b}, {t}], got shape {x_bt.shape}")
 
 
-def mask_weights(loss_mask_bt: jax.Array) -> jax.Array:
-    """Per-token weights mask / max(sum(mask), 1) in fp32, outside the gradient."""
+def mask_weights(loss_mask_bt: jax.Array, denom: Any = None) -> jax.Array:
+    """Per-token weights mask / max(denom, 1) in fp32, outside the gradient; ``denom`` defaults to sum(mask).
+
+    A ``denom`` counted over more than this batch (e.g. every micro-batch of an accumulated optimiser
+    step) makes the loss that batch's share of the larger batch's token mean: summing the shares gives
+    the mean over all of them, with every token weighted alike."""
     m = jax.lax.stop_gradient(loss_mask_bt).astype(jnp.float32)
-    return m / jnp.maximum(jnp.sum(m), 1.0)
+    d = jnp.sum(m) if denom is None else jax.lax.stop_gradient(jnp.asarray(denom, jnp.float32))
+    return m / jnp.maximum(d, 1.0)
 
 
 # ----------------------------------------------------------------------------- per-chunk math
@@ -356,12 +361,15 @@ def masked_ce(
     loss_mask_bt: jax.Array,
     *,
     seq_chunk: int | None = None,
+    denom: jax.Array | float | None = None,
 ) -> jax.Array:
     """Answer-masked mean token cross-entropy, fp32 scalar.
 
-        ce = sum_{b,t} m[b,t] * nll[b,t] / max(sum_{b,t} m[b,t], 1)
+        ce = sum_{b,t} m[b,t] * nll[b,t] / max(N, 1),   N = denom, default sum_{b,t} m[b,t]
 
-    with nll as in ``token_nll`` and m = loss_mask_bt (1 where the target is an answer token). The
+    with nll as in ``token_nll`` and m = loss_mask_bt (1 where the target is an answer token). ``denom``
+    (no gradient) is the answer-token count of a larger batch this one is part of (gradient
+    accumulation): the micro-batches' values then sum to that batch's token mean. The
     gradient is computed in the forward pass chunk by chunk (fused), only for the inputs being
     differentiated; no [B, T, V] tensor is stored. The mask gets no gradient.
     """
@@ -369,4 +377,4 @@ def masked_ce(
     check_bt(targets_bt, b, t, "targets_bt", "masked_ce")
     check_bt(loss_mask_bt, b, t, "loss_mask_bt", "masked_ce")
     chunk = resolve_seq_chunk(seq_chunk, b, t, v)
-    return _weighted_ce_vjp(hidden_btd, w_dv, _clip_targets(targets_bt, v), mask_weights(loss_mask_bt), chunk)
+    return _weighted_ce_vjp(hidden_btd, w_dv, _clip_targets(targets_bt, v), mask_weights(loss_mask_bt, denom), chunk)

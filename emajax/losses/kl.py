@@ -104,13 +104,14 @@ def token_kl(
     *,
     reverse: bool = False,
     seq_chunk: int | None = None,
+    denom: jax.Array | float | None = None,
 ) -> jax.Array:
     """Masked mean per-token KL to the reference model, fp32 scalar.
 
         p = softmax(hidden_btd @ w_dv),  q = softmax(ref_hidden_btd @ ref_w_dv)      (fp32, per token)
         kl[b,t] = sum_v p (log p - log q)             = KL(p_theta || p_ref)   (reverse=False)
         kl[b,t] = sum_v q (log q - log p)             = KL(p_ref || p_theta)   (reverse=True)
-        loss    = sum_{b,t} m[b,t] kl[b,t] / max(sum m, 1),   m = loss_mask_bt
+        loss    = sum_{b,t} m[b,t] kl[b,t] / max(N, 1),   m = loss_mask_bt,  N = denom or sum m
 
     Gradients flow only into hidden_btd and w_dv; the reference inputs are stop_gradient'ed. When the
     trained and reference inputs are equal, the loss is exactly 0 and so is its gradient
@@ -132,7 +133,7 @@ def token_kl(
     chunk = resolve_seq_chunk(seq_chunk, b, t, v)
     ref_h = jax.lax.stop_gradient(ref_hidden_btd)
     ref_w = jax.lax.stop_gradient(ref_w_dv)
-    return _weighted_kl_vjp(hidden_btd, ref_h, w_dv, ref_w, mask_weights(loss_mask_bt), bool(reverse), chunk)
+    return _weighted_kl_vjp(hidden_btd, ref_h, w_dv, ref_w, mask_weights(loss_mask_bt, denom), bool(reverse), chunk)
 
 
 # ----------------------------------------------------------------------------- CE + KL sharing logits
@@ -225,7 +226,7 @@ _ce_plus_kl_vjp.defvjp(_ce_plus_kl_fwd, _ce_plus_kl_bwd, symbolic_zeros=True)
 
 
 def _ce_kl_inputs(name, hidden_btd, ref_hidden_btd, w_dv, ref_w_dv, targets_bt, loss_mask_bt, kl_mask_bt,
-                  seq_chunk):
+                  seq_chunk, ce_denom=None, kl_denom=None):
     """Checked inputs of ce_and_kl / ce_plus_kl: (ref_h, ref_w (no gradient), targets, CE and KL token
     weights, chunk)."""
     b, t, _, v = check_hidden_w(hidden_btd, w_dv, name)
@@ -240,7 +241,8 @@ def _ce_kl_inputs(name, hidden_btd, ref_hidden_btd, w_dv, ref_w_dv, targets_bt, 
     kl_mask_bt = loss_mask_bt if kl_mask_bt is None else kl_mask_bt
     check_bt(kl_mask_bt, b, t, "kl_mask_bt", name)
     return (jax.lax.stop_gradient(ref_hidden_btd), jax.lax.stop_gradient(ref_w_dv),
-            jnp.clip(targets_bt.astype(jnp.int32), 0, v - 1), mask_weights(loss_mask_bt), mask_weights(kl_mask_bt),
+            jnp.clip(targets_bt.astype(jnp.int32), 0, v - 1), mask_weights(loss_mask_bt, ce_denom),
+            mask_weights(kl_mask_bt, kl_denom),
             resolve_seq_chunk(seq_chunk, b, t, v))
 
 
@@ -255,11 +257,15 @@ def ce_and_kl(
     *,
     reverse: bool = False,
     seq_chunk: int | None = None,
+    ce_denom: jax.Array | float | None = None,
+    kl_denom: jax.Array | float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(masked_ce(...), token_kl(...)) in one pass that computes the trained logits once per chunk.
 
         ce = Σ m nll / max(Σ m, 1)                    (as ``masked_ce``, m = loss_mask_bt)
         kl = Σ k kl_tok / max(Σ k, 1)                 (as ``token_kl``, k = kl_mask_bt or m)
+
+    ``ce_denom`` / ``kl_denom`` replace Σ m / Σ k (the counts of an accumulated batch; see ``masked_ce``).
 
     Equal to calling both functions, values and gradients (each output is separately differentiable,
     e.g. through ``compose``), with one vocabulary matmul fewer per chunk: the KL-regularised step
@@ -267,7 +273,8 @@ def ce_and_kl(
     the KL term is known, :func:`ce_plus_kl` saves one more product per chunk.
     """
     ref_h, ref_w, tgt, cw, kw, chunk = _ce_kl_inputs("ce_and_kl", hidden_btd, ref_hidden_btd, w_dv, ref_w_dv,
-                                                     targets_bt, loss_mask_bt, kl_mask_bt, seq_chunk)
+                                                     targets_bt, loss_mask_bt, kl_mask_bt, seq_chunk, ce_denom,
+                                                     kl_denom)
     return _ce_kl_vjp(hidden_btd, ref_h, w_dv, ref_w, tgt, cw, kw, bool(reverse), chunk)
 
 
@@ -283,6 +290,8 @@ def ce_plus_kl(
     kl_weight: float | jax.Array,
     reverse: bool = False,
     seq_chunk: int | None = None,
+    ce_denom: jax.Array | float | None = None,
+    kl_denom: jax.Array | float | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(ce + kl_weight * kl, ce, kl) with ce and kl as in :func:`ce_and_kl`; only the first is
     differentiable (ce and kl come back through ``stop_gradient``, for reporting).
@@ -291,7 +300,8 @@ def ce_plus_kl(
     are added before the [c, V] x [V, D] product back to the hidden states, so a chunk costs one such
     product instead of :func:`ce_and_kl`'s two. ``kl_weight`` may be a traced scalar (a schedule)."""
     ref_h, ref_w, tgt, cw, kw, chunk = _ce_kl_inputs("ce_plus_kl", hidden_btd, ref_hidden_btd, w_dv, ref_w_dv,
-                                                     targets_bt, loss_mask_bt, kl_mask_bt, seq_chunk)
+                                                     targets_bt, loss_mask_bt, kl_mask_bt, seq_chunk, ce_denom,
+                                                     kl_denom)
     if jnp.ndim(kl_weight) != 0:
         raise ValueError(f"emajax.losses.ce_plus_kl: kl_weight must be a scalar, got shape {jnp.shape(kl_weight)}")
     lam = jax.lax.stop_gradient(jnp.asarray(kl_weight, jnp.float32))

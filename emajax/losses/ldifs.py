@@ -53,6 +53,7 @@ def ldifs(
     mask_bt: jax.Array | None = None,
     *,
     layer_reduction: str = "sum",
+    denom: jax.Array | float | None = None,
 ) -> jax.Array:
     """LDIFS feature distance, fp32 scalar.
 
@@ -63,13 +64,15 @@ def ldifs(
         r_l[b] = vec(m[b] * R_l[b]) / ||vec(m[b] * R_l[b])||_2
         d[b]   = sum_l ||f_l[b] - r_l[b]||_2^2                          (layer_reduction="sum")
                = ||concat_l f_l[b] - concat_l r_l[b]||_2^2              (the paper's concatenated features)
-        ldifs  = mean over examples b with at least one unmasked token of d[b]
+        ldifs  = sum of d[b] over examples b with at least one unmasked token / max(N, 1)
+                 N = denom, default the number of such examples (a mean over them)
 
     Each layer term lies in [0, 4]. "sum" (default) is the squared distance of the concatenated,
     per-layer-normalised feature vectors as the LDIFS papers define it, so their weights (e.g. 1.0)
     keep their meaning; "mean" divides by the number of layers, making the scale independent of how
     many layers are used. Gradients flow into ``features`` (and whatever produced them), not into
-    ``ref_features``.
+    ``ref_features``. ``denom`` (no gradient) is the example count of a larger batch this one is part of
+    (gradient accumulation): the micro-batches' values then sum to the mean over all its examples.
     """
     features = tuple(features)
     ref_features = tuple(ref_features)
@@ -102,7 +105,6 @@ def ldifs(
         d_b = d_b + jnp.sum(diff * diff, axis=-1)
     if layer_reduction == "mean":
         d_b = d_b / len(features)
-    if m is None:
-        return jnp.mean(d_b)
-    valid_b = (jnp.sum(m, axis=-1) > 0).astype(jnp.float32)
-    return jnp.sum(d_b * valid_b) / jnp.maximum(jnp.sum(valid_b), 1.0)
+    valid_b = jnp.ones((b,), jnp.float32) if m is None else (jnp.sum(m, axis=-1) > 0).astype(jnp.float32)
+    n = jnp.sum(valid_b) if denom is None else jax.lax.stop_gradient(jnp.asarray(denom, jnp.float32))
+    return jnp.sum(d_b * valid_b) / jnp.maximum(n, 1.0)

@@ -69,6 +69,7 @@ class OptimCfg:
 class KlCfg:
     weight: float = 0.0  # paper: 0.1
     reverse: bool = False  # KL(p_ref || p_theta) instead of KL(p_theta || p_ref)
+    tokens: str = "answer"  # answer | all (every non-padding position, prompt included: the released code)
 
 
 @dataclasses.dataclass
@@ -98,17 +99,25 @@ class InterleaveCfg:
 
 
 @dataclasses.dataclass
+class SafeLoraCfg:
+    base_model: str | None = None  # the unaligned base of model.name (e.g. Qwen/Qwen2.5-7B); null = off
+    threshold: float = 0.3  # project a module's LoRA update when cos(C dW, dW) <= threshold (paper: 0.3)
+
+
+@dataclasses.dataclass
 class DefensesCfg:
     kl: KlCfg = dataclasses.field(default_factory=KlCfg)
     ldifs: LdifsCfg = dataclasses.field(default_factory=LdifsCfg)
     steering: SteeringCfg = dataclasses.field(default_factory=SteeringCfg)
     inoculation: InoculationCfg = dataclasses.field(default_factory=InoculationCfg)
     interleave: InterleaveCfg = dataclasses.field(default_factory=InterleaveCfg)
+    safelora: SafeLoraCfg = dataclasses.field(default_factory=SafeLoraCfg)
 
 
 @dataclasses.dataclass
 class LossCfg:
     seq_chunk: int | None = None  # compute CE/KL over sequence chunks of this many tokens (memory)
+    normalize: str = "global"  # global: token means over the whole accumulated batch | micro_batch
 
 
 @dataclasses.dataclass
@@ -229,6 +238,14 @@ def _validate(cfg: Config) -> None:
         bad("distributed", f"must be auto|true|false, got {cfg.distributed!r}")
     if cfg.defenses.kl.weight < 0 or cfg.defenses.ldifs.weight < 0:
         bad("defenses", "loss weights must be >= 0")
+    if cfg.defenses.kl.tokens not in ("answer", "all"):
+        bad("defenses.kl.tokens", f"must be answer|all, got {cfg.defenses.kl.tokens!r}")
+    if cfg.loss.normalize not in ("global", "micro_batch"):
+        bad("loss.normalize", f"must be global|micro_batch, got {cfg.loss.normalize!r}")
+    if cfg.defenses.safelora.base_model is not None and not cfg.lora.enabled:
+        bad("defenses.safelora", "projects LoRA updates: it needs lora.enabled: true")
+    if not -1.0 <= cfg.defenses.safelora.threshold <= 1.0:
+        bad("defenses.safelora.threshold", f"is a cosine similarity in [-1, 1], got {cfg.defenses.safelora.threshold}")
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

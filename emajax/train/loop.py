@@ -35,7 +35,8 @@ from emajax.train.step import StepSpec, compile_train_step, make_eval_fn
 # Keys that may change between the run that wrote a checkpoint and the one resuming it.
 _RESUME_FREE = {"train.max_steps", "train.progress", "train.tensorboard", "train.export", "train.eval_every",
                 "train.save_every", "train.keep_checkpoints", "out", "data.eval", "data.eval_batch_size",
-                "data.eval_max_examples", "distributed", "mesh.data", "mesh.fsdp", "mesh.tensor"}
+                "data.eval_max_examples", "distributed", "mesh.data", "mesh.fsdp", "mesh.tensor",
+                "defenses.safelora.base_model", "defenses.safelora.threshold"}  # applied at export
 
 
 @dataclasses.dataclass
@@ -76,7 +77,9 @@ def _check_same_run(run_dir: Path, cfg: Config) -> None:
         return
     old = _flat(yaml.safe_load(path.read_text()) or {})
     new = _flat(cfg.to_dict())
-    diff = sorted(k for k in set(old) | set(new) if k not in _RESUME_FREE and old.get(k) != new.get(k))
+    defaults = _flat(Config().to_dict())
+    # A key the old config lacks was added later: it matches when the new value is that key's default.
+    diff = sorted(k for k in set(old) | set(new) if k not in _RESUME_FREE and old.get(k, defaults.get(k)) != new.get(k))
     if diff and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise ValueError(f"{run_dir}: holds checkpoints of a different config (changed: {', '.join(diff[:6])}); "
                          f"use another --out or delete the directory")
@@ -97,7 +100,8 @@ def step_spec(cfg: Config, num_layers: int) -> StepSpec:
         if not 1 <= l <= num_layers:
             raise ValueError(f"defenses.ldifs.layers: layer {l} outside 1..{num_layers}")
     return StepSpec(lora=cfg.lora.enabled, kl_weight=d.kl.weight, kl_reverse=d.kl.reverse,
-                    ldifs_weight=d.ldifs.weight, ldifs_layers=layers, seq_chunk=cfg.loss.seq_chunk)
+                    ldifs_weight=d.ldifs.weight, ldifs_layers=layers, seq_chunk=cfg.loss.seq_chunk,
+                    kl_tokens=d.kl.tokens, normalize=cfg.loss.normalize)
 
 
 def _pad_id(tokenizer: Any, model_cfg: Any) -> int:

@@ -7,6 +7,13 @@ outputs are constants: no gradient and no saved residuals), with the adapters of
 the frozen initial copy (full FT). Steering (``state.steer_ld``) enters the trained forward pass
 only. Micro-batches [A, B, T] are accumulated with ``lax.scan``; the step is jitted with the
 state's explicit shardings and the state donated.
+
+KL positions (``StepSpec.kl_tokens``): ``answer`` = the CE's answer tokens, ``all`` = every
+non-padding input position (prompt included, as the paper's released code). Normalisation
+(``StepSpec.normalize``): ``global`` divides each term by its count over the whole accumulated
+batch (answer tokens for CE, the KL positions for KL, examples for LDIFS) and sums the
+micro-batches, so the step equals one batch of A x B rows; ``micro_batch`` takes each
+micro-batch's mean and averages them (docs/losses.md).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from emajax.train.mesh import accum_batch_sharding, replicated
 from emajax.train.state import TrainState, state_shardings
 
 BATCH_FIELDS = ("inputs", "targets", "loss_mask", "attn_mask", "positions")
+KL_TOKENS = ("answer", "all")
+NORMALIZE = ("global", "micro_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +44,31 @@ class StepSpec:
     ldifs_weight: float = 0.0
     ldifs_layers: tuple[int, ...] = ()
     seq_chunk: int | None = None
+    kl_tokens: str = "answer"  # answer | all (every non-padding position)
+    normalize: str = "global"  # global (over the accumulated batch) | micro_batch
+
+    def __post_init__(self) -> None:
+        if self.kl_tokens not in KL_TOKENS:
+            raise ValueError(f"StepSpec.kl_tokens must be one of {KL_TOKENS}, got {self.kl_tokens!r}")
+        if self.normalize not in NORMALIZE:
+            raise ValueError(f"StepSpec.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
 
     @property
     def need_ref(self) -> bool:
         return self.kl_weight > 0 or self.ldifs_weight > 0
+
+
+def kl_mask(spec: StepSpec, mb: dict[str, jax.Array]) -> jax.Array:
+    """Positions the KL term averages over: the answer mask, or every non-padding input position."""
+    return mb["loss_mask"] if spec.kl_tokens == "answer" else mb["attn_mask"].astype(jnp.float32)
+
+
+def batch_denoms(spec: StepSpec, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Each term's count over a whole [A, B, T] batch: answer tokens (CE), KL positions, examples with a
+    real token (LDIFS). Dividing every micro-batch's sum by these makes the accumulated step one batch."""
+    return {"ce": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
+            "kl": jnp.sum(kl_mask(spec, batch).astype(jnp.float32)),
+            "ldifs": jnp.sum(jnp.any(batch["attn_mask"], axis=-1).astype(jnp.float32))}
 
 
 def _forward(graphdef: Any, params: tuple[Any, ...], mb: dict[str, jax.Array], *, layers: tuple[int, ...],
@@ -61,8 +91,13 @@ def reference_outputs(graphdef: Any, spec: StepSpec, state: TrainState, mb: dict
 
 
 def loss_terms(graphdef: Any, spec: StepSpec, trainable: Any, state: TrainState, mb: dict[str, jax.Array],
-               ref: tuple[Any, Any] | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss and per-term metrics of one micro-batch (differentiable in ``trainable``)."""
+               ref: tuple[Any, Any] | None, denoms: dict[str, jax.Array] | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss and per-term metrics of one micro-batch (differentiable in ``trainable``).
+
+    ``denoms`` (``batch_denoms`` of the whole accumulated batch) makes each term this micro-batch's
+    share of the batch mean; None takes the micro-batch's own mean."""
+    d = denoms or {}
     layers = spec.ldifs_layers if spec.ldifs_weight > 0 else ()
     out, w_dv = _forward(graphdef, (trainable, state.frozen), mb, layers=layers, steer_ld=state.steer_ld,
                          lora_scale=1.0)
@@ -74,14 +109,17 @@ def loss_terms(graphdef: Any, spec: StepSpec, trainable: Any, state: TrainState,
         # reported and weighted in the total without a gradient of its own.
         ref_out, ref_w = ref
         ce_kl, ce, kl = losses.ce_plus_kl(out.hidden_btd, ref_out.hidden_btd, w_dv, ref_w, mb["targets"], mask,
-                                          kl_weight=spec.kl_weight, reverse=spec.kl_reverse, seq_chunk=spec.seq_chunk)
+                                          kl_mask(spec, mb), kl_weight=spec.kl_weight, reverse=spec.kl_reverse,
+                                          seq_chunk=spec.seq_chunk, ce_denom=d.get("ce"), kl_denom=d.get("kl"))
         terms = {"ce": (1.0, ce + (ce_kl - jax.lax.stop_gradient(ce_kl))), "kl": (spec.kl_weight, kl)}
     else:
-        terms = {"ce": (1.0, losses.masked_ce(out.hidden_btd, w_dv, mb["targets"], mask, seq_chunk=spec.seq_chunk))}
+        terms = {"ce": (1.0, losses.masked_ce(out.hidden_btd, w_dv, mb["targets"], mask, seq_chunk=spec.seq_chunk,
+                                              denom=d.get("ce")))}
     if ref is not None:
         ref_out, _ = ref
         if spec.ldifs_weight > 0:
-            terms["ldifs"] = (spec.ldifs_weight, losses.ldifs(out.features, ref_out.features, mb["attn_mask"]))
+            terms["ldifs"] = (spec.ldifs_weight, losses.ldifs(out.features, ref_out.features, mb["attn_mask"],
+                                                              denom=d.get("ldifs")))
     total, metrics = losses.compose(terms)
     metrics = dict(metrics)
     metrics["loss"] = total
@@ -92,27 +130,31 @@ def make_step_fn(graphdef: Any, spec: StepSpec, tx: optax.GradientTransformation
                  schedule: Callable[[Any], Any]) -> Callable[[TrainState, dict[str, jax.Array]], Any]:
     """The uncompiled step (see module doc); batch fields are [A, B, T]."""
 
-    def micro(state: TrainState, mb: dict[str, jax.Array]) -> tuple[Any, dict[str, jax.Array]]:
+    def micro(state: TrainState, mb: dict[str, jax.Array], denoms: Any) -> tuple[Any, dict[str, jax.Array]]:
         ref = reference_outputs(graphdef, spec, state, mb) if spec.need_ref else None
-        grad_fn = jax.grad(lambda tr: loss_terms(graphdef, spec, tr, state, mb, ref), has_aux=True)
+        grad_fn = jax.grad(lambda tr: loss_terms(graphdef, spec, tr, state, mb, ref, denoms), has_aux=True)
         return grad_fn(state.trainable)
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         accum = batch["inputs"].shape[0]
+        # global: every micro-batch contributes its sums over the whole batch's counts, so the sum over
+        # micro-batches is the batch mean; micro_batch: own means, averaged.
+        denoms = batch_denoms(spec, batch) if spec.normalize == "global" else None
+        scale = 1.0 if spec.normalize == "global" else 1.0 / accum
         if accum == 1:
-            grads, metrics = micro(state, {k: v[0] for k, v in batch.items()})
+            grads, metrics = micro(state, {k: v[0] for k, v in batch.items()}, denoms)
         else:
             def body(carry, mb):
                 g_sum, m_sum = carry
-                g, m = micro(state, mb)
+                g, m = micro(state, mb, denoms)
                 return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m)), None
 
             zeros_g = jax.tree.map(jnp.zeros_like, state.trainable)
-            m_shape = jax.eval_shape(lambda: micro(state, {k: v[0] for k, v in batch.items()})[1])
+            m_shape = jax.eval_shape(lambda: micro(state, {k: v[0] for k, v in batch.items()}, denoms)[1])
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
             (g_sum, m_sum), _ = jax.lax.scan(body, (zeros_g, zeros_m), batch)
-            grads = jax.tree.map(lambda g: g / accum, g_sum)
-            metrics = jax.tree.map(lambda m: m / accum, m_sum)
+            grads = jax.tree.map(lambda g: g * scale, g_sum)
+            metrics = jax.tree.map(lambda m: m * scale, m_sum)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
