@@ -245,10 +245,34 @@ def train(cfg: Config, run_dir: str | Path, *, loaded: Any = None, callback: Any
         logger.close()
         ckpt.close()
 
+    if cfg.defenses.safelora.base_model and cfg.lora.enabled and cfg.train.export:
+        state = safelora_state(graphdef, state, cfg, mesh, run_dir, is_main)
     export_dir = None
     if cfg.train.export and is_main:
         export_dir = export(graphdef, state, cfg, run_dir / "export", tok, base_name=base_name)
     return RunResult(run_dir, start, end, total, last, evals, export_dir, stats_d)
+
+
+def safelora_state(graphdef: Any, state: Any, cfg: Config, mesh: Any, run_dir: Path, is_main: bool) -> Any:
+    """The trained state with SafeLoRA applied to its LoRA B matrices (``defenses.safelora``), for export;
+    every per-layer decision goes to ``safelora.json``. Checkpoints keep the unprojected adapter."""
+    from emajax import atomic
+    from emajax.defenses.safelora import apply_safelora, summarize
+    from emajax.models.hub import load_model
+
+    sl = cfg.defenses.safelora
+    base = load_model(sl.base_model, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=mesh).model
+    model = nnx.merge(graphdef, state.trainable, state.frozen)
+    records = apply_safelora(model, base, sl.threshold)
+    del base
+    summary = summarize(records)
+    if is_main:
+        atomic.write_json(run_dir / "safelora.json", {"base_model": sl.base_model, "aligned_model": cfg.model.name,
+                                                      "threshold": sl.threshold, **summary, "layers": records})
+        print(f"emajax train: SafeLoRA projected {summary['projected']} of {summary['total']} adapted matrices "
+              f"(threshold {sl.threshold}) -> {run_dir / 'safelora.json'}", flush=True)
+    _, trainable, _ = nnx.split(model, nnx.LoRAParam, ...)
+    return state._replace(trainable=trainable)
 
 
 def export(graphdef: Any, state: Any, cfg: Config, out_dir: Path, tokenizer: Any, base_name: str) -> Path:
