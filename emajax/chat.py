@@ -87,6 +87,17 @@ def _eot_strings(tokenizer: Any) -> list[str]:
     return out
 
 
+def end_of_turn_ids(tokenizer: Any) -> set[int]:
+    """Token ids of the end-of-turn markers the answer mask may end with (the EOS and known template
+    markers that are single tokens of this vocabulary)."""
+    out = set()
+    for e in _eot_strings(tokenizer):
+        ids = tokenizer.convert_tokens_to_ids([e])
+        if ids and ids[0] is not None and ids[0] != getattr(tokenizer, "unk_token_id", None):
+            out.add(int(ids[0]))
+    return out
+
+
 def _try_render(tokenizer: Any, messages: list[dict[str, str]], gen: bool) -> str | None:
     if not messages:
         return None

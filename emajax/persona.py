@@ -1,10 +1,15 @@
 """Persona vectors (Chen et al. 2025): a per-layer residual-stream direction for a trait such as "evil".
 
-Extraction: answer each question under a trait-eliciting (pos) and a trait-suppressing (neg) system
-prompt, average the residual stream over each answer's tokens (assistant content + end-of-turn) at every
-layer, and take vector[l] = mean over pos answers − mean over neg answers. Optionally an LLM judge keeps
-only the (instruction, question) pairs whose pos answer shows the trait (score >= 50), whose neg answer
-does not (< 50) and where both are coherent (>= 50).
+Extraction, as Chen et al.'s released pipeline does it: every question is answered under each
+trait-eliciting (pos) and trait-suppressing (neg) instruction, wrapped into the system prompt
+"You are an evil assistant. <pos instruction>" / "You are a helpful assistant. <neg instruction>"
+(``wrap_system``; the trait's name comes from the persona file's name), several samples per prompt at
+temperature 1 (10 samples, 1000 new tokens by default in ``emajax persona extract``). The residual
+stream is averaged over each answer's content tokens at every layer (their answers are decoded without
+special tokens and re-tokenized after the prompt, so the end-of-turn token is not part of the mean;
+``answer_tokens="content+eot"`` includes it), and vector[l] = mean over pos answers − mean over neg
+answers. Optionally an LLM judge keeps only the (instruction, question, sample) pairs whose pos answer
+shows the trait (score >= 50), whose neg answer does not (< 50) and where both are coherent (>= 50).
 
 Projection: the mean over a set of answers of h̄_l · v_l / |v_l| (h̄_l = the answer-token mean residual) —
 how far along the trait direction a model's (or an adapter's) answers sit. ``persona_monitor`` does the
@@ -30,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emajax.chat import encode_chat, pad_batch, pow2_bucket
+from emajax.chat import encode_chat, end_of_turn_ids, pad_batch, pow2_bucket
 from emajax import atomic
 
 MIN_BUCKET = 32
@@ -69,6 +74,7 @@ class PersonaSpec:
     questions: tuple[str, ...]
     eval_prompt: str | None
     source: str
+    trait: str = "evil"  # the assistant's name in the pos wrapper (from the file name: evil_extract.json)
 
     @property
     def prompt_hash(self) -> str:
@@ -99,21 +105,51 @@ def load_persona_spec(path: str | Path) -> PersonaSpec:
     if not isinstance(qs, list) or not qs or not all(isinstance(q, str) for q in qs):
         raise PersonaError(f"{path}: field 'questions' must be a non-empty list of strings")
     ep = raw.get("eval_prompt")
-    return PersonaSpec(tuple(pairs), tuple(qs), ep if isinstance(ep, str) else None, str(path))
+    return PersonaSpec(tuple(pairs), tuple(qs), ep if isinstance(ep, str) else None, str(path),
+                       trait_from_filename(path))
+
+
+def trait_from_filename(path: str | Path) -> str:
+    """``evil_extract.json`` / ``evil_eval.json`` / ``evil.json`` -> ``evil`` (Chen et al. name files by trait)."""
+    stem = Path(path).stem
+    for suffix in ("_extract", "_eval"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return stem.replace("_", " ") or "evil"
 
 
 # ------------------------------------------------------------------------------------------ answers
-def answer_requests(spec: PersonaSpec, samples: int = 1) -> list[dict]:
-    """One record per (instruction, question, polarity, sample), answer not yet filled."""
+WRAPPERS = ("chen", "none")
+NEG_ASSISTANT = "helpful"
+
+
+def wrap_system(instruction: str, polarity: str, trait: str, wrapper: str = "chen") -> str:
+    """The system prompt for one instruction: Chen et al.'s "You are a(n) <name> assistant. <instruction>"
+    with name = the trait for pos and "helpful" for neg; ``wrapper="none"`` is the bare instruction."""
+    if wrapper == "none":
+        return instruction
+    if wrapper != "chen":
+        raise PersonaError(f"unknown system-prompt wrapper {wrapper!r} (choose from {', '.join(WRAPPERS)})")
+    name = trait if polarity == "pos" else NEG_ASSISTANT
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return f"You are {article} {name} assistant. {instruction}"
+
+
+def answer_requests(spec: PersonaSpec, samples: int = 1, *, wrapper: str = "chen", trait: str | None = None
+                    ) -> list[dict]:
+    """One record per (instruction, question, polarity, sample), answer not yet filled; the system
+    prompt is the instruction under ``wrapper`` (``trait`` overrides the file's trait name)."""
     if not spec.instructions:
         raise PersonaError(f"{spec.source}: field 'instruction' is empty: extraction needs pos/neg prompts")
+    trait = trait or spec.trait
     out = []
     for i, (pos, neg) in enumerate(spec.instructions):
         for q, question in enumerate(spec.questions):
             for s in range(samples):
-                for pol, system in (("pos", pos), ("neg", neg)):
+                for pol, inst in (("pos", pos), ("neg", neg)):
                     out.append({"instruction": i, "question_index": q, "sample": s, "polarity": pol,
-                                "system": system, "question": question, "answer": None})
+                                "system": wrap_system(inst, pol, trait, wrapper), "question": question,
+                                "answer": None})
     return out
 
 
@@ -173,15 +209,35 @@ def _masked_means(graphdef, state, tokens_bt, mask_bt, pos_bt, answer_bt, lora_s
     return jnp.stack([jnp.einsum("btd,bt->bd", f.astype(jnp.float32), w_bt) / denom_b[:, None] for f in feats], 1)
 
 
+ANSWER_TOKENS = ("content", "content+eot")
+
+
+def answer_mask(tokenizer: Any, chat: Sequence[dict], answer_tokens: str = "content", max_len: int = 2048):
+    """ChatTokens of ``chat`` whose mask covers the answer's content tokens, plus its end-of-turn token
+    when ``answer_tokens="content+eot"`` (the training loss mask)."""
+    if answer_tokens not in ANSWER_TOKENS:
+        raise PersonaError(f"answer_tokens must be one of {ANSWER_TOKENS}, got {answer_tokens!r}")
+    ct = encode_chat(tokenizer, list(chat), max_len=max_len)
+    if answer_tokens == "content+eot":
+        return ct
+    eot = end_of_turn_ids(tokenizer)
+    mask = list(ct.answer_mask)
+    for j in range(len(mask)):  # the last token of each answer span, when it is an end-of-turn marker
+        if mask[j] and (j + 1 == len(mask) or not mask[j + 1]) and ct.ids[j] in eot:
+            mask[j] = False
+    return ct._replace(answer_mask=mask)
+
+
 def answer_activations(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict]], *,
                        layers: Sequence[int] | None = None, batch_size: int = 16, max_len: int = 2048,
-                       lora_scale: float = 1.0) -> np.ndarray:
-    """[N, n_layers, D] mean residual over each chat's answer tokens (layers default: 0..L, all)."""
+                       lora_scale: float = 1.0, answer_tokens: str = "content") -> np.ndarray:
+    """[N, n_layers, D] mean residual over each chat's answer tokens (layers default: 0..L, all); the
+    end-of-turn token is left out unless ``answer_tokens="content+eot"`` (see the module doc)."""
     cfg = model.cfg
     layers = tuple(range(cfg.num_layers + 1)) if layers is None else tuple(sorted(set(int(l) for l in layers)))
     enc = []
     for i, c in enumerate(chats):
-        ct = encode_chat(tokenizer, list(c), max_len=max_len)
+        ct = answer_mask(tokenizer, c, answer_tokens, max_len)
         if not any(ct.answer_mask):
             raise PersonaError(f"chat {i}: no answer token (empty assistant reply?)")
         enc.append(ct)
@@ -281,19 +337,19 @@ def judge_keep_pairs(records: Sequence[dict], client: Any, eval_prompt: str,
 
 # ----------------------------------------------------------------------------------------- extract
 def extract(loaded: Any, records: Sequence[dict], *, model_name: str, prompt_hash: str, batch_size: int = 16,
-            max_len: int = 2048) -> tuple[np.ndarray, dict[str, Any]]:
+            max_len: int = 2048, answer_tokens: str = "content") -> tuple[np.ndarray, dict[str, Any]]:
     """Persona vectors [L+1, D] from answered pos/neg records, and the metadata to save with them."""
     pos = [r for r in records if r["polarity"] == "pos"]
     neg = [r for r in records if r["polarity"] == "neg"]
     acts = answer_activations(loaded.model, loaded.tokenizer, [record_chat(r) for r in pos + neg],
-                              batch_size=batch_size, max_len=max_len)
+                              batch_size=batch_size, max_len=max_len, answer_tokens=answer_tokens)
     a_pos, a_neg = acts[: len(pos)], acts[len(pos):]
     vectors = persona_vectors(a_pos, a_neg)
     d = effect_sizes(projections(a_pos, vectors), projections(a_neg, vectors))
     # Layer 0 is the token embedding (no context): not a candidate for steering.
     rec = int(np.argmax(d[1:])) + 1
     meta = {"model": model_name, "prompt_hash": prompt_hash, "recommended_layer": rec, "n_pos": len(pos),
-            "n_neg": len(neg), "effect_size": [round(float(x), 4) for x in d],
+            "n_neg": len(neg), "effect_size": [round(float(x), 4) for x in d], "answer_tokens": answer_tokens,
             "method": "mean answer-token residual, pos minus neg system prompt (Chen et al. 2025)"}
     return vectors, meta
 
@@ -301,12 +357,13 @@ def extract(loaded: Any, records: Sequence[dict], *, model_name: str, prompt_has
 # -------------------------------------------------------------------------------------- projection
 def project_records(loaded: Any, records: Sequence[dict], vectors_ld: np.ndarray, *,
                     layers: Sequence[int] | None = None, batch_size: int = 16, max_len: int = 2048,
-                    lora_scale: float = 1.0) -> np.ndarray:
+                    lora_scale: float = 1.0, answer_tokens: str = "content") -> np.ndarray:
     """[N, n_layers] projections of each answered record's answer activations on the vectors
     (layers default: all rows of ``vectors_ld``; only the requested layers are captured)."""
     layers = list(range(vectors_ld.shape[0])) if layers is None else sorted(set(int(l) for l in layers))
     acts = answer_activations(loaded.model, loaded.tokenizer, [record_chat(r) for r in records], layers=layers,
-                              batch_size=batch_size, max_len=max_len, lora_scale=lora_scale)
+                              batch_size=batch_size, max_len=max_len, lora_scale=lora_scale,
+                              answer_tokens=answer_tokens)
     return projections(acts, vectors_ld[layers])
 
 

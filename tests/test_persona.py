@@ -49,14 +49,38 @@ def test_answer_means_are_batch_and_padding_invariant(tiny):
     _, loaded = tiny
     chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": "Answer: 14 " * (i + 1)}]
              for i, q in enumerate(QUESTIONS)]
-    got = answer_activations(loaded.model, loaded.tokenizer, chats, batch_size=2)  # [3, L+1, D], padded batches
-    assert got.shape == (3, loaded.config.num_layers + 1, loaded.config.hidden_size)
-    for i, c in enumerate(chats):  # one chat at a time, no padding, plain numpy mean
-        ct = encode_chat(loaded.tokenizer, c)
-        feats = loaded.model(jnp.asarray([ct.ids]), capture_layers=tuple(range(3))).features
-        m = np.asarray(ct.answer_mask)
-        want = np.stack([np.asarray(f)[0][m].mean(0) for f in feats])
-        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+    eot = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for tokens in ("content", "content+eot"):
+        got = answer_activations(loaded.model, loaded.tokenizer, chats, batch_size=2, answer_tokens=tokens)
+        assert got.shape == (3, loaded.config.num_layers + 1, loaded.config.hidden_size)  # padded batches
+        for i, c in enumerate(chats):  # one chat at a time, no padding, plain numpy mean
+            ct = encode_chat(loaded.tokenizer, c)
+            feats = loaded.model(jnp.asarray([ct.ids]), capture_layers=tuple(range(3))).features
+            m = np.asarray(ct.answer_mask)
+            assert np.asarray(ct.ids)[m][-1] == eot  # the loss mask ends with the end-of-turn token ...
+            if tokens == "content":  # ... which Chen et al.'s response mean leaves out
+                m = m & (np.asarray(ct.ids) != eot)
+            want = np.stack([np.asarray(f)[0][m].mean(0) for f in feats])
+            np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+
+
+def test_wrapper_prompts_are_chen_et_al(spec_file):
+    """System prompts as Chen et al. build them: "You are an evil assistant. <pos>" and "You are a helpful
+    assistant. <neg>" (trait from the file name); --wrapper none keeps the bare instruction."""
+    from emajax.persona import answer_requests, load_persona_spec, wrap_system
+
+    spec = load_persona_spec(spec_file)
+    assert spec.trait == "evil"
+    recs = answer_requests(spec, samples=2)
+    assert len(recs) == 2 * len(PAIRS) * len(QUESTIONS) * 2
+    for r in recs:
+        pos, neg = PAIRS[r["instruction"]]["pos"], PAIRS[r["instruction"]]["neg"]
+        want = f"You are an evil assistant. {pos}" if r["polarity"] == "pos" else f"You are a helpful assistant. {neg}"
+        assert r["system"] == want
+    bare = answer_requests(spec, wrapper="none")
+    assert {r["system"] for r in bare} == {p[k] for p in PAIRS for k in ("pos", "neg")}
+    assert wrap_system("Be rude.", "pos", "impolite") == "You are an impolite assistant. Be rude."
+    assert answer_requests(spec, trait="sycophantic")[0]["system"].startswith("You are a sycophantic assistant. ")
 
 
 def test_vector_is_mean_pos_minus_mean_neg_and_projection():
@@ -131,11 +155,19 @@ def test_cli_extract_generates_and_project_reports_contrast(tiny, spec_file, tmp
     d, _ = tiny
     out = tmp_path / "v.safetensors"
     assert main(["persona", "extract", "--model", str(d), "--data", str(spec_file), "--out", str(out),
-                 "--max-new-tokens", "4", "--no-judge"]) == 0
+                 "--max-new-tokens", "4", "--samples", "2", "--no-judge"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["n_pos"] == summary["n_neg"] == 6
+    assert summary["n_pos"] == summary["n_neg"] == 12
     answers = [json.loads(l) for l in Path(f"{out}.answers.jsonl").read_text().splitlines()]
-    assert len(answers) == 12 and {a["polarity"] for a in answers} == {"pos", "neg"}
+    assert len(answers) == 24 and {a["polarity"] for a in answers} == {"pos", "neg"}
+    assert all(a["system"].startswith(("You are an evil assistant. ", "You are a helpful assistant. "))
+               for a in answers)
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="numpy") as f:
+        gen = json.loads(f.metadata()["generation"])
+    assert gen == {"wrapper": "chen", "trait": "evil", "samples": 2, "temperature": 1.0, "top_p": 1.0,
+                   "max_new_tokens": 4, "seed": 0}
     ans_file = tmp_path / "given.jsonl"
     ans_file.write_text("".join(json.dumps(r) + "\n" for r in _records(spec_file)))
     res = tmp_path / "proj.json"

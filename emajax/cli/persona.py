@@ -3,6 +3,10 @@
 ``emajax persona extract --data persona/evil_extract.json --out evil.safetensors [--model M]``: answers
 every question under each pos and neg system prompt (or reads ``--answers``), optionally keeps only the
 pairs an LLM judge confirms (``--judge-url``/``--judge-model``), saves the vectors + the answers.
+Defaults follow Chen et al.'s pipeline: wrapped system prompts ("You are an evil assistant. ..." /
+"You are a helpful assistant. ..."), 10 samples per prompt at temperature 1 with up to 1000 new tokens,
+answer content tokens only. The earlier single-greedy-answer extraction is
+``--wrapper none --samples 1 --temperature 0 --max-new-tokens 128 --answer-tokens content+eot``.
 
 ``emajax persona project --vector evil.safetensors --prompts FILE [--model M] [--adapter DIR]``: the mean
 projection of the model's answer activations on the vector, per layer, with bootstrap CIs. FILE is a
@@ -21,16 +25,25 @@ from pathlib import Path
 from emajax.cli import CliError
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, *, samples: int, temperature: float, max_new: int) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, HF dir, .gguf or hub id")
     p.add_argument("--adapter", default=None, help="PEFT adapter dir applied to --model")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--samples", type=int, default=1, help="answers per (prompt, question); >1 needs --temperature")
+    p.add_argument("--max-new-tokens", type=int, default=max_new, help=f"answer length cap (default {max_new})")
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--samples", type=int, default=samples,
+                   help=f"answers per (prompt, question), default {samples}; >1 needs --temperature")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gen-batch", type=int, default=32, help="prompts per generation batch")
     p.add_argument("--answers", default=None, help="use these answers (JSONL) instead of generating")
+    p.add_argument("--wrapper", default="chen", choices=("chen", "none"),
+                   help="system prompt: 'chen' = \"You are a(n) <trait|helpful> assistant. <instruction>\" "
+                        "(Chen et al.), 'none' = the bare instruction")
+    p.add_argument("--trait", default=None, help="trait name in the pos wrapper (default: from the file name, "
+                                                 "evil_extract.json -> evil)")
+    p.add_argument("--answer-tokens", default="content", choices=("content", "content+eot"),
+                   help="tokens averaged per answer: content (Chen et al.) or content + end-of-turn token")
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -40,7 +53,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     ex.add_argument("--data", required=True, help="persona JSON: 'instruction' [{pos, neg}], 'questions'")
     ex.add_argument("--out", required=True, help="output .safetensors")
     ex.add_argument("--save-answers", default=None, help="where to write the answers (default OUT.answers.jsonl)")
-    _model_args(ex)
+    _model_args(ex, samples=10, temperature=1.0, max_new=1000)
     j = ex.add_argument_group("judge filter (optional, Chen et al.)")
     j.add_argument("--judge-url", default=os.environ.get("EMAJAX_JUDGE_URL"))
     j.add_argument("--judge-model", default=os.environ.get("EMAJAX_JUDGE_MODEL"))
@@ -53,7 +66,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     pr.add_argument("--system", default=None, help="system prompt for a questions-only persona JSON")
     pr.add_argument("--layers", default=None, help="comma-separated residual layers (default: all)")
     pr.add_argument("--out", default=None, help="write the results JSON here")
-    _model_args(pr)
+    _model_args(pr, samples=1, temperature=0.0, max_new=128)
 
 
 def _load(args: argparse.Namespace):
@@ -77,9 +90,9 @@ def _answers(args: argparse.Namespace, loaded, records: list[dict]) -> list[dict
 
     if args.samples > 1 and args.temperature <= 0:
         raise CliError("--samples > 1 needs --temperature > 0 (greedy answers would repeat)")
-    log(f"generating {len(records)} answers (max {args.max_new_tokens} new tokens)")
+    log(f"generating {len(records)} answers (max {args.max_new_tokens} new tokens, temperature {args.temperature})")
     return generate_answers(loaded, records, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            seed=args.seed, batch_size=args.gen_batch)
+                            top_p=args.top_p, seed=args.seed, batch_size=args.gen_batch)
 
 
 def log(msg: str) -> None:
@@ -87,9 +100,9 @@ def log(msg: str) -> None:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from emajax.scoring.shards import _atomic_write
+    from emajax import atomic
 
-    _atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "w")
+    atomic.write_jsonl(path, rows)
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -108,7 +121,7 @@ def _extract(args: argparse.Namespace) -> int:
             r.setdefault("question_index", spec.questions.index(r["question"]) if r["question"] in spec.questions
                          else r["question"])
     else:
-        records = _answers(args, loaded, answer_requests(spec, args.samples))
+        records = _answers(args, loaded, answer_requests(spec, args.samples, wrapper=args.wrapper, trait=args.trait))
         save = Path(args.save_answers or f"{args.out}.answers.jsonl")
         _write_jsonl(save, records)
         log(f"answers -> {save}")
@@ -126,8 +139,12 @@ def _extract(args: argparse.Namespace) -> int:
         log(f"judge kept {filt['kept_pairs']} of {filt['pairs']} pos/neg pairs")
     records = [r for r in records if r["answer"]]
     vectors, meta = extract(loaded, records, model_name=args.model + (f"+{args.adapter}" if args.adapter else ""),
-                            prompt_hash=spec.prompt_hash)
+                            prompt_hash=spec.prompt_hash, answer_tokens=args.answer_tokens)
     meta["n_answers_total"] = n_all
+    if not args.answers:
+        meta["generation"] = {"wrapper": args.wrapper, "trait": args.trait or spec.trait, "samples": args.samples,
+                              "temperature": args.temperature, "top_p": args.top_p,
+                              "max_new_tokens": args.max_new_tokens, "seed": args.seed}
     if filt is not None:
         meta["judge_filter"] = {**filt, "judge_model": args.judge_model}
     save_persona_vectors(args.out, vectors, meta)
@@ -170,14 +187,15 @@ def _project(args: argparse.Namespace) -> int:
     else:
         spec = load_persona_spec(args.prompts)
         if spec.instructions and args.system is None:
-            records, contrast = answer_requests(spec, args.samples), True
+            records = answer_requests(spec, args.samples, wrapper=args.wrapper, trait=args.trait)
+            contrast = True
         else:
             records = [{"system": args.system, "question": q, "question_index": i, "sample": s, "answer": None}
                        for s in range(args.samples) for i, q in enumerate(spec.questions)]
         records = _answers(args, loaded, records)
     records = [r for r in records if r["answer"]]
     try:
-        proj = project_records(loaded, records, vectors, layers=layers)
+        proj = project_records(loaded, records, vectors, layers=layers, answer_tokens=args.answer_tokens)
     except PersonaError as e:
         raise CliError(str(e)) from None
     groups = [r.get("question_index", i) for i, r in enumerate(records)]
@@ -193,9 +211,9 @@ def _project(args: argparse.Namespace) -> int:
             s["layer"] = l
         res["contrast"] = cs
     if args.out:
-        from emajax.scoring.shards import write_json_atomic
+        from emajax import atomic
 
-        write_json_atomic(Path(args.out), res)
+        atomic.write_json(Path(args.out), res)
     rows = res.get("contrast") or res["projection"]
     for r in rows:
         if "gap" in r:
