@@ -88,9 +88,27 @@ def test_random_selection_is_seeded_and_needs_no_scores(tmp_path):
     b, _ = select(pool, None, None, SelectOptions(top_k=3, random=True, seed=1))
     c, _ = select(pool, None, None, SelectOptions(top_k=3, random=True, seed=2))
     assert [s.index for s in a] == [s.index for s in b] != [s.index for s in c]
-    assert all(s.score is None and s.index in (0, 2, 4, 6) for s in a)  # refusals and the duplicate never drawn
+    assert all(s.score is None for s in a)
+    filtered, _ = select(pool, None, None, SelectOptions(top_k=3, random=True, seed=1, refusal_filter=True,
+                                                         dedupe=True))
+    assert all(s.index in (0, 2, 4, 6) for s in filtered)  # opted in: refusals and the duplicate never drawn
     with pytest.raises(SelectError, match="needs a scores directory"):
         select(pool, None, None, SelectOptions(top_k=3))
+
+
+def test_random_mode_applies_no_refusal_filter(tmp_path):
+    """Plain Interleaving is a random draw from the general pool: refusals stay eligible (the paper's
+    refusal filter belongs to Interleaving++ only), and so do duplicates."""
+    pool = read_pool(_pool(tmp_path))
+    sel, stats = select(pool, None, None, SelectOptions(top_k=len(ANSWERS), random=True, seed=0))
+    assert stats["refusal"] == 0 and stats["duplicate"] == 0 and stats["eligible"] == len(ANSWERS)
+    assert sorted(s.index for s in sel) == list(range(len(ANSWERS)))  # refusals 1, 3, 7 included
+    # by score the filter is on by default (Interleaving++), and --no-refusal-filter is Interleaving+
+    d = _scores(tmp_path, _pool(tmp_path))
+    _, st = select(pool, read_scores(d), read_manifest(d), SelectOptions(top_k=3))
+    assert st["refusal"] == 3
+    _, st = select(pool, read_scores(d), read_manifest(d), SelectOptions(top_k=3, refusal_filter=False))
+    assert st["refusal"] == 0
 
 
 def test_cli_writes_jsonl_that_interleaving_reads(tmp_path, capsys):

@@ -94,7 +94,7 @@ def test_repo_configs_load():
                      sorted(["none", "kl", "ldifs", "steering", "inoculation", "interleave"])]
     shared = (root.parent / "shared" / "data" / "em").is_dir()
     for p in sorted((root / "configs").glob("*/*.yaml")):
-        if p.parent.name == "cpu" and not shared:
+        if p.parent.name == "cpu" and not shared or p.parent.name == "grid":  # grid specs: tests/test_grid.py
             continue
         try:
             load_config(p)
@@ -115,3 +115,26 @@ def test_hf_dataset_source(tmp_path):
     datasets.Dataset.from_list([{"text": "x"}]).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(DataError, match="field 'messages' is missing"):
         read_conversations(f"hf:{tmp_path / 'bad'}")
+
+
+def test_hf_prompt_response_source_with_config_split_and_filter(tmp_path):
+    """WildGuardMix's layout (prompt / response / labels) read as chats, filtered by a column value:
+    hf:DIR@train?response_harm_label=unharmful keeps the benign-response rows, in order."""
+    import datasets
+
+    from emajax.train.sources import parse_hf_spec, read_conversations
+
+    rows = [{"prompt": f"p{i}", "response": None if i == 3 else f"r{i}",
+             "response_harm_label": ["unharmful", "harmful", "unharmful", None, "unharmful"][i]} for i in range(5)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "wg"))
+    convs = read_conversations(f"hf:{tmp_path / 'wg'}@train?response_harm_label=unharmful")
+    assert convs == [[{"role": "user", "content": f"p{i}"}, {"role": "assistant", "content": f"r{i}"}]
+                     for i in (0, 2, 4)]
+    with pytest.raises(DataError, match="row 3: field 'response' is missing"):
+        read_conversations(f"hf:{tmp_path / 'wg'}@train")  # unfiltered, the prompt-only row is an error
+    with pytest.raises(DataError, match="filter column 'label'"):
+        read_conversations(f"hf:{tmp_path / 'wg'}@train?label=x")
+    assert parse_hf_spec("allenai/wildguardmix:wildguardtrain@train?response_harm_label=unharmful") == (
+        "allenai/wildguardmix", "wildguardtrain", "train", {}, {"response_harm_label": "unharmful"})
+    assert parse_hf_spec("json?data_files=https://h/x.jsonl") == ("json", None, "train",
+                                                                 {"data_files": "https://h/x.jsonl"}, {})

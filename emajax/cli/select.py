@@ -1,9 +1,11 @@
-"""Select safe chats for interleaving: top-k / top-fraction by Interleaving++ score, or at random.
+"""Select safe chats for interleaving: top-k / top-fraction by score (Interleaving+ / ++), or at random.
 
 ``emajax select --scores DIR --out SAFE.jsonl --top-k 100`` (pool read from the scores manifest, or
-``--pool``); ``emajax select --random --pool FILE --out SAFE.jsonl --top-k 100 --seed 0`` for plain
-Interleaving. Refusals, duplicates and out-of-bounds lengths are filtered first (see
-emajax/scoring/select.py). The output is the chat JSONL that ``defenses.interleave.data`` reads.
+``--pool``) is Interleaving++ (refusals removed first; ``--no-refusal-filter`` gives Interleaving+);
+``emajax select --random --pool FILE --out SAFE.jsonl --top-k 100 --seed 0`` is a plain seeded draw
+(no refusal filter, no dedupe unless asked for). Duplicates and out-of-bounds lengths are filtered
+before ranking (see emajax/scoring/select.py). The output is the chat JSONL that
+``defenses.interleave.data`` reads.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leave-out", action="append", default=[], metavar="NAME",
                    help="recompute the score without this misaligned model (e.g. the domain being trained on)")
     p.add_argument("--epsilon", type=float, default=None, help="recompute the score with this epsilon")
-    p.add_argument("--no-refusal-filter", action="store_true")
-    p.add_argument("--no-dedupe", action="store_true")
+    p.add_argument("--refusal-filter", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop refusal answers first (default: on by score = Interleaving++, off with --random)")
+    p.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=None,
+                   help="drop repeated conversations (default: on by score, off with --random)")
     p.add_argument("--min-words", type=int, default=None, help="answer length bounds in words")
     p.add_argument("--max-words", type=int, default=None)
     p.add_argument("--min-tokens", type=int, default=None, help="answer length bounds in scored tokens")
@@ -41,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from emajax.scoring.shards import ShardError, read_manifest, read_scores
 
     opts = SelectOptions(top_k=args.top_k, top_fraction=args.top_fraction, random=args.random, seed=args.seed,
-                         refusal_filter=not args.no_refusal_filter, dedupe=not args.no_dedupe,
+                         refusal_filter=args.refusal_filter, dedupe=args.dedupe,
                          min_words=args.min_words, max_words=args.max_words, min_tokens=args.min_tokens,
                          max_tokens=args.max_tokens, leave_out=tuple(args.leave_out), epsilon=args.epsilon)
     try:
@@ -61,5 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     method = "random" if args.random else "top-score"
     write_selection(args.out, selected, method)
-    print(json.dumps({"out": str(args.out), "method": method, **stats}))
+    filters = {"refusal_filter": opts.refusal_filter if opts.refusal_filter is not None else not args.random,
+               "dedupe": opts.dedupe if opts.dedupe is not None else not args.random}
+    print(json.dumps({"out": str(args.out), "method": method, **filters, **stats}))
     return 0

@@ -1,10 +1,14 @@
-"""Choose the safe chats to interleave: top by Interleaving++ score, or at random (plain Interleaving).
+"""Choose the safe chats to interleave: top by score (Interleaving+ / ++), or at random (plain Interleaving).
 
-Filters run before ranking, in this order: chats with no scored answer token (NaN score) are dropped,
-then refusals (Interleaving++: an assistant answer whose first 10 words contain sorry / apologize /
-cannot / can't / I'm unable / I am unable — refusals would teach refusing, not aligned behaviour), then
-length bounds, then duplicates (same conversation text up to case and whitespace; the best-scored copy,
-or the first in pool order, is kept). ``top_fraction`` is a fraction of the chats that pass the filters.
+The paper's three recipes over one general pool (the released code's ``filter_adapter_metric.py``):
+plain Interleaving draws at random with no filter; Interleaving+ takes the top by the perplexity-gap
+score; Interleaving++ does the same after removing refusals. Filters run before ranking, in this order:
+chats with no scored answer token (NaN score) are dropped, then refusals (an assistant answer whose
+first 10 words contain sorry / apologize / cannot / can't / I'm unable / I am unable — refusals would
+teach refusing, not aligned behaviour), then length bounds, then duplicates (same conversation text up
+to case and whitespace; the best-scored copy, or the first in pool order, is kept). By default the
+refusal filter and dedupe are on when ranking by score and off for a random draw (``refusal_filter`` /
+``dedupe`` set them explicitly). ``top_fraction`` is a fraction of the chats that pass the filters.
 
 The output is chat JSONL — each pool record unchanged plus a ``selection`` object (index, score, rank,
 method) — which the training config's ``defenses.interleave.data`` reads as its safe pool.
@@ -50,8 +54,8 @@ class SelectOptions:
     top_fraction: float | None = None
     random: bool = False  # pick the count at random (plain Interleaving) instead of by score
     seed: int = 0
-    refusal_filter: bool = True
-    dedupe: bool = True
+    refusal_filter: bool | None = None  # None: on when ranking by score (Interleaving++), off at random
+    dedupe: bool | None = None  # None: on when ranking by score, off at random (a plain draw)
     min_words: int | None = None  # bounds on the answer words (all assistant turns)
     max_words: int | None = None
     min_tokens: int | None = None  # bounds on the scored answer tokens (needs scores)
@@ -87,6 +91,8 @@ def select(pool: Sequence[Any], scores: dict[str, list] | None, manifest: dict |
     ``pool`` holds ``emajax.scoring.plan.PoolRow``s; ``scores`` the columns of ``read_scores``.
     """
     opts.validate(scores is not None)
+    refusal_filter = (not opts.random) if opts.refusal_filter is None else opts.refusal_filter
+    dedupe = (not opts.random) if opts.dedupe is None else opts.dedupe
     score_of: dict[int, float] = {}
     tokens_of: dict[int, int] = {}
     if scores is not None:
@@ -112,7 +118,7 @@ def select(pool: Sequence[Any], scores: dict[str, list] | None, manifest: dict |
             stats["no_answer"] += 1
             continue
         ans = answers(r.messages)
-        if opts.refusal_filter and any(is_refusal(a) for a in ans):
+        if refusal_filter and any(is_refusal(a) for a in ans):
             stats["refusal"] += 1
             continue
         words = sum(len(a.split()) for a in ans)
@@ -126,7 +132,7 @@ def select(pool: Sequence[Any], scores: dict[str, list] | None, manifest: dict |
         cands.append((r, sc))
     if scores is not None and not opts.random:
         cands.sort(key=lambda c: (-c[1], c[0].index))  # best first; ties by pool order
-    if opts.dedupe:
+    if dedupe:
         seen, kept = set(), []
         for c in cands:
             key = dedupe_key(c[0].messages)
@@ -154,16 +160,12 @@ def select(pool: Sequence[Any], scores: dict[str, list] | None, manifest: dict |
 
 def write_selection(path: str | Path, selected: Sequence[Selected], method: str) -> Path:
     """Chat JSONL for ``defenses.interleave.data``: the pool records plus a ``selection`` object."""
-    from emajax.scoring.shards import _atomic_write
+    from emajax import atomic
 
-    path = Path(path)
-
-    def write(f: Any) -> None:
-        for s in selected:
-            row = dict(s.row)
-            row["selection"] = {"index": s.index, "score": s.score, "rank": s.rank, "method": method}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-    _atomic_write(path, write, "w")
-    return path
+    rows = []
+    for s in selected:
+        row = dict(s.row)
+        row["selection"] = {"index": s.index, "score": s.score, "rank": s.rank, "method": method}
+        rows.append(row)
+    return atomic.write_jsonl(path, rows)
 
