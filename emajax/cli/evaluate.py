@@ -12,6 +12,15 @@ from pathlib import Path
 
 from emajax.cli import CliError
 
+SUMMARY = "Evaluate a model: EM with an LLM judge, OpSwap and GSM8K exact match"
+EXAMPLES = (
+    "emajax eval em --model smollm2-135m-instruct --adapter runs/kl/export --out eval/"
+    " --judge-url URL --judge-model NAME",
+    "emajax eval opswap --model smollm2-135m-instruct --adapter runs/kl/export --out eval/",
+    "emajax eval opswap-data --out data/opswap --n-train 2000 --n-test 500",
+    "emajax eval gsm8k --model smollm2-135m-instruct --out eval/ --limit 200",
+)
+
 
 def _model_args(p: argparse.ArgumentParser, *, max_new: int, batch: int) -> None:
     g = p.add_argument_group("model under test")

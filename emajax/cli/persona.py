@@ -21,6 +21,14 @@ from pathlib import Path
 from emajax import atomic
 from emajax.cli import CliError
 
+SUMMARY = "Persona vectors: extract them per layer, or project a model's answers on one"
+EXAMPLES = (
+    "emajax persona extract --data ../shared/data/em/persona/evil_extract.json"
+    " --out runs/persona/evil.safetensors",
+    "emajax persona project --vector runs/persona/evil.safetensors --prompts chats.jsonl"
+    " --adapter runs/kl/export",
+)
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, HF dir, .gguf or hub id")
