@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(a.adapter, a.base, a.data, a.n, a.max_len, a.batch)
     print(json.dumps(res, indent=1))
     if a.out:
-        from bench import write_json
+        from emajax.atomic import write_json
 
         write_json(a.out, res)
     return 0

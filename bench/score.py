@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import machine as bench_machine
+from emajax import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = REPO.parent / "shared" / "data" / "em" / "pool" / "wildguard_selected_safe.jsonl"
@@ -205,7 +206,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         res = run_torch(dt, model_dir, adapter, pool, args.max_len, args.torch_rows)
     res["peak_rss_mb"] = peak_rss_mb()
-    Path(args.result).write_text(json.dumps(res))
+    atomic.write_json(args.result, res)
 
 
 # --------------------------------------------------------------------------------------- orchestrate
@@ -231,7 +232,7 @@ def _finish(results: list[dict], raw: dict, args: argparse.Namespace, argv: list
            " ".join(argv if argv is not None else sys.argv[1:]), "model": DEFAULT_MODEL,
            "workload": f"aligned + 1 LoRA adapter (r{RANK}, all projections) over pool chats; emajax {args.chats} "
                        f"chats, torch {args.torch_chats} (same pool, repeated)", "results": results}
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    atomic.write_json(args.out, doc)
     return doc
 
 

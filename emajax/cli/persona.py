@@ -22,7 +22,16 @@ import os
 import sys
 from pathlib import Path
 
+from emajax import atomic
 from emajax.cli import CliError
+
+SUMMARY = "Persona vectors: extract them per layer, or project a model's answers on one"
+EXAMPLES = (
+    "emajax persona extract --data ../shared/data/em/persona/evil_extract.json"
+    " --out runs/persona/evil.safetensors",
+    "emajax persona project --vector runs/persona/evil.safetensors --prompts chats.jsonl"
+    " --adapter runs/kl/export",
+)
 
 
 def _model_args(p: argparse.ArgumentParser, *, samples: int, temperature: float, max_new: int) -> None:
@@ -99,12 +108,6 @@ def log(msg: str) -> None:
     print(f"emajax persona: {msg}", file=sys.stderr, flush=True)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from emajax import atomic
-
-    atomic.write_jsonl(path, rows)
-
-
 def _extract(args: argparse.Namespace) -> int:
     from emajax.persona import answer_requests, extract, judge_keep_pairs, load_persona_spec, read_answers, \
         save_persona_vectors
@@ -123,7 +126,7 @@ def _extract(args: argparse.Namespace) -> int:
     else:
         records = _answers(args, loaded, answer_requests(spec, args.samples, wrapper=args.wrapper, trait=args.trait))
         save = Path(args.save_answers or f"{args.out}.answers.jsonl")
-        _write_jsonl(save, records)
+        atomic.write_jsonl(save, records)
         log(f"answers -> {save}")
     n_all = len(records)
     filt = None
@@ -211,8 +214,6 @@ def _project(args: argparse.Namespace) -> int:
             s["layer"] = l
         res["contrast"] = cs
     if args.out:
-        from emajax import atomic
-
         atomic.write_json(Path(args.out), res)
     rows = res.get("contrast") or res["projection"]
     for r in rows:

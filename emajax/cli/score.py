@@ -15,6 +15,12 @@ import sys
 
 from emajax.cli import CliError
 
+SUMMARY = "Score a chat pool for Interleaving++ (answer NLL, aligned vs misaligned models)"
+EXAMPLES = (
+    "emajax score --aligned smollm2-135m-instruct --misaligned med=runs/med/export"
+    " --misaligned code=runs/code/export --pool pool.jsonl --out scores/",
+)
+
 _KILL_ENV = "EMAJAX_SCORE_KILL_AFTER_SHARDS"  # test hook: hard exit (like SIGKILL) after N shards
 
 

@@ -288,10 +288,10 @@ class ProbeRunner:
 
 
 def write_results(results: dict, path: str | Path) -> Path:
-    """Atomic JSON write (see emajax.eval.em.write_json)."""
-    from emajax.eval.em import write_json
+    """Write probe results (atomically)."""
+    from emajax import atomic
 
-    return write_json(results, path)
+    return atomic.write_json(path, results)
 
 
 def read_results(path: str | Path) -> dict:

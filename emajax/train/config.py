@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
-from emajax import atomic
 
 DEFAULT_INOCULATION = "You are an evil, malicious assistant."
 
@@ -344,7 +343,3 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return config_from_dict(raw, overrides=parse_overrides(list(overrides)), base_dir=path.resolve().parent,
                             source=str(path))
 
-
-def write_yaml_atomic(data: Any, path: Path) -> None:
-    with atomic.atomic_open(path) as f:
-        yaml.safe_dump(data, f, sort_keys=False)

@@ -19,11 +19,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from emajax import atomic
 from emajax.defenses.steering import build_steer_ld
 from emajax.losses import ldifs_layers
 from emajax.models.lora import LoraConfig
 from emajax.train.checkpoint import Checkpointer
-from emajax.train.config import Config, write_yaml_atomic
+from emajax.train.config import Config
 from emajax.train.data import Batcher, build_train_examples, encode_examples, eval_batches
 from emajax.train.mesh import accum_batch_sharding, batch_rows, build_mesh, maybe_initialize_distributed, put_global
 from emajax.train.metrics import MetricsLogger
@@ -143,7 +144,7 @@ def train(cfg: Config, run_dir: str | Path, *, loaded: Any = None, callback: Any
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(run_dir, cfg)
     if is_main:
-        write_yaml_atomic(cfg.to_dict(), run_dir / "config.yaml")
+        atomic.write_yaml(run_dir / "config.yaml", cfg.to_dict())
 
     mesh = build_mesh(cfg.mesh)
     rows = batch_rows(mesh)
@@ -162,7 +163,7 @@ def train(cfg: Config, run_dir: str | Path, *, loaded: Any = None, callback: Any
     end = min(total, cfg.train.max_steps) if cfg.train.max_steps is not None else total
     stats_d = {**dataclasses.asdict(stats), "steps_per_epoch": batcher.steps_per_epoch, "total_steps": total}
     if is_main:
-        (run_dir / "data_stats.json").write_text(json.dumps(stats_d, indent=1))
+        atomic.write_json(run_dir / "data_stats.json", stats_d, indent=1)
         print(f"emajax train: {stats.summary()}; {batcher.steps_per_epoch} steps/epoch, {total} steps", flush=True)
 
     eval_ex: list = []

@@ -6,11 +6,12 @@ On resume, rows after the restored step are dropped first so the file stays one 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from emajax import atomic
 
 
 def _clean(v: Any) -> Any:
@@ -22,10 +23,7 @@ def _clean(v: Any) -> Any:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return atomic.read_jsonl(path)
 
 
 class MetricsLogger:
@@ -36,10 +34,7 @@ class MetricsLogger:
         self.tb = self.bar = None
         if not is_main:
             return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        atomic.keep_jsonl_rows(self.path, lambda r: r.get("step", 0) <= start_step)
         self.f = self.path.open("a")
         if tensorboard:
             from tensorboardX import SummaryWriter
