@@ -27,6 +27,7 @@ VERBS = {
     "serve": "serve",
     "report": "report",
     "demo": "demo",
+    "grid": "grid",
 }
 
 DESCRIPTION = ("Fine-tune language models in JAX/Flax with in-training defenses against emergent misalignment, "

@@ -1,7 +1,9 @@
 """Write report.md (the paper's table + probe margins) and PNG plots from run directories.
 
 ``emajax report RUN_DIR [RUN_DIR ...] [--out DIR]``: each RUN_DIR holds results files (probes.json, the
-judge's em_<set>.json, opswap.json / gsm8k.json, metrics.jsonl); see docs/demo.md.
+judge's em_<set>.json, opswap.json / gsm8k.json, metrics.jsonl); see docs/demo.md. A single directory
+written by ``emajax grid`` (it holds grid.json) gives the paper's per-domain table over seeds instead
+(emajax/eval/paper_table.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from emajax.cli import CliError
 SUMMARY = "Write report.md (the paper's table + probe margins) and plots from run directories"
 EXAMPLES = (
     "emajax report runs/demo/base runs/demo/runs/none runs/demo/runs/kl --out report/",
+    "emajax report runs/paper-grid",
 )
 
 
@@ -26,6 +29,17 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from emajax.eval.paper_table import is_grid_dir
+
+    if len(args.run_dirs) == 1 and is_grid_dir(args.run_dirs[0]):  # `emajax grid` output: the paper's table
+        from emajax.eval.paper_table import GridReportError, write_grid_report
+
+        try:
+            path = write_grid_report(args.run_dirs[0], args.out, title=args.title)
+        except GridReportError as e:
+            raise CliError(str(e)) from None
+        print(f"emajax report: {path}")
+        return 0
     from emajax.eval.report import ReportError, write_report
 
     out = Path(args.out) if args.out else Path(args.run_dirs[0]).resolve().parent

@@ -217,6 +217,12 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(**kw)
 
 
+def parse_section(cls: type, raw: Any, where: str) -> Any:
+    """A typed dataclass from a YAML mapping, as every config section is built: unknown keys and wrong
+    types are errors naming ``where.key`` (used for other YAML files too, e.g. grid specs)."""
+    return _build(cls, raw, where)
+
+
 def _validate(cfg: Config) -> None:
     def bad(key: str, msg: str) -> None:
         raise TrainConfigError(f"{key}: {msg}")
