@@ -18,8 +18,9 @@ cells run after the ensemble is trained and scored (``selection/``).
 
 Every stage leaves an atomically written result and is skipped when it exists, so rerunning the same
 command resumes the grid. On a pod slice or a multi-GPU host the training of each cell is one SPMD job
-over the whole mesh (run the command on every host, as ``emajax train``); scoring and evaluation run on
-process 0 while the others wait at a barrier.
+over the whole mesh (run the command on every host, as ``emajax train``, with the grid directory on
+storage every host sees); scoring and evaluation run on process 0 while the others wait at a barrier.
+Cells left out with ``only`` are not run, except the ensemble cells a selected Interleaving+/++ cell needs.
 """
 
 from __future__ import annotations

@@ -105,16 +105,22 @@ def load_persona_spec(path: str | Path) -> PersonaSpec:
     if not isinstance(qs, list) or not qs or not all(isinstance(q, str) for q in qs):
         raise PersonaError(f"{path}: field 'questions' must be a non-empty list of strings")
     ep = raw.get("eval_prompt")
+    trait = raw.get("trait")
+    if trait is not None and (not isinstance(trait, str) or not trait.strip()):
+        raise PersonaError(f"{path}: field 'trait' must be a non-empty string")
     return PersonaSpec(tuple(pairs), tuple(qs), ep if isinstance(ep, str) else None, str(path),
-                       trait_from_filename(path))
+                       trait.strip() if trait else trait_from_filename(path))
 
 
 def trait_from_filename(path: str | Path) -> str:
-    """``evil_extract.json`` / ``evil_eval.json`` / ``evil.json`` -> ``evil`` (Chen et al. name files by trait)."""
+    """``evil_extract.json`` / ``evil_eval.json`` / ``evil.json`` / ``persona_evil.json`` -> ``evil``
+    (Chen et al. name their files by trait); a file's ``trait`` field wins over this."""
     stem = Path(path).stem
     for suffix in ("_extract", "_eval"):
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
+    if stem.startswith("persona_"):
+        stem = stem[len("persona_"):]
     return stem.replace("_", " ") or "evil"
 
 

@@ -81,6 +81,10 @@ def test_wrapper_prompts_are_chen_et_al(spec_file):
     assert {r["system"] for r in bare} == {p[k] for p in PAIRS for k in ("pos", "neg")}
     assert wrap_system("Be rude.", "pos", "impolite") == "You are an impolite assistant. Be rude."
     assert answer_requests(spec, trait="sycophantic")[0]["system"].startswith("You are a sycophantic assistant. ")
+    from emajax.persona import trait_from_filename
+
+    assert [trait_from_filename(n) for n in ("evil_extract.json", "x/evil_eval.json", "persona_evil.json",
+                                             "apathetic.json")] == ["evil", "evil", "evil", "apathetic"]
 
 
 def test_vector_is_mean_pos_minus_mean_neg_and_projection():

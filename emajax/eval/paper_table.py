@@ -45,7 +45,6 @@ def seed_bootstrap(per_seed: Sequence[Sequence[float]], *, n_boot: int = 2000, a
         return {"value": None, "ci_low": None, "ci_high": None, "n": 0, "n_seeds": 0}
     rng = np.random.default_rng(seed)
     k = len(groups)
-    means_b = np.empty(n_boot)
     pick_bk = rng.integers(0, k, size=(n_boot, k)) if k > 1 else np.zeros((n_boot, 1), int)
     inner = [g[rng.integers(0, g.size, size=(n_boot, g.size))].mean(axis=1) for g in groups]  # [n_boot] per seed
     inner_kb = np.stack(inner)  # [k, n_boot]: one resample of each seed's answers per draw
