@@ -121,7 +121,8 @@ def _examples(model_dir: Path, pool: Path, max_len: int):
 def run_emajax(dtype: str, model_dir: Path, adapter: Path, pool: Path, max_len: int, batch_tokens: int) -> dict:
     from emajax.models.hub import load_model
     from emajax.scoring.adapters import parse_model_spec
-    from emajax.scoring.plan import octave_buckets, plan_shards
+    from emajax.batching import octave_buckets
+    from emajax.scoring.plan import plan_shards
     from emajax.scoring.score import Scorer
 
     loaded = load_model(str(model_dir), dtype=dtype, param_dtype=dtype)
@@ -130,13 +131,11 @@ def run_emajax(dtype: str, model_dir: Path, adapter: Path, pool: Path, max_len: 
     buckets = octave_buckets(max_len)
     (order,) = plan_shards(examples, buckets, len(examples))
     # Warm-up: one batch of every distinct shape (compiles), timed separately.
-    from emajax.scoring.plan import make_batches
-
     seen, warm = set(), []
-    for b in make_batches(examples, order, buckets, batch_tokens, 1, scorer.pad_id):
-        if b.tokens_bt.shape not in seen:
-            seen.add(b.tokens_bt.shape)
-            warm.extend(b.positions)
+    for b in scorer.batches(examples, order, buckets, batch_tokens):
+        if b.inputs_bt.shape not in seen:
+            seen.add(b.inputs_bt.shape)
+            warm.extend(b.rows)
     t = time.perf_counter()
     scorer.example_nlls(examples, warm, buckets, batch_tokens)
     compile_s = time.perf_counter() - t

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emajax.chat import pad_batch, pow2_bucket, render_chat, validate_messages
+from emajax.batching import pad_batch, pow2_bucket
+from emajax.chat import render_chat, validate_messages
 from emajax.models.decode import DecodeCache, cached_decode_weights, decode_weights, forward_cached
 from emajax.models.decoder import Decoder
 

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emajax.chat import encode_chat, pad_batch, pow2_bucket
+from emajax.batching import octave_buckets, pad_batch, plan_batches
+from emajax.chat import encode_chat
 from emajax import atomic
 
 MIN_BUCKET = 32
@@ -185,14 +186,13 @@ def answer_activations(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict
         if not any(ct.answer_mask):
             raise PersonaError(f"chat {i}: no answer token (empty assistant reply?)")
         enc.append(ct)
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i].ids))
+    lengths = [len(e.ids) for e in enc]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     graphdef, state = nnx.split(model)
     out = np.zeros((len(enc), len(layers), cfg.hidden_size), np.float32)
-    for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
-        rows = pow2_bucket(len(idx))
-        length = pow2_bucket(max(len(enc[i].ids) for i in idx), MIN_BUCKET)
+    for idx, rows, length in plan_batches(lengths, octave_buckets(max(max_len, MIN_BUCKET), MIN_BUCKET, 1),
+                                          order=sorted(range(len(enc)), key=lengths.__getitem__),
+                                          max_rows=batch_size, shrink_tail=True):
         filler = [[]] * (rows - len(idx))
         tokens, mask, pos = pad_batch([enc[i].ids for i in idx] + filler, pad, length)
         ans, _, _ = pad_batch([enc[i].answer_mask for i in idx] + filler, 0, length, dtype=bool)

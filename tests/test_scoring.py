@@ -228,14 +228,15 @@ def test_eight_device_mesh_equals_single_device(tiny_ensemble, reference_run, tm
 def test_full_checkpoint_member_uses_its_own_weights(tiny_ensemble, scorer):
     """A full model in the ensemble (here: the base itself) goes through the plain forward with its params."""
     from emajax.scoring.adapters import parse_model_spec
-    from emajax.scoring.plan import encode_pool, half_octave_buckets, read_pool
+    from emajax.batching import octave_buckets
+    from emajax.scoring.plan import encode_pool, read_pool
     from emajax.scoring.score import Scorer
 
     base, adapters, pool = tiny_ensemble
     sc = Scorer(scorer.loaded, [parse_model_spec(f"same={base}"), parse_model_spec(f"medical={adapters['medical']}")])
     assert [m.kind for m in sc.models] == ["aligned", "full", "adapter"]
     ex = encode_pool(sc.tokenizer, read_pool(pool)[:3], MAX_LEN)
-    res = sc.example_nlls(ex, [0, 1, 2], half_octave_buckets(MAX_LEN), 256)
+    res = sc.example_nlls(ex, [0, 1, 2], octave_buckets(MAX_LEN, per_octave=2), 256)
     for p in range(3):
         assert res[p][1] == pytest.approx(res[p][0], rel=1e-6) and abs(res[p][2] - res[p][0]) > 1e-3
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _train_tiny import tiny_tokenizer, write_chats  # noqa: E402
 
 from emajax.train.config import TrainConfigError, load_config  # noqa: E402
-from emajax.train.data import Batcher, bucket_len, encode_examples, DataStats  # noqa: E402
+from emajax.train.data import Batcher, encode_examples, DataStats, length_buckets  # noqa: E402
 from emajax.train.sources import DataError, read_jsonl  # noqa: E402
 
 
@@ -66,7 +66,8 @@ def test_batches_deterministic_bucketed_and_cover_each_epoch(tmp_path, tok):
     assert bt.inputs.shape[:2] == (2, 4) and bt.inputs.shape[2] in (16, 32, 64, 128, 256, 512)
     np.testing.assert_array_equal(bt.inputs, mk(0).batch_at(7).inputs)  # resume gets the same batch
     assert (bt.inputs[~bt.attn_mask] == 257).all() and (bt.loss_mask[~bt.attn_mask] == 0).all()
-    assert bucket_len(17, 16, 512) == 32 and bucket_len(300, 64, 300) == 300
+    assert length_buckets(16, 512) == [16, 32, 64, 128, 256, 512] and length_buckets(64, 300) == [64, 128, 256, 300]
+    assert length_buckets(48, 160) == [48, 96, 160] and length_buckets(160, 160) == [160]
 
 
 def test_config_overrides_paths_and_errors(tmp_path):

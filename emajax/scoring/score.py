@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,8 @@ from emajax.losses import masked_nll_sums
 from emajax.models.lora import merge_lora_kernels
 from emajax.scoring.adapters import (AdapterError, ModelSpec, ensemble_lora_config, padded_lora_state,
                                      read_peft_adapter)
-from emajax.scoring.plan import (Example, encode_pool, file_sha256, make_batches, octave_buckets, plan_hash,
-                                 plan_shards, read_pool)
+from emajax.batching import Batch, Example, length_batches, octave_buckets
+from emajax.scoring.plan import encode_pool, file_sha256, plan_hash, plan_shards, read_pool
 from emajax.scoring.formula import DEFAULT_EPSILON, ensemble_score
 from emajax.scoring.shards import check_or_write_manifest, shard_path, write_shard
 
@@ -169,6 +169,13 @@ class Scorer:
             return self._fwd_lora(self._zero_lora, self.base_state, *batch_dev)
         return self._fwd_base(model.state, *batch_dev)
 
+    def batches(self, examples: Sequence[Example], positions: Sequence[int], buckets: Sequence[int],
+                batch_tokens: int) -> Iterator[Batch]:
+        """The scorer's batches of ``positions``: one length bucket each, ~``batch_tokens`` padded tokens in a
+        power-of-two row count (tails shrunk), rows a multiple of the data-parallel size."""
+        return length_batches(examples, buckets, self.pad_id, order=positions, max_tokens=batch_tokens,
+                              row_multiple=self.data_parallel, split_buckets=True, shrink_tail=True)
+
     def example_nlls(self, examples: Sequence[Example], positions: Sequence[int], buckets: Sequence[int],
                      batch_tokens: int, on_batch: Callable[[int], None] | None = None) -> dict[int, np.ndarray]:
         """{position: [K+1] mean answer NLLs (aligned first; NaN without answer tokens)} for ``positions``
@@ -184,13 +191,13 @@ class Scorer:
                 counts = np.stack([np.asarray(c, np.float64) for _, c in outs], axis=1)
                 with np.errstate(invalid="ignore", divide="ignore"):
                     nll = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-                for row, p in enumerate(batch.positions):
+                for row, p in enumerate(batch.rows):
                     results[p] = nll[row]
                 if on_batch is not None:
-                    on_batch(sum(int(examples[p].inputs.size) for p in batch.positions))
+                    on_batch(sum(int(examples[p].inputs.size) for p in batch.rows))
 
-        for batch in make_batches(examples, positions, buckets, batch_tokens, self.data_parallel, self.pad_id):
-            dev = self.put_batch([batch.tokens_bt, batch.mask_bt, batch.pos_bt, batch.targets_bt, batch.loss_bt])
+        for batch in self.batches(examples, positions, buckets, batch_tokens):
+            dev = self.put_batch([batch.inputs_bt, batch.attn_bt, batch.pos_bt, batch.targets_bt, batch.loss_bt])
             pending.append((batch, [self.dispatch(m, dev) for m in self.models]))
             drain(1)
         drain(0)
