@@ -88,6 +88,27 @@ def test_config_overrides_paths_and_errors(tmp_path):
         load_config(cfgp, ["data.train=[nope.jsonl]"])
 
 
+def test_lora_section_is_the_models_lora_config(tmp_path):
+    """The `lora:` keys build the one LoRA type; keys not given keep the section's defaults (rs-LoRA r32 a64)."""
+    from emajax.models.lora import LoraConfig
+    from emajax.train.loop import lora_config
+
+    write_chats(tmp_path / "train.jsonl", 3)
+    cfgp = tmp_path / "c.yaml"
+    cfgp.write_text("data: {train: [train.jsonl]}\nmodel: {param_dtype: bfloat16}\nlora: {rank: 8, targets: [q_proj, v]}\n")
+    cfg = load_config(cfgp)
+    assert isinstance(cfg.lora, LoraConfig) and cfg.lora.targets == ("q", "v")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora, cfg.lora.enabled, cfg.lora.dtype) == (8, 64.0, True, True, None)
+    assert lora_config(cfg) == LoraConfig(rank=8, alpha=64.0, rslora=True, targets=("q", "v"), dtype="bfloat16")
+    assert cfg.to_dict()["lora"]["targets"] == ["q", "v"]  # YAML-safe types in the run's config.yaml
+    assert load_config(cfgp, ["lora.dtype=float32"]).lora.dtype == "float32"
+    assert lora_config(load_config(cfgp, ["lora.enabled=false"])) is None
+    with pytest.raises(TrainConfigError, match=r"lora: lora rank must be positive"):
+        load_config(cfgp, ["lora.rank=0"])
+    with pytest.raises(TrainConfigError, match=r"lora: unknown LoRA target"):
+        load_config(cfgp, ["lora.targets=[q, attn]"])
+
+
 def test_repo_configs_load():
     root = Path(__file__).resolve().parents[1]
     names = sorted(p.name for p in (root / "configs" / "cpu").glob("*.yaml"))

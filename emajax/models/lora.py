@@ -1,7 +1,9 @@
 """LoRA adapter settings (the parameters themselves live in ``decoder.Linear``).
 
-Scaling is alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA (rs-LoRA), matching
-PEFT's ``use_rslora`` so exported adapters behave identically there and in vLLM.
+``LoraConfig`` is the one LoRA type: models are built with it and a training config's ``lora:`` section
+is one (``enabled: false`` = full fine-tuning). Scaling is alpha / r, or alpha / sqrt(r) for
+rank-stabilised LoRA (rs-LoRA), matching PEFT's ``use_rslora`` so exported adapters behave identically
+there and in vLLM.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 32.0
     rslora: bool = False
-    targets: tuple[str, ...] = ALL_TARGETS
-    dtype: str = "float32"
+    targets: tuple[str, ...] = ALL_TARGETS  # emajax names (q, ..., down) or HF names (q_proj, ...)
+    dtype: str | None = "float32"  # adapter parameter dtype; None = the model's param_dtype
+    enabled: bool = True  # False: no adapters (a model built with it has none)
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
