@@ -38,10 +38,6 @@ from emajax.scoring.formula import DEFAULT_EPSILON, ensemble_score
 from emajax.scoring.shards import check_or_write_manifest, shard_path, write_shard
 
 
-class ScoreInterrupted(RuntimeError):
-    """Raised by the ``stop_after_shards`` test hook after that many shards were written."""
-
-
 def _example_sums(model: Any, tokens_bt, mask_bt, pos_bt, targets_bt, loss_bt, seq_chunk, per_row):
     """Per-row (sum of answer-token NLL, number of answer tokens), fp32. The vocabulary projection runs
     on answer positions only (``masked_nll_sums``; gathered per row when the batch is sharded)."""
@@ -232,7 +228,7 @@ def _shard_columns(scorer: Scorer, examples: Sequence[Example], results: dict[in
 def score_pool(scorer: Scorer, pool: str | Path, out_dir: str | Path, *, epsilon: float = DEFAULT_EPSILON,
                leave_out: Sequence[str] = (), max_len: int = 2048, shard_size: int = 512, batch_tokens: int = 4096,
                min_bucket: int = 64, buckets_per_octave: int = 4, fmt: str = "parquet", overwrite: bool = False, progress: bool = True,
-               log: Callable[[str], None] | None = None, stop_after_shards: int | None = None) -> ScoreSummary:
+               log: Callable[[str], None] | None = None) -> ScoreSummary:
     """Score every chat of ``pool`` into ``out_dir`` (resuming: finished shards are never recomputed)."""
     from tqdm import tqdm
 
@@ -273,7 +269,7 @@ def score_pool(scorer: Scorer, pool: str | Path, out_dir: str | Path, *, epsilon
     total = sum(real_tokens(p) for k in todo for p in shards[k]) * n_models
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="emajax score", disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
-    t0, done_tokens, written = time.perf_counter(), 0, 0
+    t0, done_tokens = time.perf_counter(), 0
     computed = []
 
     def advance(n: int) -> None:
@@ -288,11 +284,8 @@ def score_pool(scorer: Scorer, pool: str | Path, out_dir: str | Path, *, epsilon
                 write_shard(shard_path(out_dir, k, fmt),
                             _shard_columns(scorer, examples, results, shards[k], epsilon, leave_out))
             computed.append(k)
-            written += 1
             elapsed = time.perf_counter() - t0
             bar.set_postfix_str(f"shard {k + 1}/{len(shards)}, {done_tokens / max(elapsed, 1e-9):,.0f} tok/s")
-            if stop_after_shards is not None and written >= stop_after_shards and len(computed) < len(todo):
-                raise ScoreInterrupted(f"stopped after {written} shard(s) (test hook)")
     finally:
         bar.close()
     return ScoreSummary(out_dir, len(examples), len(shards), computed, skipped, done_tokens,
