@@ -15,8 +15,6 @@ anew every step), casting again where it is used.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
@@ -31,8 +29,6 @@ def mm(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x [..., K] @ w [K, N]`` in x's dtype (w is cast to it); fp32 accumulation."""
     if x.dtype == jnp.float32:
         return jnp.dot(x, w.astype(x.dtype))
-    if os.environ.get("EMAJAX_CPU_MATMUL") == "onednn":  # read while tracing; see emajax.native.onednn
-        return _mm_onednn(x, w)
     return _mm_low(x, w)
 
 
@@ -68,32 +64,6 @@ def _bwd(res, g):
 
 
 _mm_low.defvjp(_fwd, _bwd)
-
-
-@jax.custom_vjp
-def _mm_onednn(x, w):
-    """``_mm_low`` with its three products run by oneDNN (``EMAJAX_CPU_MATMUL=onednn``, bf16 only)."""
-    from emajax.native import onednn
-
-    y = onednn.dot(x.reshape(-1, x.shape[-1]), w.astype(x.dtype), out_dtype=x.dtype)
-    return y.reshape(*x.shape[:-1], w.shape[-1])
-
-
-def _onednn_fwd(x, w):
-    return _mm_onednn(x, w), (stash(x), w)
-
-
-def _onednn_bwd(res, g):
-    from emajax.native import onednn
-
-    x, w_orig = unstash(res[0]), res[1]
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.astype(x.dtype).reshape(-1, g.shape[-1])
-    dx = onednn.dot(g2, w_orig.astype(x.dtype), trans_b=True, out_dtype=x.dtype).reshape(x.shape)
-    dw = onednn.dot(x2, g2, trans_a=True, out_dtype=w_orig.dtype)
-    return dx, dw
-
-
-_mm_onednn.defvjp(_onednn_fwd, _onednn_bwd)
 
 
 def mm_t(x: jax.Array, w_t: jax.Array, out_dtype=None) -> jax.Array:
