@@ -137,3 +137,5 @@ def test_hf_dataset_source(tmp_path):
     datasets.Dataset.from_list([{"text": "x"}]).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(DataError, match="field 'messages' is missing"):
         read_conversations(f"hf:{tmp_path / 'bad'}")
+    with pytest.raises(DataError, match=r"tfds:mnist/train: unknown source type 'tfds:'"):
+        read_conversations("tfds:mnist/train")  # only JSONL and hf: are sources

@@ -25,8 +25,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aligned", required=True, help="aligned model: embedded name, HF dir, .gguf or hub id")
     p.add_argument("--misaligned", action="append", required=True, metavar="[NAME=]PATH",
                    help="misaligned model (PEFT adapter dir or full model); repeat for an ensemble")
-    p.add_argument("--pool", required=True, help="chat JSONL ({'messages': [...]} per line), hf:NAME[@SPLIT] "
-                                                 "or tfds:NAME/SPLIT")
+    p.add_argument("--pool", required=True, help="chat JSONL ({'messages': [...]} per line) or hf:NAME[@SPLIT]")
     p.add_argument("--out", required=True, help="output directory (resumed when it holds the same run)")
     p.add_argument("--epsilon", type=float, default=1.0, help="score = (mean_k nll_mis - nll_al) / (nll_al + eps)")
     p.add_argument("--leave-out", action="append", default=[], metavar="NAME",

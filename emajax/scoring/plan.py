@@ -35,9 +35,9 @@ class PoolRow(NamedTuple):
 
 
 def read_pool(source: str | Path) -> list[PoolRow]:
-    """Rows of a chat JSONL (``{"messages": [...]}`` per line), ``hf:NAME[@SPLIT]`` or ``tfds:NAME/SPLIT``."""
+    """Rows of a chat JSONL (``{"messages": [...]}`` per line) or ``hf:NAME[@SPLIT]``."""
     source = str(source)
-    if source.startswith(("hf:", "tfds:")):
+    if source.startswith("hf:"):
         from emajax.train.sources import read_conversations  # datasets is heavy: imported only here
 
         return [PoolRow(i, m, {"messages": m}) for i, m in enumerate(read_conversations(source))]

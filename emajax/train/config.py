@@ -41,7 +41,7 @@ def default_lora() -> LoraConfig:
 
 @dataclasses.dataclass
 class DataCfg:
-    train: list[str] = dataclasses.field(default_factory=list)  # JSONL paths, hf:NAME[@SPLIT], tfds:NAME/SPLIT
+    train: list[str] = dataclasses.field(default_factory=list)  # JSONL paths or hf:NAME[@SPLIT]
     eval: list[str] = dataclasses.field(default_factory=list)  # held-out sets for the periodic eval NLL
     max_len: int = 2048  # tokens per rendered chat; longer chats are truncated (counted and reported)
     batch_size: int = 4  # micro-batch rows
@@ -268,11 +268,11 @@ def repo_root(start: Path) -> Path | None:
 
 
 def resolve_path(p: str, base_dir: Path | None, *, must_exist: bool = True) -> str:
-    """Resolve a data path: config dir, then cwd, then repo root; hf:/tfds: sources pass through.
+    """Resolve a data path: config dir, then cwd, then repo root; hf: (and other NAME:) sources pass through.
 
     With ``must_exist=False`` (artefacts a run may be configured before they exist, like a persona
     vector) a missing path resolves against the current directory; the consumer reports it."""
-    if ":" in p.split("/")[0] and not Path(p).exists():  # hf:..., tfds:...
+    if ":" in p.split("/")[0] and not Path(p).exists():  # hf:... (read_conversations names unknown types)
         return p
     path = Path(p).expanduser()
     if path.is_absolute():
