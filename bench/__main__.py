@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also time lora_kl/lora_ldifs/lora_steer against lora step by step in one process "
                         "(bench.paired, PAIRS alternating pairs each) and decide the overhead targets by those")
     p.add_argument("--timeout", type=float, default=900, help="seconds per worker")
-    p.add_argument("--out", default="bench_results.json", help="JSON output path")
+    p.add_argument("--out", "--json", dest="out", default="bench_results.json", metavar="FILE",
+                   help="JSON output path (--json FILE is the same)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -128,3 +128,10 @@ def test_paired_b_op_alternates_two_ops_on_one_batch(tiny_dir):
     assert len(a["runs_s"]) == len(b["runs_s"]) == 2
     with pytest.raises(SystemExit, match="training op with a training op"):
         run_pairs(spec, pairs=1, b_op="score")
+
+
+def test_json_is_an_alias_of_out():
+    from bench.__main__ import parse_args
+
+    assert parse_args(["--json", "r.json"]).out == "r.json" and parse_args(["--out", "r.json"]).out == "r.json"
+    assert parse_args([]).out == "bench_results.json"
