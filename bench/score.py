@@ -17,8 +17,8 @@ its own subprocess (clean peak RSS, no thread fights between jax and torch):
   the run time; tokens/s is per model, so the figures compare directly.
 
 Reports tokens/s per model (real, non-pad chat tokens x models / s), seconds per model-pass over 1,000
-chats' worth of tokens, the fraction of the fp32 FLOP peak (``--peak-gflops``, 490 = XLA's own fp32 matmul
-on this 2-core CPU), and peak RSS. FLOPs counted: 2 x matmul params (blocks + LM head, + LoRA for the
+chats' worth of tokens, the fraction of the fp32 FLOP peak (``--peak-gflops``; the default is XLA's own
+fp32 matmul rate on the reference machine of docs/performance.md, give yours), and peak RSS. FLOPs counted: 2 x matmul params (blocks + LM head, + LoRA for the
 adapter) per real token + causal attention 2 x L x 2 x D_attn x n^2 / 2 per chat — useful work only, so
 padding lowers the fraction. Prints a table and writes JSON in the format of ``python -m bench``:
 {"machine": ..., "results": [{"op", "stack", "seconds", "tokens_per_s", "peak_rss_mb", ...}]}.
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--torch-rows", type=int, default=8)
-    p.add_argument("--peak-gflops", type=float, default=490.0, help="fp32 FLOP peak of this CPU (GFLOP/s)")
+    p.add_argument("--peak-gflops", type=float, default=490.0, help="fp32 FLOP peak of the CPU (GFLOP/s)")
     p.add_argument("--out", default="bench_score.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)

@@ -39,8 +39,8 @@ def _pick_token(logits_bv: jax.Array, temperature: jax.Array, top_p: jax.Array, 
     """Greedy when temperature <= 0, else temperature + nucleus (top-p) sampling. Returns [B] int32."""
 
     def greedy(_):
-        # The first index holding the maximum, as argmax gives it: XLA:CPU's (value, index) argmax reduction
-        # took ~1 ms per step on [8, 49152] logits, a max and a masked min over the indices ~1/3 of that.
+        # The first index holding the maximum, as argmax gives it, from a max and a masked min over the
+        # indices: cheaper on XLA:CPU than its (value, index) argmax reduction.
         top_b1 = jnp.max(logits_bv, axis=-1, keepdims=True)
         idx_v = jnp.arange(logits_bv.shape[-1], dtype=jnp.int32)
         return jnp.min(jnp.where(logits_bv == top_b1, idx_v, logits_bv.shape[-1]), axis=-1)

@@ -116,7 +116,7 @@ def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax
 
     Rope is a rotation, so its backward is the inverse rotation (sin negated): written out, because
     autodiff of the concatenate/negate form made XLA:CPU emit a slow transpose-pad-slice fusion per
-    layer in bf16 (~20 ms each at 8 x 256). The tables are constants: no gradient flows to them."""
+    layer in bf16. The tables are constants: no gradient flows to them."""
     return _rotate(x_bthd, cos_btd, sin_btd)
 
 

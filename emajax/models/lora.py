@@ -64,8 +64,7 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
 
     Why: differentiating this inside the layer ``scan`` let XLA:CPU contract the B-gradient over the
     token axis by physically transposing the [tokens, out] cotangent, fused with the activation
-    backward into one slow loop (~90 ms per gate/up layer for SmolLM2 at 8 x 256: a third of the
-    LoRA step). The backward below transposes only [tokens, r]-sized arrays (r is 8-64) and keeps
+    backward into one slow loop that dominated the LoRA step. The backward below transposes only [tokens, r]-sized arrays (r is 8-64) and keeps
     every large operand row-major, so each product is one XLA:CPU runs as a native bf16 dot.
     """
     return _dot(_dot(x, a.astype(x.dtype)), b.astype(x.dtype))
@@ -110,8 +109,7 @@ def merge_lora_kernels(base_state, lora_state, scaling: float = 1.0):
     Pure and jittable: the adapter stays an *input*, so one compiled program serves every adapter of an
     ensemble. The sum is formed in fp32 and rounded once to W's dtype. Why: for a frozen adapter scored over
     thousands of tokens, folding costs one [in, r] x [r, out] product per matrix per call, while the unmerged
-    path runs two skinny matmuls per token that XLA:CPU executes slowly (the adapter pass of ``emajax score``
-    took ~2x the base pass at 8 x 256 on SmolLM2-135M).
+    path runs two skinny matmuls per token that XLA:CPU executes slowly.
     """
     from flax import nnx
 
