@@ -14,7 +14,7 @@ programs by those static shapes and the model's graph definition.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -199,3 +199,21 @@ def chat_generate(loaded: Any, conversations: Sequence[Sequence[dict]], *, syste
     kw.setdefault("max_new_tokens", 256)
     outs = generate(loaded.model, tok, prompts, **kw)
     return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+
+def chat_generate_batched(loaded: Any, conversations: Sequence[Sequence[dict]], *, batch_size: int, seed: int = 0,
+                          on_batch: Callable[[int, int], None] | None = None, **kw: Any) -> list[str]:
+    """:func:`chat_generate` over many conversations, ``batch_size`` rows per call, in order.
+
+    Batch i samples with ``seed + i``, so repeated conversations in different batches differ and a run is
+    reproducible; ``on_batch(i, n_batches)`` is called after each batch (progress)."""
+    if batch_size < 1:
+        raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
+    convs = list(conversations)
+    n_batches = -(-len(convs) // batch_size)
+    out: list[str] = []
+    for i in range(n_batches):
+        out += chat_generate(loaded, convs[i * batch_size:(i + 1) * batch_size], seed=seed + i, **kw)
+        if on_batch is not None:
+            on_batch(i, n_batches)
+    return out

@@ -121,17 +121,15 @@ def answer_requests(spec: PersonaSpec, samples: int = 1) -> list[dict]:
 def generate_answers(loaded: Any, records: list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0, batch_size: int = 32, lora_scale: float = 1.0) -> list[dict]:
     """Fill ``answer`` of each record by sampling ``loaded`` (a LoadedModel) under its system prompt."""
-    from emajax.generate import chat_generate
+    from emajax.generate import chat_generate_batched
 
     out = [dict(r) for r in records]
-    for s in range(0, len(out), batch_size):
-        chunk = out[s: s + batch_size]
-        convs = [[{"role": "system", "content": r["system"]}, {"role": "user", "content": r["question"]}]
-                 if r.get("system") else [{"role": "user", "content": r["question"]}] for r in chunk]
-        texts = chat_generate(loaded, convs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed + s, lora_scale=lora_scale)
-        for r, t in zip(chunk, texts):
-            r["answer"] = t
+    convs = [[{"role": "system", "content": r["system"]}, {"role": "user", "content": r["question"]}]
+             if r.get("system") else [{"role": "user", "content": r["question"]}] for r in out]
+    texts = chat_generate_batched(loaded, convs, batch_size=batch_size, seed=seed, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, lora_scale=lora_scale)
+    for r, t in zip(out, texts):
+        r["answer"] = t
     return out
 
 
