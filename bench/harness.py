@@ -32,7 +32,7 @@ from emajax.atomic import write_json
 OPS = ("lora", "lora_kl", "lora_ldifs", "lora_steer", "full", "score", "generate")
 TRAIN_OPS = ("lora", "lora_kl", "lora_ldifs", "lora_steer", "full")
 STACKS = ("emajax-fp32", "emajax-bf16", "torch-fp32", "torch-bf16")
-DEFAULT_PEAK_GFLOPS = 494.0  # XLA:CPU's own fp32 matmul rate measured on this machine kind (~500)
+DEFAULT_PEAK_GFLOPS = 494.0  # XLA:CPU's fp32 matmul rate on the reference machine (docs/performance.md)
 KL_WEIGHT, LDIFS_WEIGHT, STEER_COEF = 0.1, 1.0, 5.0  # the paper's strengths
 
 

@@ -42,20 +42,17 @@ def local_sampler(loaded: Any, *, temperature: float = DEFAULT_TEMPERATURE, top_
 
     Each batch gets its own seed (seed + batch index), so the n samples of a question differ.
     """
-    from emajax.generate import chat_generate
+    from emajax.generate import chat_generate_batched
+
+    def report(b: int, n_batches: int) -> None:
+        print(f"\rsampling: batch {b + 1}/{n_batches}", end="\n" if b + 1 == n_batches else "", file=sys.stderr,
+              flush=True)
 
     def sample(conversations: Sequence[Sequence[dict]], n: int) -> list[list[str]]:
-        rows = [(i, list(c)) for i, c in enumerate(conversations) for _ in range(n)]
-        texts: list[str] = []
-        n_batches = -(-len(rows) // batch_size)
-        for b in range(n_batches):
-            chunk = rows[b * batch_size:(b + 1) * batch_size]
-            texts += chat_generate(loaded, [c for _, c in chunk], max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_p=top_p, seed=seed + b, lora_scale=lora_scale)
-            if progress:
-                print(f"\rsampling: batch {b + 1}/{n_batches}", end="", file=sys.stderr, flush=True)
-        if progress and n_batches:
-            print(file=sys.stderr)
+        rows = [list(c) for c in conversations for _ in range(n)]
+        texts = chat_generate_batched(loaded, rows, batch_size=batch_size, seed=seed, on_batch=report if progress
+                                      else None, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      lora_scale=lora_scale)
         return [texts[i * n:(i + 1) * n] for i in range(len(conversations))]
 
     return sample
