@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -66,8 +65,8 @@ def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
     return names[:-1] if names and names[-1] == "value" else names  # nnx.Variable leaves end in .value
 
 
-def param_specs(state: nnx.State, mesh: Mesh) -> Any:
-    """PartitionSpec tree matching ``state`` (a model state, or its abstract ShapeDtypeStructs)."""
+def param_specs(state: Any, mesh: Mesh) -> Any:
+    """PartitionSpec tree matching ``state`` (an ``nnx.State``, or its abstract ShapeDtypeStructs)."""
 
     def one(path: tuple[Any, ...], leaf: Any) -> P:
         shape = tuple(getattr(leaf, "shape", ()))
@@ -76,7 +75,7 @@ def param_specs(state: nnx.State, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def param_shardings(state: nnx.State, mesh: Mesh) -> Any:
+def param_shardings(state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(state, mesh),
                         is_leaf=lambda x: isinstance(x, P))
 
@@ -86,18 +85,69 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Any = None) -> Mesh:
-    """A ('data','fsdp','tensor') mesh; use -1 for one axis to take the remaining devices."""
+def constrain_rows(x: jax.Array, axis: int = 0) -> jax.Array:
+    """Keep an activation's batch dimension ``axis`` split over ('data', 'fsdp') when traced under a
+    mesh context (:func:`activation_mesh`); a no-op otherwise (one device, generation, no mesh) or when
+    the dimension does not divide.
+
+    Without it XLA may follow the weights' ``fsdp``-sharded model dimension into the activations
+    (the embedding lookup's output inherits it) and run every layer, and the vocabulary products of
+    the loss, on the whole batch with partial sums: per-device memory then does not shrink with the
+    mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows == 1 or x.shape[axis] % rows:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = BATCH_AXES
+    return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def activation_mesh(mesh: Mesh | None) -> Any:
+    """Context for tracing a forward/step on ``mesh``: enables :func:`constrain_rows` (usable inside jit)."""
+    import contextlib
+
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Any = None, *, dcn_data: int = 1,
+              dcn_fsdp: int = 1, allow_unused: bool = False) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over ``devices`` (default: every device of every process).
+
+    One of ``data``/``fsdp``/``tensor`` may be -1: the devices left per slice. Device order comes from
+    ``jax.make_mesh`` (the accelerator's topology: rings on TPU, NVLink islands on GPU). ``dcn_data`` /
+    ``dcn_fsdp`` > 1 build a hybrid mesh for multi-slice TPUs (or hosts joined by a slower network,
+    where each process is a slice): the inner sizes are per slice, the mesh axes are their products
+    (``jax.experimental.mesh_utils.create_hybrid_device_mesh``). A mesh smaller than ``devices`` is an
+    error unless ``allow_unused``: silently training on a fraction of the hardware is never wanted."""
+    from jax.experimental import mesh_utils
+
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError("at most one mesh axis may be -1")
+    dcn = [dcn_data, dcn_fsdp, 1]
+    if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: sizes must be positive, and at most "
+                         f"one may be -1 (the remaining devices)")
+    if dcn_data < 1 or dcn_fsdp < 1:
+        raise ValueError(f"mesh dcn_data={dcn_data} dcn_fsdp={dcn_fsdp}: must be >= 1")
+    n_dcn = dcn_data * dcn_fsdp
+    per_slice = len(devices) // n_dcn
     if -1 in sizes:
         known = int(np.prod([s for s in sizes if s != -1]))
-        sizes[sizes.index(-1)] = len(devices) // known
-    n = int(np.prod(sizes))
-    if n > len(devices) or n <= 0:
-        raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {n} devices, "
-                         f"{len(devices)} available")
-    arr = np.asarray(devices[:n], dtype=object).reshape(sizes)
-    return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+        sizes[sizes.index(-1)] = max(per_slice // known, 1)
+    n = int(np.prod(sizes)) * n_dcn
+    what = f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}" + (
+        f" x dcn data={dcn_data} fsdp={dcn_fsdp}" if n_dcn > 1 else "")
+    if n > len(devices):
+        raise ValueError(f"{what} needs {n} devices, {len(devices)} available")
+    if n < len(devices) and not allow_unused:
+        raise ValueError(f"{what} uses {n} of the {len(devices)} devices; use them all (e.g. mesh.fsdp=-1) "
+                         f"or set mesh.allow_unused=true")
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    if n_dcn > 1:
+        granule = not hasattr(devices[0], "slice_index")  # no slices (GPU, CPU): one process is one granule
+        arr = mesh_utils.create_hybrid_device_mesh(sizes, dcn, devices, process_is_granule=granule)
+        return Mesh(arr, MESH_AXES, axis_types=auto)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices[:n])

@@ -115,7 +115,10 @@ class LossCfg:
 class MeshCfg:
     data: int = 1
     fsdp: int = 1
-    tensor: int = 1  # one of the three may be -1: all remaining devices
+    tensor: int = 1  # one of the three may be -1: all remaining devices (per slice)
+    dcn_data: int = 1  # multi-slice (hybrid) meshes: slices along data; data/fsdp/tensor are per slice
+    dcn_fsdp: int = 1  # slices along fsdp
+    allow_unused: bool = False  # a mesh smaller than the devices is an error unless this is true
 
 
 @dataclasses.dataclass
