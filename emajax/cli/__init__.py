@@ -18,6 +18,7 @@ VERBS = {
     "serve": "serve",
     "report": "report",
     "demo": "demo",
+    "launch": "launch",
 }
 
 

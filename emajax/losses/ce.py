@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from emajax.models.sharding import constrain_rows
+from emajax.losses.rows import constrain_rows
 
 LOGITS_BUDGET_BYTES = 64 * 2**20  # default size of one chunk's fp32 logits
 

@@ -34,7 +34,7 @@ from emajax.models.config import DecoderConfig, rope_inv_freq
 from emajax.models.lora import LoraConfig, lora_delta
 from emajax.models.lowp import recompute_vjp, stash, unstash
 from emajax.models.matmul import mm
-from emajax.models.sharding import constrain_rows
+from emajax.losses.rows import constrain_rows
 
 
 def _dtype(name: str) -> Any:

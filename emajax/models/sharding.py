@@ -15,8 +15,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from emajax.losses.rows import BATCH_AXES, activation_mesh, constrain_rows  # noqa: F401  (re-exported)
+
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
 # (module, param) -> logical spec for the trailing dims (a leading 'layers' dim gets None).
 # "in"/"out" name the kernel's [in, out] dims.
@@ -83,33 +84,6 @@ def param_shardings(state: Any, mesh: Mesh) -> Any:
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Leading (batch) dimension over data x fsdp; the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
-
-
-def constrain_rows(x: jax.Array, axis: int = 0) -> jax.Array:
-    """Keep an activation's batch dimension ``axis`` split over ('data', 'fsdp') when traced under a
-    mesh context (:func:`activation_mesh`); a no-op otherwise (one device, generation, no mesh) or when
-    the dimension does not divide.
-
-    Without it XLA may follow the weights' ``fsdp``-sharded model dimension into the activations
-    (the embedding lookup's output inherits it) and run every layer, and the vocabulary products of
-    the loss, on the whole batch with partial sums: per-device memory then does not shrink with the
-    mesh."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-        return x
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    if rows == 1 or x.shape[axis] % rows:
-        return x
-    spec = [None] * x.ndim
-    spec[axis] = BATCH_AXES
-    return jax.lax.with_sharding_constraint(x, P(*spec))
-
-
-def activation_mesh(mesh: Mesh | None) -> Any:
-    """Context for tracing a forward/step on ``mesh``: enables :func:`constrain_rows` (usable inside jit)."""
-    import contextlib
-
-    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Any = None, *, dcn_data: int = 1,

@@ -39,7 +39,8 @@ from emajax.train.step import StepSpec, compile_train_step, make_eval_fn
 # Keys that may change between the run that wrote a checkpoint and the one resuming it.
 _RESUME_FREE = {"train.max_steps", "train.progress", "train.tensorboard", "train.export", "train.eval_every",
                 "train.save_every", "train.keep_checkpoints", "out", "data.eval", "data.eval_batch_size",
-                "data.eval_max_examples", "distributed", "mesh.data", "mesh.fsdp", "mesh.tensor"}
+                "data.eval_max_examples", "distributed", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data",
+                "mesh.dcn_fsdp", "mesh.allow_unused"}
 
 
 @dataclasses.dataclass
