@@ -38,12 +38,14 @@ def _logical(path: tuple[str, ...], ndim: int) -> tuple[Any, ...]:
         spec = ("tensor", "fsdp")
     elif name == "bias" and mod in _COLUMN:
         spec = ("tensor",)
+    # LoRA factors: the dimension shared with the kernel follows it; the rank dimension takes fsdp where
+    # the other one is tensor's, so adapters and their optimiser moments are not replicated over fsdp.
     elif name == "lora_a" and mod in _COLUMN:
         spec = ("fsdp", None)
     elif name == "lora_b" and mod in _COLUMN:
-        spec = (None, "tensor")
+        spec = ("fsdp", "tensor")
     elif name == "lora_a" and mod in _ROW:
-        spec = ("tensor", None)
+        spec = ("tensor", "fsdp")
     elif name == "lora_b" and mod in _ROW:
         spec = (None, "fsdp")
     else:  # norms, o/down bias, anything small
@@ -121,7 +123,8 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Any = None
                          f"or set mesh.allow_unused=true")
     auto = (jax.sharding.AxisType.Auto,) * 3
     if n_dcn > 1:
-        granule = not hasattr(devices[0], "slice_index")  # no slices (GPU, CPU): one process is one granule
-        arr = mesh_utils.create_hybrid_device_mesh(sizes, dcn, devices, process_is_granule=granule)
+        # Multi-slice TPUs name their slices; elsewhere (GPU hosts, CPU processes) each process is one.
+        by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
+        arr = mesh_utils.create_hybrid_device_mesh(sizes, dcn, devices, process_is_granule=by_process)
         return Mesh(arr, MESH_AXES, axis_types=auto)
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices[:n])
