@@ -142,9 +142,7 @@ def _handler(root: Path) -> type:
             if not self._precondition(q, p):
                 return self._send(412)
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.upload")
-            tmp.write_bytes(body)
-            os.replace(tmp, p)
+            p.write_bytes(body)
             return self._json(200, self._meta(bucket, name, p))
 
         def do_DELETE(self) -> None:
