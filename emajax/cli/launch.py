@@ -13,6 +13,13 @@ import argparse
 
 from emajax.cli import CliError
 
+SUMMARY = "run an emajax command as N cooperating processes on this machine (jax.distributed, gloo on CPU)"
+EXAMPLES = (
+    "emajax launch --processes 2 --devices-per-process 4 -- train configs/cpu/smollm2-medical-none.yaml mesh.fsdp=8",
+    "emajax launch --processes 2 --log-dir runs/logs -- score --aligned M --misaligned med=A --pool P --out S "
+    "--data-parallel -1",
+)
+
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, required=True, help="how many processes to start")
