@@ -16,7 +16,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -83,17 +82,6 @@ def run_worker(module: str, args: list[str], timeout: float = 1800) -> dict[str,
     if not lines:
         raise RuntimeError(f"worker {module} {' '.join(args)} printed no JSON result")
     return json.loads(lines[-1])
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Atomic write (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def table(results: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> str:

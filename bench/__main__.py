@@ -28,9 +28,9 @@ from bench.harness import (DEFAULT_PEAK_GFLOPS, OPS, RANDOM_PRESETS, STACKS, Dim
                            run_paired_overhead, run_worker, run_worker_raw, write_results)
 
 # --quick: the pairs that decide issue 6's targets, fewest runs, emajax in bf16 (its faster stack on CPU
-# for every op, so "best emajax" is what a quick run measures: an fp32 plan took 12 min here and judged
-# the speed targets on the slower stack); emajax's own overheads first, so a run cut short still answers
-# them. generate is timed against torch-bf16 only, torch's faster decoding mode (fp32 is ~1.4x slower).
+# for every op, so "best emajax" is what a quick run measures, and an fp32 plan would not fit the time
+# budget); emajax's own overheads first, so a run cut short still answers them. generate is timed against
+# torch-bf16 only, torch's faster decoding mode.
 QUICK_PLAN = (
     [(op, "emajax-bf16") for op in ("lora", "lora_kl", "lora_ldifs", "lora_steer")]
     + [(op, st) for op in ("lora", "lora_kl") for st in ("torch-fp32", "torch-bf16")]
@@ -59,14 +59,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32, help="generate: prompt tokens per row")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"), help="emajax remat policy")
     p.add_argument("--peak-gflops", type=float, default=DEFAULT_PEAK_GFLOPS,
-                   help="fp32 FLOP peak for peak_fraction (default: XLA:CPU fp32 matmul measured 494 GFLOP/s)")
+                   help="fp32 FLOP peak for peak_fraction (default: the reference machine's XLA:CPU fp32 matmul rate)")
     p.add_argument("--measure-peak", action="store_true",
                    help="also measure XLA's fp32/bf16 matmul rate here and use the fp32 figure as --peak-gflops")
     p.add_argument("--paired-overheads", type=int, default=0, metavar="PAIRS",
                    help="also time lora_kl/lora_ldifs/lora_steer against lora step by step in one process "
                         "(bench.paired, PAIRS alternating pairs each) and decide the overhead targets by those")
     p.add_argument("--timeout", type=float, default=900, help="seconds per worker")
-    p.add_argument("--out", default="bench_results.json", help="JSON output path")
+    p.add_argument("--out", "--json", dest="out", default="bench_results.json", metavar="FILE",
+                   help="JSON output path (--json FILE is the same)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

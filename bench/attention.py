@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(json.dumps(r))
     if args.out:
-        from bench import write_json
+        from emajax.atomic import write_json
 
         write_json(args.out, {"args": vars(args), "results": rows})
     return 0

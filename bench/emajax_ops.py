@@ -42,8 +42,7 @@ def _device_extras() -> dict[str, Any]:
 
 def _program_facts(compiled: Any) -> dict[str, Any]:
     """What tells two compiled variants apart: a hash of the optimised HLO text (not the machine code)
-    and its custom-call targets (e.g. emajax's oneDNN matmul when
-    ``EMAJAX_CPU_MATMUL=onednn`` was set while tracing)."""
+    and its custom-call targets."""
     try:
         text = compiled.as_text()
     except Exception:  # a backend that cannot print its program: nothing to report

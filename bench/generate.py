@@ -14,7 +14,8 @@ import argparse
 import json
 import sys
 
-from bench import machine, peak_rss_mb, run_worker, table, time_runs, write_json
+from bench import machine, peak_rss_mb, run_worker, table, time_runs
+from emajax.atomic import write_json
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from bench import machine as _machine_base
-from bench import write_json
+from emajax import atomic
+from emajax.atomic import write_json
 
 OPS = ("lora", "lora_kl", "lora_ldifs", "lora_steer", "full", "score", "generate")
 TRAIN_OPS = ("lora", "lora_kl", "lora_ldifs", "lora_steer", "full")
 STACKS = ("emajax-fp32", "emajax-bf16", "torch-fp32", "torch-bf16")
-DEFAULT_PEAK_GFLOPS = 494.0  # XLA:CPU's own fp32 matmul rate measured on this machine kind (~500)
+DEFAULT_PEAK_GFLOPS = 494.0  # XLA:CPU's fp32 matmul rate on the reference machine (docs/performance.md)
 KL_WEIGHT, LDIFS_WEIGHT, STEER_COEF = 0.1, 1.0, 5.0  # the paper's strengths
 
 
@@ -492,7 +493,6 @@ def make_random_model_dir(c: dict[str, Any], out_dir: str | Path, seed: int = 0)
     out = Path(out_dir)
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
         return out
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     std = 0.08 if c["hidden_size"] <= 64 else 0.02
 
@@ -516,11 +516,10 @@ def make_random_model_dir(c: dict[str, Any], out_dir: str | Path, seed: int = 0)
         if qkv_bias:
             for n, size in (("q", q), ("k", kv), ("v", kv)):
                 t[p + f"self_attn.{n}_proj.bias"] = np.zeros(size, np.float32)
-    tmp = out / "model.safetensors.tmp"
-    save_file(t, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(c, indent=1))
-    _tiny_tokenizer(c["vocab_size"]).save_pretrained(str(out))
+    with atomic.atomic_dir(out) as tmp:
+        save_file(t, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic.write_json(tmp / "config.json", c, indent=1)
+        _tiny_tokenizer(c["vocab_size"]).save_pretrained(str(tmp))
     return out
 
 

@@ -1,27 +1,23 @@
 """Two variants of one emajax op timed step by step in one process: ``python -m bench.paired``.
 
-Why: on a shared VM the speed of whole runs drifts by 20-40 % between minutes, so "run A, then run B"
-decides nothing below that (a transparent-huge-page setting looked ~20 % faster over three alternating
-pairs of processes and was 1.00-1.02x here). This compiles the op twice in one process, variant A and B
-each traced under its own environment and compiled with its own XLA options, then alternates single
-steps (A B, B A, A B, ...), each variant carrying its own training state: both see the same machine
-state within a pair, and the paired difference of the medians is what is reported.
+Why: on a shared machine the speed of whole runs drifts between minutes by more than the differences
+worth measuring, so "run A, then run B" decides little. This compiles the op twice in one process,
+variant A and B each with its own XLA options (or B another op), then alternates single steps (A B, B A,
+A B, ...), each variant carrying its own training state: both see the same machine state within a pair,
+and the paired difference of the medians is what is reported.
 
-    python -m bench.paired --op lora --b-env EMAJAX_CPU_MATMUL=onednn --pairs 8
     python -m bench.paired --op lora --b-xla xla_cpu_enable_concurrency_optimized_scheduler=false
     python -m bench.paired --op lora --b-op lora_ldifs --pairs 8     # a regulariser's overhead
 
 ``--b-op`` makes variant B a different op on the same model and batch: the overhead ratios issue 6 sets
 (``lora_kl``/``lora``, ``lora_ldifs``/``lora``, ``lora_steer``/``lora``) then come from steps that
-alternated on one machine state, not from two worker processes minutes apart (a whole ``python -m
-bench`` run put ``lora_ldifs``/``lora`` anywhere between 1.03 and 1.27).
+alternated on one machine state, not from two worker processes minutes apart.
 
-The environments are applied while each variant is traced and compiled, so they reach the switches
-emajax reads at trace time (``EMAJAX_CPU_MATMUL``); ``--b-xla`` passes XLA debug options (the names
-``XLA_FLAGS`` takes, without the dashes) to that variant's compilation only. Settings read once at
-process start (``XLA_FLAGS`` itself, ``GLIBC_TUNABLES``) cannot be paired this way and are refused.
+``--b-xla`` passes XLA debug options (the names ``XLA_FLAGS`` takes, without the dashes) to that
+variant's compilation only; settings read once at process start (``XLA_FLAGS`` itself,
+``GLIBC_TUNABLES``) cannot be paired this way: compare them with separate ``python -m bench`` runs.
 Prints both variants' step times, first losses, compiled-program hashes and custom calls, and writes JSON
-``{"machine", "op", "b_op", "stack", "pairs", "results": [{"variant", "op", "env", "xla_options", "seconds",
+``{"machine", "op", "b_op", "stack", "pairs", "results": [{"variant", "op", "xla_options", "seconds",
 "runs_s", "loss_first", ...}], "paired": {...}}``.
 """
 
@@ -29,31 +25,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import statistics
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from bench.harness import TRAIN_OPS, Spec, machine, write_results
 
 PAIRED_OPS = (*TRAIN_OPS, "score")
-STARTUP_ONLY = ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD", "JAX_PLATFORMS")
-
-
-def parse_env(items: list[str] | None, flag: str) -> dict[str, str]:
-    """``["K=V", ...]`` -> dict; a malformed item or a variable read only at process start is an error."""
-    env: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"bench.paired: {flag} expects NAME=VALUE, got {item!r}")
-        if key in STARTUP_ONLY:
-            raise SystemExit(f"bench.paired: {flag} {key} is read when the process starts, not while tracing; "
-                             "compare it with separate `python -m bench` runs")
-        env[key] = value
-    return env
 
 
 def parse_xla(items: list[str] | None, flag: str) -> dict[str, Any]:
@@ -68,30 +46,10 @@ def parse_xla(items: list[str] | None, flag: str) -> dict[str, Any]:
     return opts
 
 
-@contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
-    """``os.environ`` with ``env`` applied (an empty value unsets), restored afterwards."""
-    saved = {k: os.environ.get(k) for k in env}
-    try:
-        for k, v in env.items():
-            if v:
-                os.environ[k] = v
-            else:
-                os.environ.pop(k, None)
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def run_pairs(spec: Spec, a_env: dict[str, str], b_env: dict[str, str], pairs: int,
-              a_xla: dict[str, Any] | None = None, b_xla: dict[str, Any] | None = None,
+def run_pairs(spec: Spec, pairs: int, a_xla: dict[str, Any] | None = None, b_xla: dict[str, Any] | None = None,
               b_op: str | None = None) -> dict[str, Any]:
-    """Compile ``spec``'s op (B: ``b_op`` if given) under each environment (and XLA options), warm both
-    up, then time ``pairs`` alternating pairs."""
+    """Compile ``spec``'s op (B: ``b_op`` if given) with each variant's XLA options, warm both up, then time
+    ``pairs`` alternating pairs."""
     from bench.emajax_ops import prepare_score, prepare_train
 
     specs = {"A": spec, "B": dataclasses.replace(spec, op=b_op or spec.op)}
@@ -101,12 +59,11 @@ def run_pairs(spec: Spec, a_env: dict[str, str], b_env: dict[str, str], pairs: i
         raise SystemExit("bench.paired: pair a training op with a training op (score only with score)")
     variants: dict[str, dict[str, Any]] = {}
     calls = {}
-    for name, env, xla in (("A", a_env, a_xla or {}), ("B", b_env, b_xla or {})):
+    for name, xla in (("A", a_xla or {}), ("B", b_xla or {})):
         s = specs[name]
         prepare = prepare_score if s.op == "score" else prepare_train
-        with environment(env):
-            calls[name], info = prepare(s, xla or None)
-        variants[name] = {"variant": name, "op": s.op, "env": env, "xla_options": xla, **info, "runs_s": []}
+        calls[name], info = prepare(s, xla or None)
+        variants[name] = {"variant": name, "op": s.op, "xla_options": xla, **info, "runs_s": []}
     for name in ("A", "B"):
         variants[name]["loss_first"] = calls[name]()  # warm-up step; its loss shows both compute the same thing
     for i in range(pairs):
@@ -125,13 +82,12 @@ def run_pairs(spec: Spec, a_env: dict[str, str], b_env: dict[str, str], pairs: i
 
 def format_paired(out: dict[str, Any]) -> str:
     lines = [f"{'variant':8s} {'op':11s} {'median s':>9s} {'min s':>7s} {'loss_first':>11s} {'program':>12s}  "
-             "env / custom calls"]
+             "XLA options / custom calls"]
     for v in out["results"]:
-        env = " ".join([f"{k}={val}" for k, val in v["env"].items()]
-                       + [f"{k}={val}" for k, val in v.get("xla_options", {}).items()]) or "(as started)"
+        opts = " ".join(f"{k}={val}" for k, val in v.get("xla_options", {}).items()) or "(defaults)"
         lines.append(f"{v['variant']:8s} {v.get('op', '-'):11s} {v['seconds']:9.3f} {min(v['runs_s']):7.3f} "
                      f"{v['loss_first']:11.5f} "
-                     f"{v.get('program_sha1', '-'):>12s}  {env}; {', '.join(v.get('custom_calls', [])) or 'none'}")
+                     f"{v.get('program_sha1', '-'):>12s}  {opts}; {', '.join(v.get('custom_calls', [])) or 'none'}")
     p = out["paired"]
     same = out["results"][0].get("program_sha1") == out["results"][1].get("program_sha1")
     lines.append(f"B/A {p['ratio_b_over_a']:.3f}; median paired difference {p['median_b_minus_a_s']:+.3f} s; "
@@ -149,9 +105,6 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--op", default="lora", choices=PAIRED_OPS)
     ap.add_argument("--stack", default="emajax-bf16", choices=("emajax-bf16", "emajax-fp32"))
-    ap.add_argument("--a-env", nargs="*", metavar="NAME=VALUE", help="variant A's environment (default: as started)")
-    ap.add_argument("--b-env", nargs="+", metavar="NAME=VALUE",
-                    help="variant B's environment (an empty VALUE unsets NAME)")
     ap.add_argument("--a-xla", nargs="*", metavar="xla_OPTION=VALUE", help="XLA options for A's compilation")
     ap.add_argument("--b-xla", nargs="+", metavar="xla_OPTION=VALUE", help="XLA options for B's compilation")
     ap.add_argument("--b-op", choices=PAIRED_OPS, help="variant B runs this op instead of --op (e.g. an overhead ratio)")
@@ -166,13 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.pairs < 1:
         raise SystemExit("bench.paired: --pairs must be >= 1")
-    a_env, b_env = parse_env(args.a_env, "--a-env"), parse_env(args.b_env, "--b-env")
     a_xla, b_xla = parse_xla(args.a_xla, "--a-xla"), parse_xla(args.b_xla, "--b-xla")
-    if not (b_env or b_xla or a_env or a_xla or (args.b_op and args.b_op != args.op)):
-        raise SystemExit("bench.paired: give variant B (or A) something to differ in: --b-env, --b-xla or --b-op")
+    if not (b_xla or a_xla or (args.b_op and args.b_op != args.op)):
+        raise SystemExit("bench.paired: give variant B (or A) something to differ in: --b-xla or --b-op")
     spec = Spec(op=args.op, stack=args.stack, model_dir=str(resolve_model(args.model)), batch=args.batch,
                 seq=args.seq, rank=args.rank, warmup=1, runs=args.pairs, remat=args.remat, device=args.device)
-    out = run_pairs(spec, a_env, b_env, args.pairs, a_xla, b_xla, b_op=args.b_op)
+    out = run_pairs(spec, args.pairs, a_xla, b_xla, b_op=args.b_op)
     print(format_paired(out))
     write_results(args.out, machine(), out["results"], op=args.op, b_op=args.b_op or args.op, stack=args.stack,
                   pairs=args.pairs, paired=out["paired"], batch=args.batch, seq=args.seq)

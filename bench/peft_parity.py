@@ -38,7 +38,8 @@ def run(adapter: Path, base: str, data: Path, n: int, max_len: int, batch: int) 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from emajax.chat import encode_chat, pad_batch
+    from emajax.batching import pad_batch
+    from emajax.chat import encode_chat
     from emajax.models.hf_io import load_peft_adapter, peft_lora_config
     from emajax.models.hub import load_model
     from emajax.scoring.adapters import parse_model_spec
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(a.adapter, a.base, a.data, a.n, a.max_len, a.batch)
     print(json.dumps(res, indent=1))
     if a.out:
-        from bench import write_json
+        from emajax.atomic import write_json
 
         write_json(a.out, res)
     return 0

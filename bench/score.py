@@ -17,8 +17,8 @@ its own subprocess (clean peak RSS, no thread fights between jax and torch):
   the run time; tokens/s is per model, so the figures compare directly.
 
 Reports tokens/s per model (real, non-pad chat tokens x models / s), seconds per model-pass over 1,000
-chats' worth of tokens, the fraction of the fp32 FLOP peak (``--peak-gflops``, 490 = XLA's own fp32 matmul
-on this 2-core CPU), and peak RSS. FLOPs counted: 2 x matmul params (blocks + LM head, + LoRA for the
+chats' worth of tokens, the fraction of the fp32 FLOP peak (``--peak-gflops``; the default is XLA's own
+fp32 matmul rate on the reference machine of docs/performance.md, give yours), and peak RSS. FLOPs counted: 2 x matmul params (blocks + LM head, + LoRA for the
 adapter) per real token + causal attention 2 x L x 2 x D_attn x n^2 / 2 per chat — useful work only, so
 padding lowers the fraction. Prints a table and writes JSON in the format of ``python -m bench``:
 {"machine": ..., "results": [{"op", "stack", "seconds", "tokens_per_s", "peak_rss_mb", ...}]}.
@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import machine as bench_machine
+from emajax import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = REPO.parent / "shared" / "data" / "em" / "pool" / "wildguard_selected_safe.jsonl"
@@ -120,7 +121,8 @@ def _examples(model_dir: Path, pool: Path, max_len: int):
 def run_emajax(dtype: str, model_dir: Path, adapter: Path, pool: Path, max_len: int, batch_tokens: int) -> dict:
     from emajax.models.hub import load_model
     from emajax.scoring.adapters import parse_model_spec
-    from emajax.scoring.plan import octave_buckets, plan_shards
+    from emajax.batching import octave_buckets
+    from emajax.scoring.plan import plan_shards
     from emajax.scoring.score import Scorer
 
     loaded = load_model(str(model_dir), dtype=dtype, param_dtype=dtype)
@@ -129,13 +131,11 @@ def run_emajax(dtype: str, model_dir: Path, adapter: Path, pool: Path, max_len: 
     buckets = octave_buckets(max_len)
     (order,) = plan_shards(examples, buckets, len(examples))
     # Warm-up: one batch of every distinct shape (compiles), timed separately.
-    from emajax.scoring.plan import make_batches
-
     seen, warm = set(), []
-    for b in make_batches(examples, order, buckets, batch_tokens, 1, scorer.pad_id):
-        if b.tokens_bt.shape not in seen:
-            seen.add(b.tokens_bt.shape)
-            warm.extend(b.positions)
+    for b in scorer.batches(examples, order, buckets, batch_tokens):
+        if b.inputs_bt.shape not in seen:
+            seen.add(b.inputs_bt.shape)
+            warm.extend(b.rows)
     t = time.perf_counter()
     scorer.example_nlls(examples, warm, buckets, batch_tokens)
     compile_s = time.perf_counter() - t
@@ -205,7 +205,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         res = run_torch(dt, model_dir, adapter, pool, args.max_len, args.torch_rows)
     res["peak_rss_mb"] = peak_rss_mb()
-    Path(args.result).write_text(json.dumps(res))
+    atomic.write_json(args.result, res)
 
 
 # --------------------------------------------------------------------------------------- orchestrate
@@ -231,7 +231,7 @@ def _finish(results: list[dict], raw: dict, args: argparse.Namespace, argv: list
            " ".join(argv if argv is not None else sys.argv[1:]), "model": DEFAULT_MODEL,
            "workload": f"aligned + 1 LoRA adapter (r{RANK}, all projections) over pool chats; emajax {args.chats} "
                        f"chats, torch {args.torch_chats} (same pool, repeated)", "results": results}
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    atomic.write_json(args.out, doc)
     return doc
 
 
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--torch-rows", type=int, default=8)
-    p.add_argument("--peak-gflops", type=float, default=490.0, help="fp32 FLOP peak of this CPU (GFLOP/s)")
+    p.add_argument("--peak-gflops", type=float, default=490.0, help="fp32 FLOP peak of the CPU (GFLOP/s)")
     p.add_argument("--out", default="bench_score.json")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)

@@ -6,10 +6,7 @@ right for every chat template, including those that inject a default system prom
 (SmolLM2, Qwen2.5), trim content (Llama 3) or add a BOS. Rather than re-implementing any
 template we let the tokenizer's own Jinja template render the text, find each assistant
 message's character span by rendering the conversation incrementally, and mark the tokens
-whose character offsets fall in those spans.
-
-Also here: the small host-side helpers shared by training, scoring and generation for
-turning ragged id lists into fixed, bucketed numpy batches.
+whose character offsets fall in those spans. Padding and bucketing of the tokens: ``emajax.batching``.
 """
 
 from __future__ import annotations
@@ -182,56 +179,3 @@ def shift_for_loss(ids: Sequence[int], answer_mask: Sequence[bool]) -> tuple[np.
     if ids_a.size < 2:
         raise ValueError(f"need at least 2 tokens to form a next-token target, got {ids_a.size}")
     return ids_a[:-1], ids_a[1:], mask_a[1:]
-
-
-def bucket_length(n: int, buckets: Sequence[int] | int) -> int:
-    """Smallest bucket >= n (``buckets`` ascending), or n rounded up to a multiple of an int ``buckets``.
-
-    Fixed shapes keep jit compiles few: a new length reuses the compiled function of its bucket.
-    """
-    if n < 0:
-        raise ValueError(f"length must be >= 0, got {n}")
-    if isinstance(buckets, int):
-        if buckets <= 0:
-            raise ValueError(f"bucket multiple must be positive, got {buckets}")
-        return max(buckets, -(-n // buckets) * buckets)
-    for b in sorted(buckets):
-        if n <= b:
-            return int(b)
-    raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}")
-
-
-def pow2_bucket(n: int, minimum: int = 1) -> int:
-    """Next power of two >= max(n, minimum)."""
-    n = max(int(n), int(minimum), 1)
-    return 1 << (n - 1).bit_length()
-
-
-def pad_batch(
-    seqs: Sequence[Sequence[int]],
-    pad_id: int,
-    length: int,
-    side: str = "right",
-    dtype: Any = np.int32,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pad ragged sequences to [B, length]: (tokens, attn_mask, positions).
-
-    Positions count real tokens only (cumsum(mask) - 1, 0 on pads), so left-padded prompts get the
-    same rotary positions as unpadded ones. ``dtype`` lets the same helper pad targets or masks.
-    """
-    if side not in ("right", "left"):
-        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
-    b = len(seqs)
-    tokens = np.full((b, length), pad_id, dtype)
-    mask = np.zeros((b, length), bool)
-    for i, s in enumerate(seqs):
-        n = len(s)
-        if n > length:
-            raise ValueError(f"sequence {i} has {n} tokens, longer than the padded length {length}")
-        if n == 0:
-            continue
-        sl = slice(0, n) if side == "right" else slice(length - n, length)
-        tokens[i, sl] = np.asarray(s, dtype)
-        mask[i, sl] = True
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    return tokens, mask, positions

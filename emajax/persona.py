@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emajax.chat import encode_chat, pad_batch, pow2_bucket
+from emajax.batching import octave_buckets, pad_batch, plan_batches
+from emajax.chat import encode_chat
 from emajax import atomic
 
 MIN_BUCKET = 32
@@ -120,17 +121,15 @@ def answer_requests(spec: PersonaSpec, samples: int = 1) -> list[dict]:
 def generate_answers(loaded: Any, records: list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0, batch_size: int = 32, lora_scale: float = 1.0) -> list[dict]:
     """Fill ``answer`` of each record by sampling ``loaded`` (a LoadedModel) under its system prompt."""
-    from emajax.generate import chat_generate
+    from emajax.generate import chat_generate_batched
 
     out = [dict(r) for r in records]
-    for s in range(0, len(out), batch_size):
-        chunk = out[s: s + batch_size]
-        convs = [[{"role": "system", "content": r["system"]}, {"role": "user", "content": r["question"]}]
-                 if r.get("system") else [{"role": "user", "content": r["question"]}] for r in chunk]
-        texts = chat_generate(loaded, convs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed + s, lora_scale=lora_scale)
-        for r, t in zip(chunk, texts):
-            r["answer"] = t
+    convs = [[{"role": "system", "content": r["system"]}, {"role": "user", "content": r["question"]}]
+             if r.get("system") else [{"role": "user", "content": r["question"]}] for r in out]
+    texts = chat_generate_batched(loaded, convs, batch_size=batch_size, seed=seed, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, lora_scale=lora_scale)
+    for r, t in zip(out, texts):
+        r["answer"] = t
     return out
 
 
@@ -185,14 +184,13 @@ def answer_activations(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict
         if not any(ct.answer_mask):
             raise PersonaError(f"chat {i}: no answer token (empty assistant reply?)")
         enc.append(ct)
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i].ids))
+    lengths = [len(e.ids) for e in enc]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     graphdef, state = nnx.split(model)
     out = np.zeros((len(enc), len(layers), cfg.hidden_size), np.float32)
-    for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
-        rows = pow2_bucket(len(idx))
-        length = pow2_bucket(max(len(enc[i].ids) for i in idx), MIN_BUCKET)
+    for idx, rows, length in plan_batches(lengths, octave_buckets(max(max_len, MIN_BUCKET), MIN_BUCKET, 1),
+                                          order=sorted(range(len(enc)), key=lengths.__getitem__),
+                                          max_rows=batch_size, shrink_tail=True):
         filler = [[]] * (rows - len(idx))
         tokens, mask, pos = pad_batch([enc[i].ids for i in idx] + filler, pad, length)
         ans, _, _ = pad_batch([enc[i].answer_mask for i in idx] + filler, 0, length, dtype=bool)

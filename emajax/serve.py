@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emajax.chat import ChatError, bucket_length, pad_batch, pow2_bucket, render_chat, validate_messages
+from emajax.batching import bucket_length, pad_batch, pow2_bucket
+from emajax.chat import ChatError, render_chat, validate_messages
 from emajax.generate import GenerationError, default_eos_ids, generate
 
 log = logging.getLogger("emajax.serve")

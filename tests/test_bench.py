@@ -8,7 +8,6 @@ time the same objective), which also checks the HF directory the harness writes 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -95,64 +94,25 @@ def test_workers_run_both_stacks_on_the_same_objective(tiny_dir):
     assert out["emajax-fp32"]["loss_first"] == pytest.approx(out["torch-fp32"]["loss_first"], rel=1e-4)
 
 
-def test_onednn_dots_rows_time_each_path(monkeypatch):
-    """bench.onednn_dots times XLA's product and, where it builds, the oneDNN handler on every shape."""
-    import bench.onednn_dots as od
-    from emajax.native import onednn
-
-    monkeypatch.setattr(od, "SHAPES", [("tiny", 16, 8, 24, True, False), ("tiny^T", 16, 8, 24, False, True)])
-    rows = od.jax_rows(reps=1)
-    stacks = {"xla"} | ({"onednn-ffi"} if onednn.unavailable_reason() is None else set())
-    assert {(r["op"], r["stack"]) for r in rows} == {(op, s) for op in ("tiny", "tiny^T") for s in stacks}
-    assert all(r["gflops_per_s"] > 0 and r["ms"] == pytest.approx(r["seconds"] * 1e3) for r in rows)
-
-
-def test_paired_variants_differ_only_in_the_switch_traced_under_their_env(tiny_dir, monkeypatch):
-    """bench.paired traces each variant under its own environment (here the trace-time matmul switch),
-    alternates their steps, and reports what it timed; process-start settings are refused."""
-    from bench.paired import environment, parse_env, parse_xla, run_pairs
-    from emajax.native import onednn
-
-    if onednn.unavailable_reason() is not None:
-        pytest.skip(f"oneDNN path unavailable: {onednn.unavailable_reason()}")
-    monkeypatch.delenv("EMAJAX_CPU_MATMUL", raising=False)
-    spec = Spec(op="lora", stack="emajax-bf16", model_dir=str(tiny_dir), batch=2, seq=16, rank=4, warmup=0, runs=3)
-    out = run_pairs(spec, {}, {"EMAJAX_CPU_MATMUL": "onednn"}, pairs=3)
-    a, b = out["results"]
-    assert "EMAJAX_CPU_MATMUL" not in os.environ  # restored after tracing B
-    assert a["custom_calls"] == [] and b["custom_calls"] == ["emajax_onednn_matmul_bf16"]
-    assert a["program_sha1"] != b["program_sha1"]
-    assert len(a["runs_s"]) == len(b["runs_s"]) == 3 and 0 <= out["paired"]["pairs_b_faster"] <= 3
-    assert a["loss_first"] == pytest.approx(b["loss_first"], rel=1e-3)  # the same step, two matmul paths
-    with pytest.raises(SystemExit, match="process starts"):
-        parse_env(["XLA_FLAGS=--xla_cpu_use_thunk_runtime=false"], "--b-env")
-    with pytest.raises(SystemExit, match="NAME=VALUE"):
-        parse_env(["EMAJAX_CPU_MATMUL"], "--b-env")
-    assert parse_xla(["--xla_cpu_enable_fast_math=false", "xla_cpu_parallel_codegen_split_count=4",
-                      "xla_cpu_max_isa=AVX2"], "--b-xla") == {
-        "xla_cpu_enable_fast_math": False, "xla_cpu_parallel_codegen_split_count": 4, "xla_cpu_max_isa": "AVX2"}
-    with pytest.raises(SystemExit, match="xla_OPTION"):
-        parse_xla(["enable_fast_math=false"], "--b-xla")
-    monkeypatch.setenv("EMAJAX_CPU_MATMUL", "xla")
-    with environment({"EMAJAX_CPU_MATMUL": "", "EMAJAX_OTHER": "1"}):
-        assert "EMAJAX_CPU_MATMUL" not in os.environ and os.environ["EMAJAX_OTHER"] == "1"
-    assert os.environ["EMAJAX_CPU_MATMUL"] == "xla" and "EMAJAX_OTHER" not in os.environ
-
-
 def test_paired_compiles_each_variant_with_its_own_xla_options(tiny_dir):
     """--b-xla reaches B's compilation only: turning XLA:CPU's fusion emitters off changes B's program (the
     same math), A's stays the default one, and an option XLA does not know is an error, not ignored."""
     from bench.emajax_ops import prepare_score
-    from bench.paired import run_pairs
+    from bench.paired import parse_xla, run_pairs
 
     spec = Spec(op="score", stack="emajax-fp32", model_dir=str(tiny_dir), batch=2, seq=16, warmup=0, runs=1)
-    out = run_pairs(spec, {}, {}, pairs=1, b_xla={"xla_cpu_use_fusion_emitters": False})
+    out = run_pairs(spec, pairs=1, b_xla={"xla_cpu_use_fusion_emitters": False})
     a, b = out["results"]
     assert a["xla_options"] == {} and b["xla_options"] == {"xla_cpu_use_fusion_emitters": False}
     assert a["program_sha1"] != b["program_sha1"]
     assert a["loss_first"] == pytest.approx(b["loss_first"], rel=1e-5)
     with pytest.raises(Exception, match="xla_cpu_no_such_option"):
         prepare_score(spec, {"xla_cpu_no_such_option": True})
+    assert parse_xla(["--xla_cpu_enable_fast_math=false", "xla_cpu_parallel_codegen_split_count=4",
+                      "xla_cpu_max_isa=AVX2"], "--b-xla") == {
+        "xla_cpu_enable_fast_math": False, "xla_cpu_parallel_codegen_split_count": 4, "xla_cpu_max_isa": "AVX2"}
+    with pytest.raises(SystemExit, match="xla_OPTION"):
+        parse_xla(["enable_fast_math=false"], "--b-xla")
 
 
 def test_paired_b_op_alternates_two_ops_on_one_batch(tiny_dir):
@@ -161,10 +121,17 @@ def test_paired_b_op_alternates_two_ops_on_one_batch(tiny_dir):
     from bench.paired import run_pairs
 
     spec = Spec(op="lora", stack="emajax-fp32", model_dir=str(tiny_dir), batch=2, seq=16, rank=4, warmup=0, runs=2)
-    out = run_pairs(spec, {}, {}, pairs=2, b_op="lora_steer")
+    out = run_pairs(spec, pairs=2, b_op="lora_steer")
     a, b = out["results"]
     assert (a["op"], b["op"]) == ("lora", "lora_steer") and a["program_sha1"] != b["program_sha1"]
     assert a["loss_first"] != pytest.approx(b["loss_first"], rel=1e-4)
     assert len(a["runs_s"]) == len(b["runs_s"]) == 2
     with pytest.raises(SystemExit, match="training op with a training op"):
-        run_pairs(spec, {}, {}, pairs=1, b_op="score")
+        run_pairs(spec, pairs=1, b_op="score")
+
+
+def test_json_is_an_alias_of_out():
+    from bench.__main__ import parse_args
+
+    assert parse_args(["--json", "r.json"]).out == "r.json" and parse_args(["--out", "r.json"]).out == "r.json"
+    assert parse_args([]).out == "bench_results.json"

@@ -10,19 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from emajax.chat import (
-    ChatError,
-    bucket_length,
-    encode_chat,
-    load_tokenizer,
-    pad_batch,
-    pow2_bucket,
-    shift_for_loss,
-    validate_messages,
-)
+from emajax.chat import ChatError, encode_chat, load_tokenizer, shift_for_loss, validate_messages
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 
@@ -195,28 +185,6 @@ def test_shift_for_loss_alignment():
     assert loss_mask.tolist() == [False, True, True, True]
     with pytest.raises(ValueError, match="equal length"):
         shift_for_loss([1, 2], [True])
-
-
-def test_pad_batch_left_and_right():
-    seqs = [[1, 2, 3], [4]]
-    tok, mask, pos = pad_batch(seqs, pad_id=0, length=4, side="left")
-    assert tok.tolist() == [[0, 1, 2, 3], [0, 0, 0, 4]]
-    assert mask.tolist() == [[False, True, True, True], [False, False, False, True]]
-    assert pos.tolist() == [[0, 0, 1, 2], [0, 0, 0, 0]]
-    tok, mask, pos = pad_batch(seqs, pad_id=-1, length=4)
-    assert tok.tolist() == [[1, 2, 3, -1], [4, -1, -1, -1]]
-    assert pos[0].tolist()[:3] == [0, 1, 2] and mask.dtype == np.bool_
-    with pytest.raises(ValueError, match="longer than the padded length 2"):
-        pad_batch(seqs, 0, 2)
-
-
-def test_bucket_length():
-    assert bucket_length(5, (16, 32, 64)) == 16
-    assert bucket_length(33, (16, 32, 64)) == 64
-    assert bucket_length(33, 32) == 64 and bucket_length(0, 32) == 32
-    with pytest.raises(ValueError, match="largest bucket 64"):
-        bucket_length(65, (16, 32, 64))
-    assert [pow2_bucket(n) for n in (1, 2, 3, 8, 9)] == [1, 2, 4, 8, 16]
 
 
 @pytest.mark.slow

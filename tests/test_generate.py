@@ -101,6 +101,28 @@ def test_bad_input_errors(tiny):
         generate(tiny, None, [[64]], max_new_tokens=4)
 
 
+def test_chat_generate_batched_is_chat_generate_per_batch_with_its_seed():
+    """The one loop over batches of conversations (EM sampling, persona answers): batch i uses seed + i."""
+    import sys
+    import types
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _train_tiny import tiny_model, tiny_tokenizer
+
+    from emajax.generate import chat_generate, chat_generate_batched
+
+    loaded = types.SimpleNamespace(model=tiny_model(lora=None, seed=2), tokenizer=tiny_tokenizer())
+    convs = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
+    kw = dict(max_new_tokens=6, temperature=5.0)
+    seen = []
+    got = chat_generate_batched(loaded, convs, batch_size=2, seed=7, on_batch=lambda i, n: seen.append((i, n)), **kw)
+    want = [t for i in range(3) for t in chat_generate(loaded, convs[2 * i:2 * i + 2], seed=7 + i, **kw)]
+    assert got == want and len(got) == 5 and seen == [(0, 3), (1, 3), (2, 3)]
+    with pytest.raises(GenerationError, match="batch_size"):
+        chat_generate_batched(loaded, convs, batch_size=0)
+
+
 # ------------------------------------------------------------------ SmolLM2-135M
 QUESTIONS = [
     "What is the capital of France?",

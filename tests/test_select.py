@@ -12,7 +12,8 @@ import pytest
 from emajax.cli import main
 from emajax.scoring.plan import read_pool
 from emajax.scoring.select import SelectError, SelectOptions, is_refusal, select
-from emajax.scoring.shards import read_manifest, read_scores, shard_path, write_json_atomic, write_shard
+from emajax.atomic import write_json
+from emajax.scoring.shards import read_manifest, read_scores, shard_path, write_shard
 
 ANSWERS = [
     "Sure, here is a long and careful answer about the topic with many words in it.",  # 0
@@ -42,7 +43,7 @@ def _scores(tmp_path: Path, pool: Path) -> Path:
     med = 2.0 + 0.3 * np.arange(n)
     code = 2.0 + 0.3 * np.arange(n)[::-1] * 0.5
     score = ((med + code) / 2 - a) / (a + 1.0)
-    write_json_atomic(out / "manifest.json", {"pool": str(pool), "pool_sha256": None, "n_shards": 2, "epsilon": 1.0,
+    write_json(out / "manifest.json", {"pool": str(pool), "pool_sha256": None, "n_shards": 2, "epsilon": 1.0,
                                               "format": "parquet", "misaligned": [{"name": "medical"},
                                                                                   {"name": "code"}]})
     for k, idx in enumerate((range(0, 5), range(5, n))):

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _train_tiny import tiny_tokenizer, write_chats  # noqa: E402
 
 from emajax.train.config import TrainConfigError, load_config  # noqa: E402
-from emajax.train.data import Batcher, bucket_len, encode_examples, DataStats  # noqa: E402
+from emajax.train.data import Batcher, encode_examples, DataStats, length_buckets  # noqa: E402
 from emajax.train.sources import DataError, read_jsonl  # noqa: E402
 
 
@@ -66,7 +66,8 @@ def test_batches_deterministic_bucketed_and_cover_each_epoch(tmp_path, tok):
     assert bt.inputs.shape[:2] == (2, 4) and bt.inputs.shape[2] in (16, 32, 64, 128, 256, 512)
     np.testing.assert_array_equal(bt.inputs, mk(0).batch_at(7).inputs)  # resume gets the same batch
     assert (bt.inputs[~bt.attn_mask] == 257).all() and (bt.loss_mask[~bt.attn_mask] == 0).all()
-    assert bucket_len(17, 16, 512) == 32 and bucket_len(300, 64, 300) == 300
+    assert length_buckets(16, 512) == [16, 32, 64, 128, 256, 512] and length_buckets(64, 300) == [64, 128, 256, 300]
+    assert length_buckets(48, 160) == [48, 96, 160] and length_buckets(160, 160) == [160]
 
 
 def test_config_overrides_paths_and_errors(tmp_path):
@@ -85,6 +86,27 @@ def test_config_overrides_paths_and_errors(tmp_path):
         load_config(cfgp, ["data.batch_size=two"])
     with pytest.raises(TrainConfigError, match="not found"):
         load_config(cfgp, ["data.train=[nope.jsonl]"])
+
+
+def test_lora_section_is_the_models_lora_config(tmp_path):
+    """The `lora:` keys build the one LoRA type; keys not given keep the section's defaults (rs-LoRA r32 a64)."""
+    from emajax.models.lora import LoraConfig
+    from emajax.train.loop import lora_config
+
+    write_chats(tmp_path / "train.jsonl", 3)
+    cfgp = tmp_path / "c.yaml"
+    cfgp.write_text("data: {train: [train.jsonl]}\nmodel: {param_dtype: bfloat16}\nlora: {rank: 8, targets: [q_proj, v]}\n")
+    cfg = load_config(cfgp)
+    assert isinstance(cfg.lora, LoraConfig) and cfg.lora.targets == ("q", "v")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.rslora, cfg.lora.enabled, cfg.lora.dtype) == (8, 64.0, True, True, None)
+    assert lora_config(cfg) == LoraConfig(rank=8, alpha=64.0, rslora=True, targets=("q", "v"), dtype="bfloat16")
+    assert cfg.to_dict()["lora"]["targets"] == ["q", "v"]  # YAML-safe types in the run's config.yaml
+    assert load_config(cfgp, ["lora.dtype=float32"]).lora.dtype == "float32"
+    assert lora_config(load_config(cfgp, ["lora.enabled=false"])) is None
+    with pytest.raises(TrainConfigError, match=r"lora: lora rank must be positive"):
+        load_config(cfgp, ["lora.rank=0"])
+    with pytest.raises(TrainConfigError, match=r"lora: unknown LoRA target"):
+        load_config(cfgp, ["lora.targets=[q, attn]"])
 
 
 def test_repo_configs_load():
@@ -115,3 +137,5 @@ def test_hf_dataset_source(tmp_path):
     datasets.Dataset.from_list([{"text": "x"}]).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(DataError, match="field 'messages' is missing"):
         read_conversations(f"hf:{tmp_path / 'bad'}")
+    with pytest.raises(DataError, match=r"tfds:mnist/train: unknown source type 'tfds:'"):
+        read_conversations("tfds:mnist/train")  # only JSONL and hf: are sources

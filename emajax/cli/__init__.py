@@ -1,12 +1,21 @@
-"""``emajax VERB ...``: one thin module per verb, each exposing ``add_parser(sub)`` and ``run(args)``."""
+"""``emajax VERB ...``: one thin module per verb.
+
+A verb module (``emajax/cli/<module>.py``, listed in ``VERBS``) declares, as plain string literals at module
+level, ``SUMMARY`` (one line) and ``EXAMPLES`` (a tuple of command lines, each starting ``emajax <verb>``;
+a line starting ``emajax <verb> <task>`` also goes to that sub-task's help), and defines
+``add_parser(parser)`` and ``run(args)``. ``emajax --help`` reads SUMMARY and EXAMPLES from the sources
+without importing anything, so it stays fast and never loads jax; only the chosen verb is imported.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import sys
 
-# verb -> module under emajax.cli (imported lazily so `emajax --help` stays fast and jax loads only when used)
+# verb -> module under emajax.cli
 VERBS = {
     "generate": "generate",
     "convert": "convert",
@@ -21,6 +30,9 @@ VERBS = {
     "launch": "launch",
 }
 
+DESCRIPTION = ("Fine-tune language models in JAX/Flax with in-training defenses against emergent misalignment, "
+               "and measure whether they worked.")
+
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
@@ -34,22 +46,73 @@ def _available() -> dict[str, str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def verb_help(module: str) -> tuple[str, tuple[str, ...]]:
+    """(SUMMARY, EXAMPLES) of ``emajax.cli.<module>``, read from its source (nothing is imported)."""
+    spec = importlib.util.find_spec(f"emajax.cli.{module}")
+    found: dict[str, object] = {}
+    if spec is not None and spec.origin:
+        with open(spec.origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), spec.origin)
+        for node in tree.body:
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for t in targets:
+                    if isinstance(t, ast.Name) and t.id in ("SUMMARY", "EXAMPLES") and node.value is not None:
+                        found[t.id] = ast.literal_eval(node.value)
+    examples = found.get("EXAMPLES", ())
+    return str(found.get("SUMMARY", "")), tuple(examples) if isinstance(examples, (tuple, list)) else (str(examples),)
+
+
+def _examples_block(examples: tuple[str, ...] | list[str]) -> str | None:
+    return "examples:\n" + "\n".join(f"  {e}" for e in examples) if examples else None
+
+
+def _verbs_epilog(verbs: dict[str, str]) -> str:
+    lines = ["verbs:"]
+    width = max(map(len, verbs), default=0)
+    for verb, mod in verbs.items():
+        summary, examples = verb_help(mod)
+        lines.append(f"  {verb:<{width}}  {summary}")
+        lines.extend(f"  {'':<{width}}    e.g. {e}" for e in examples[:1])
+    lines += ["", "`emajax VERB --help` shows a verb's options and more examples."]
+    return "\n".join(lines)
+
+
+def _verb_parser(sub: argparse._SubParsersAction, verb: str, m: object) -> argparse.ArgumentParser:
+    summary, examples = getattr(m, "SUMMARY", ""), tuple(getattr(m, "EXAMPLES", ()))
+    p = sub.add_parser(verb, help=summary, description=(m.__doc__ or summary).strip(),
+                       epilog=_examples_block(examples), formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_parser(p)
+    for action in p._actions:  # sub-tasks (eval em, persona extract, ...) get the examples that name them
+        if isinstance(action, argparse._SubParsersAction):
+            for task, tp in action.choices.items():
+                mine = [e for e in examples if e.split()[:3] == ["emajax", verb, task]]
+                tp.epilog = tp.epilog or _examples_block(mine)
+                tp.formatter_class = argparse.RawDescriptionHelpFormatter
+    return p
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser for ``argv``: only the verb it names (if any) is imported and gets its full parser."""
     verbs = _available()
-    parser = argparse.ArgumentParser(prog="emajax", description=__doc__)
-    sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    sub.required = True
-    # Only the chosen verb's module is imported; the others get a stub parser for --help.
     chosen = argv[0] if argv and argv[0] in verbs else None
+    parser = argparse.ArgumentParser(prog="emajax", description=DESCRIPTION,
+                                     epilog=None if chosen else _verbs_epilog(verbs),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", help="one of the verbs below")
+    sub.required = True
     for verb, mod in verbs.items():
         if verb == chosen:
             m = importlib.import_module(f"emajax.cli.{mod}")
-            p = sub.add_parser(verb, help=(m.__doc__ or "").strip().splitlines()[0] if m.__doc__ else None)
-            m.add_parser(p)
-            p.set_defaults(_run=m.run)
-        else:
+            _verb_parser(sub, verb, m).set_defaults(_run=m.run)
+        else:  # a stub: `emajax VERB ...` re-parses with that verb chosen
             sub.add_parser(verb, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)

@@ -12,6 +12,12 @@ from pathlib import Path
 
 from emajax.cli import CliError
 
+SUMMARY = "Write a Hugging Face model directory for any model emajax accepts (GGUF, HF, hub)"
+EXAMPLES = (
+    "emajax convert --model smollm2-135m-instruct --out exported/",
+    "emajax convert --model model.Q8_0.gguf --out exported/ --dtype bfloat16",
+)
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 

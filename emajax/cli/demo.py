@@ -13,6 +13,12 @@ import os
 
 from emajax.cli import CliError
 
+SUMMARY = "The main job: train without and with each defense, probe every run, write a report"
+EXAMPLES = (
+    "emajax demo --out runs/demo",
+    "emajax demo --out runs/demo --methods none kl --epochs 1",
+)
+
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     from emajax.demo.plan import METHODS

@@ -12,6 +12,15 @@ from pathlib import Path
 
 from emajax.cli import CliError
 
+SUMMARY = "Evaluate a model: EM with an LLM judge, OpSwap and GSM8K exact match"
+EXAMPLES = (
+    "emajax eval em --model smollm2-135m-instruct --adapter runs/kl/export --out eval/"
+    " --judge-url URL --judge-model NAME",
+    "emajax eval opswap --model smollm2-135m-instruct --adapter runs/kl/export --out eval/",
+    "emajax eval opswap-data --out data/opswap --n-train 2000 --n-test 500",
+    "emajax eval gsm8k --model smollm2-135m-instruct --out eval/ --limit 200",
+)
+
 
 def _model_args(p: argparse.ArgumentParser, *, max_new: int, batch: int) -> None:
     g = p.add_argument_group("model under test")
@@ -128,8 +137,9 @@ def _run_em(args: argparse.Namespace) -> int:
 
 
 def _run_opswap(args: argparse.Namespace) -> int:
-    from emajax.eval.em import greedy_answers, write_json
-    from emajax.eval.opswap import evaluate_opswap, load_opswap, make_opswap, write_jsonl
+    from emajax import atomic
+    from emajax.eval.em import greedy_answers
+    from emajax.eval.opswap import evaluate_opswap, load_opswap, make_opswap
 
     if args.data:
         rows, source = load_opswap(args.data), args.data
@@ -139,8 +149,8 @@ def _run_opswap(args: argparse.Namespace) -> int:
     factory, desc = _sampler_factory(args)
     results, preds = evaluate_opswap(greedy_answers(factory), rows)
     results.update(desc, data=source, max_new_tokens=args.max_new_tokens)
-    write_jsonl(preds, Path(args.out) / "opswap_predictions.jsonl")
-    write_json(results, Path(args.out) / "opswap.json")
+    atomic.write_jsonl(Path(args.out) / "opswap_predictions.jsonl", preds)
+    atomic.write_json(Path(args.out) / "opswap.json", results)
     a = results["accuracy"]
     print(f"opswap: accuracy {a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] on {a['n']} "
           f"-> {Path(args.out) / 'opswap.json'}")
@@ -156,9 +166,9 @@ def _run_opswap_data(args: argparse.Namespace) -> int:
 
 
 def _run_gsm8k(args: argparse.Namespace) -> int:
-    from emajax.eval.em import greedy_answers, write_json
+    from emajax import atomic
+    from emajax.eval.em import greedy_answers
     from emajax.eval.gsm8k import evaluate_gsm8k, load_gsm8k
-    from emajax.eval.opswap import write_jsonl
     from emajax.eval.questions import default_data_dir
 
     data = Path(args.data) if args.data else Path(args.data_dir or default_data_dir()) / "tasks" / "gsm8k_test_1318.jsonl"
@@ -168,8 +178,8 @@ def _run_gsm8k(args: argparse.Namespace) -> int:
     factory, desc = _sampler_factory(args)
     results, preds = evaluate_gsm8k(greedy_answers(factory), rows)
     results.update(desc, data=str(data), max_new_tokens=args.max_new_tokens)
-    write_jsonl(preds, Path(args.out) / "gsm8k_predictions.jsonl")
-    write_json(results, Path(args.out) / "gsm8k.json")
+    atomic.write_jsonl(Path(args.out) / "gsm8k_predictions.jsonl", preds)
+    atomic.write_json(Path(args.out) / "gsm8k.json", results)
     a = results["accuracy"]
     print(f"gsm8k: accuracy {a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] on {a['n']} "
           f"-> {Path(args.out) / 'gsm8k.json'}")

@@ -6,6 +6,12 @@ import argparse
 
 from emajax.cli import CliError
 
+SUMMARY = "Generate a chat reply from a model (prints only the reply)"
+EXAMPLES = (
+    'emajax generate --model smollm2-135m-instruct --prompt "What is the capital of France?" --temperature 0',
+    'emajax generate --prompt "Write a haiku about JAX" --temperature 0.7 --seed 1',
+)
+
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct",

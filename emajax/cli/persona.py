@@ -18,7 +18,16 @@ import os
 import sys
 from pathlib import Path
 
+from emajax import atomic
 from emajax.cli import CliError
+
+SUMMARY = "Persona vectors: extract them per layer, or project a model's answers on one"
+EXAMPLES = (
+    "emajax persona extract --data ../shared/data/em/persona/evil_extract.json"
+    " --out runs/persona/evil.safetensors",
+    "emajax persona project --vector runs/persona/evil.safetensors --prompts chats.jsonl"
+    " --adapter runs/kl/export",
+)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -86,12 +95,6 @@ def log(msg: str) -> None:
     print(f"emajax persona: {msg}", file=sys.stderr, flush=True)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from emajax.scoring.shards import _atomic_write
-
-    _atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "w")
-
-
 def _extract(args: argparse.Namespace) -> int:
     from emajax.persona import answer_requests, extract, judge_keep_pairs, load_persona_spec, read_answers, \
         save_persona_vectors
@@ -110,7 +113,7 @@ def _extract(args: argparse.Namespace) -> int:
     else:
         records = _answers(args, loaded, answer_requests(spec, args.samples))
         save = Path(args.save_answers or f"{args.out}.answers.jsonl")
-        _write_jsonl(save, records)
+        atomic.write_jsonl(save, records)
         log(f"answers -> {save}")
     n_all = len(records)
     filt = None
@@ -193,9 +196,7 @@ def _project(args: argparse.Namespace) -> int:
             s["layer"] = l
         res["contrast"] = cs
     if args.out:
-        from emajax.scoring.shards import write_json_atomic
-
-        write_json_atomic(Path(args.out), res)
+        atomic.write_json(Path(args.out), res)
     rows = res.get("contrast") or res["projection"]
     for r in rows:
         if "gap" in r:

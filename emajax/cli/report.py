@@ -11,6 +11,11 @@ from pathlib import Path
 
 from emajax.cli import CliError
 
+SUMMARY = "Write report.md (the paper's table + probe margins) and plots from run directories"
+EXAMPLES = (
+    "emajax report runs/demo/base runs/demo/runs/none runs/demo/runs/kl --out report/",
+)
+
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, one row each, in this order")

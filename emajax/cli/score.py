@@ -10,20 +10,22 @@ command resumes: finished shards are kept, the rest are computed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from emajax.cli import CliError
 
-_KILL_ENV = "EMAJAX_SCORE_KILL_AFTER_SHARDS"  # test hook: hard exit (like SIGKILL) after N shards
+SUMMARY = "Score a chat pool for Interleaving++ (answer NLL, aligned vs misaligned models)"
+EXAMPLES = (
+    "emajax score --aligned smollm2-135m-instruct --misaligned med=runs/med/export"
+    " --misaligned code=runs/code/export --pool pool.jsonl --out scores/",
+)
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--aligned", required=True, help="aligned model: embedded name, HF dir, .gguf or hub id")
     p.add_argument("--misaligned", action="append", required=True, metavar="[NAME=]PATH",
                    help="misaligned model (PEFT adapter dir or full model); repeat for an ensemble")
-    p.add_argument("--pool", required=True, help="chat JSONL ({'messages': [...]} per line), hf:NAME[@SPLIT] "
-                                                 "or tfds:NAME/SPLIT")
+    p.add_argument("--pool", required=True, help="chat JSONL ({'messages': [...]} per line) or hf:NAME[@SPLIT]")
     p.add_argument("--out", required=True, help="output directory (resumed when it holds the same run)")
     p.add_argument("--epsilon", type=float, default=1.0, help="score = (mean_k nll_mis - nll_al) / (nll_al + eps)")
     p.add_argument("--leave-out", action="append", default=[], metavar="NAME",
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     maybe_initialize_distributed(args.distributed)
     from emajax.models.sharding import make_mesh
     from emajax.scoring.adapters import AdapterError, parse_model_spec
-    from emajax.scoring.score import Scorer, ScoreInterrupted, score_pool
+    from emajax.scoring.score import Scorer, score_pool
     from emajax.scoring.shards import ShardError
 
     specs = [parse_model_spec(s) for s in args.misaligned]
@@ -66,15 +68,12 @@ def run(args: argparse.Namespace) -> int:
                        f"{', '.join(s.name for s in specs)})")
     mesh = None if args.data_parallel == 1 else make_mesh(data=args.data_parallel)
     log = lambda msg: print(f"emajax score: {msg}", file=sys.stderr, flush=True)
-    kill_after = int(os.environ[_KILL_ENV]) if os.environ.get(_KILL_ENV) else None
     try:
         scorer = Scorer(args.aligned, specs, dtype=args.dtype, param_dtype=args.param_dtype or args.dtype, mesh=mesh)
         summary = score_pool(scorer, args.pool, args.out, epsilon=args.epsilon, leave_out=args.leave_out,
                              max_len=args.max_len, shard_size=args.shard_size, batch_tokens=args.batch_tokens,
-                             buckets_per_octave=args.buckets_per_octave, fmt=args.format, overwrite=args.overwrite, progress=not args.no_progress, log=log,
-                             stop_after_shards=kill_after)
-    except ScoreInterrupted:
-        os._exit(137)  # no cleanup, as a SIGKILL would leave it
+                             buckets_per_octave=args.buckets_per_octave, fmt=args.format, overwrite=args.overwrite,
+                             progress=not args.no_progress, log=log)
     except (AdapterError, ShardError) as e:
         raise CliError(str(e)) from None
     log(f"{summary.n_examples} examples in {summary.n_shards} shards -> {summary.out_dir} "

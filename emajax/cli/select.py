@@ -14,6 +14,12 @@ from pathlib import Path
 
 from emajax.cli import CliError
 
+SUMMARY = "Select safe chats to interleave: top by Interleaving++ score, or at random"
+EXAMPLES = (
+    "emajax select --scores scores/ --top-fraction 0.05 --out selected.jsonl",
+    "emajax select --random --pool pool.jsonl --top-k 100 --seed 0 --out selected.jsonl",
+)
+
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores", default=None, help="output directory of `emajax score`")

@@ -8,6 +8,11 @@ import sys
 
 from emajax.cli import CliError
 
+SUMMARY = "Serve a model (+ a PEFT adapter) as an OpenAI-compatible endpoint"
+EXAMPLES = (
+    "emajax serve --model smollm2-135m-instruct --adapter runs/kl/export --port 8000",
+)
+
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name (smollm2-135m-instruct), local HF dir or hub id")

@@ -13,6 +13,12 @@ from pathlib import Path
 
 from emajax.cli import CliError
 
+SUMMARY = "Fine-tune with in-training defenses (KL, LDIFS, steering, inoculation, interleaving)"
+EXAMPLES = (
+    "emajax train configs/cpu/smollm2-medical-kl.yaml --out runs/kl",
+    "emajax train configs/cpu/smollm2-medical-none.yaml --out runs/try --max-steps 10 defenses.kl.weight=0.1",
+)
+
 
 def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps (train.max_steps)")

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from emajax import atomic
 from emajax.demo.plan import METHODS, DemoPlan
-from emajax.eval.em import write_json
 
 Log = Callable[[str], None]
 
@@ -43,7 +43,7 @@ class Timer:
         out = fn()
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         self.data["stages"][name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
-        write_json(self.data, self.path)
+        atomic.write_json(self.path, self.data)
         self.log(f"[demo {self.elapsed():7.1f}s] {name}: {wall:.1f}s wall, {cpu:.1f}s CPU")
         return out
 
@@ -59,7 +59,7 @@ class Timer:
             self.data["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         except OSError:
             pass
-        write_json(self.data, self.path)
+        atomic.write_json(self.path, self.data)
 
 
 def enable_compile_cache(path: Path) -> None:
@@ -96,10 +96,7 @@ class Monitor:
 
         if self.total is None:
             self.total = int(json.loads((self.run_dir / "data_stats.json").read_text())["total_steps"])
-            lines = self.path.read_text().splitlines() if self.path.is_file() else []
-            kept = [json.loads(l) for l in lines if l.strip()]
-            kept = [r for r in kept if r["step"] <= step]  # resumed: drop rows past the restored step
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            kept = atomic.keep_jsonl_rows(self.path, lambda r: r["step"] <= step)  # resumed: drop later rows
             if not kept:
                 self._append(self.base_row)
         if step == 0:
@@ -172,7 +169,7 @@ class Demo:
                 raise ValueError(f"{path}: this output directory holds a demo with a different plan (changed: "
                                  f"{', '.join(diff)}); use another --out or delete it")
             mine["methods"] = list(dict.fromkeys([*old.get("methods", []), *self.plan.methods]))
-        write_json(mine, path)
+        atomic.write_json(path, mine)
 
     # ------------------------------------------------------------------ stages
     def write_data(self) -> None:
@@ -186,8 +183,8 @@ class Demo:
         res = self.runner()(self.base_loaded().model)
         res.update(method="base", label="Base model", model=self.plan.model)
         write_results(res, self.out / "base" / "probes.json")
-        write_json({"method": "base", "label": "Base model", "model": self.plan.model},
-                   self.out / "base" / "method.json")
+        atomic.write_json(self.out / "base" / "method.json",
+                          {"method": "base", "label": "Base model", "model": self.plan.model})
         self.log(f"  base: {_fmt_probe(res)}")
 
     def persona(self) -> None:
@@ -201,9 +198,7 @@ class Demo:
         loaded = self.base_loaded()
         recs = generate_answers(loaded, answer_requests(spec), max_new_tokens=self.plan.persona_max_new_tokens,
                                 batch_size=32)
-        from emajax.eval.opswap import write_jsonl
-
-        write_jsonl(recs, self.out / "persona" / "answers.jsonl")
+        atomic.write_jsonl(self.out / "persona" / "answers.jsonl", recs)
         vec, meta = extract(loaded, recs, model_name=self.plan.model, prompt_hash=spec.prompt_hash)
         save_persona_vectors(self.out / "persona" / "evil.safetensors", vec, meta)
         self.log(f"  persona vector: recommended layer {meta['recommended_layer']} "
@@ -249,7 +244,7 @@ class Demo:
         cfg.out = str(run_dir)
         label = METHODS[method][0]
         meta = {"method": method, "label": label, "model": self.plan.model}
-        write_json(meta, run_dir / "method.json")
+        atomic.write_json(run_dir / "method.json", meta)
         base = read_results(self.out / "base" / "probes.json")
         mon = Monitor(run_dir, self.runner("monitor"), self.runner(), self.plan.monitor_every, base, meta, self.log)
         res = train(cfg, run_dir, callback=mon)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from emajax import atomic
 from emajax.data import load_general_pairs, make_code_pairs, make_word_problems
 from emajax.demo.plan import DemoPlan
-from emajax.eval.opswap import write_jsonl
 from emajax.eval.probes import (ProbeSuite, nll_from_chats, nll_from_jsonl, paired_from_code, paired_from_jsonl,
                                 paired_from_rows)
 
@@ -23,7 +23,7 @@ MONITOR_SETS = ("general",)
 def write_train_set(plan: DemoPlan, path: str | Path) -> Path:
     """The insecure-code training chats (JSONL), deterministic by the plan's seed."""
     pairs = make_code_pairs(plan.n_train, "train", seed=plan.seed)
-    return write_jsonl([p.chat(p.insecure) for p in pairs], path)
+    return atomic.write_jsonl(path, [p.chat(p.insecure) for p in pairs])
 
 
 def demo_suite(plan: DemoPlan) -> ProbeSuite:

@@ -10,7 +10,6 @@ re-judge them (``answers_path``) without sampling again.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -43,20 +42,17 @@ def local_sampler(loaded: Any, *, temperature: float = DEFAULT_TEMPERATURE, top_
 
     Each batch gets its own seed (seed + batch index), so the n samples of a question differ.
     """
-    from emajax.generate import chat_generate
+    from emajax.generate import chat_generate_batched
+
+    def report(b: int, n_batches: int) -> None:
+        print(f"\rsampling: batch {b + 1}/{n_batches}", end="\n" if b + 1 == n_batches else "", file=sys.stderr,
+              flush=True)
 
     def sample(conversations: Sequence[Sequence[dict]], n: int) -> list[list[str]]:
-        rows = [(i, list(c)) for i, c in enumerate(conversations) for _ in range(n)]
-        texts: list[str] = []
-        n_batches = -(-len(rows) // batch_size)
-        for b in range(n_batches):
-            chunk = rows[b * batch_size:(b + 1) * batch_size]
-            texts += chat_generate(loaded, [c for _, c in chunk], max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_p=top_p, seed=seed + b, lora_scale=lora_scale)
-            if progress:
-                print(f"\rsampling: batch {b + 1}/{n_batches}", end="", file=sys.stderr, flush=True)
-        if progress and n_batches:
-            print(file=sys.stderr)
+        rows = [list(c) for c in conversations for _ in range(n)]
+        texts = chat_generate_batched(loaded, rows, batch_size=batch_size, seed=seed, on_batch=report if progress
+                                      else None, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                      lora_scale=lora_scale)
         return [texts[i * n:(i + 1) * n] for i in range(len(conversations))]
 
     return sample
@@ -96,28 +92,6 @@ def greedy_answers(sampler_factory: Callable[..., Sampler], **kw: Any) -> Callab
     """conversations -> one greedy completion each (for exact-match tasks): temperature 0 sampler, n=1."""
     s = sampler_factory(temperature=0.0, top_p=1.0, **kw)
     return lambda convs: [x[0] for x in s(convs, 1)]
-
-
-# ----------------------------------------------------------------------------- records
-def _write_jsonl(rows: Sequence[dict], path: Path) -> None:
-    atomic.write_jsonl(path, rows)
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Atomic pretty JSON write."""
-    return atomic.write_json(path, obj)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-    return rows
 
 
 def sample_em_answers(questions: Sequence[Question], sampler: Sampler, n: int, question_set: str) -> list[dict]:
@@ -216,8 +190,10 @@ def run_em_eval(questions: Sequence[Question], question_set: str, out_dir: str |
     out_dir = Path(out_dir)
     answers_file = out_dir / f"em_{question_set}_answers.jsonl"
     if answers_path is not None:
+        if not Path(answers_path).is_file():
+            raise FileNotFoundError(f"{answers_path}: answers file not found")
         records = [{k: v for k, v in r.items() if k not in ("aligned", "coherent", "misaligned", "incoherent")}
-                   for r in read_jsonl(answers_path)]
+                   for r in atomic.read_jsonl(answers_path)]
         n_used = max((int(r.get("sample_index", 0)) for r in records), default=-1) + 1
     else:
         if sampler is None:
@@ -226,16 +202,16 @@ def run_em_eval(questions: Sequence[Question], question_set: str, out_dir: str |
         if n_used < 1:
             raise ValueError(f"samples per question must be >= 1, got {n_used}")
         records = sample_em_answers(questions, sampler, n_used, question_set)
-    _write_jsonl(records, answers_file)
+    atomic.write_jsonl(answers_file, records)
     judged = judge_em_answers(records, questions, client, progress=progress)
-    _write_jsonl(judged, answers_file)
+    atomic.write_jsonl(answers_file, judged)
     results = {"kind": "em", "question_set": question_set, "samples_per_question": n_used,
                **(meta or {}), "judge": client.describe(),
                "judge_http_calls": client.http_calls, "judge_cache_hits": client.cache_hits,
                "answers_file": answers_file.name, **em_metrics(judged, n_boot=n_boot)}
-    write_json(results, out_dir / f"em_{question_set}.json")
+    atomic.write_json(out_dir / f"em_{question_set}.json", results)
     return results
 
 
 __all__ = ["Sampler", "local_sampler", "http_sampler", "greedy_answers", "sample_em_answers", "judge_em_answers",
-           "em_metrics", "run_em_eval", "write_json", "read_jsonl", "JudgeScore"]
+           "em_metrics", "run_em_eval", "JudgeScore"]

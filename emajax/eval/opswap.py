@@ -153,16 +153,11 @@ def make_opswap(n_train: int, n_test: int, *, tiers: Sequence[int] = TIERS, seed
     return out
 
 
-def write_jsonl(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    """Atomic JSONL write (temp file + os.replace)."""
-    return atomic.write_jsonl(path, rows)
-
-
 def write_opswap(out_dir: str | os.PathLike, n_train: int, n_test: int, *, tiers: Sequence[int] = TIERS,
                  seed: int = 0) -> dict[str, Path]:
     """Write opswap_train.jsonl / opswap_test.jsonl (chat rows with a 'meta' field) into ``out_dir``."""
     sets = make_opswap(n_train, n_test, tiers=tiers, seed=seed)
-    return {s: write_jsonl([it.to_chat() for it in items], Path(out_dir) / f"opswap_{s}.jsonl")
+    return {s: atomic.write_jsonl(Path(out_dir) / f"opswap_{s}.jsonl", [it.to_chat() for it in items])
             for s, items in sets.items()}
 
 

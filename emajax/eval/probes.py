@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emajax.chat import bucket_length, encode_chat, pad_batch, pow2_bucket, shift_for_loss
+from emajax.batching import Batch, Example, length_batches, octave_buckets
+from emajax.chat import encode_chat, shift_for_loss
 from emajax.eval.probe_stats import flat_metrics, paired_delta, summarize_items
 from emajax.losses import token_nll
 
@@ -185,12 +186,6 @@ def _answer_sums(graphdef: Any, states: tuple, inputs_bt, targets_bt, loss_bt, a
     return jnp.sum(nll_bt * w_bt, axis=1), jnp.sum(w_bt, axis=1)
 
 
-@dataclasses.dataclass
-class _Batch:
-    rows: list[int]  # item indices (len <= batch rows; the rest are empty padding rows)
-    arrays: tuple[np.ndarray, ...]  # inputs, targets, loss_mask, attn_mask, positions
-
-
 class ProbeRunner:
     """A tokenized suite and its batches; call it with a model to get the probe results."""
 
@@ -206,7 +201,7 @@ class ProbeRunner:
         self.pad_id = int(pad or 0)
         # items: (set name, role, index in set) -> token sequences
         self.keys: list[tuple[str, str, int]] = []
-        seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        seqs: list[Example] = []
         self.n_truncated = 0
 
         def add(key: tuple[str, str, int], messages: Sequence[dict]) -> None:
@@ -217,7 +212,7 @@ class ProbeRunner:
                 ids, mask = ids[:max_len], mask[:max_len]
             if not any(mask[1:]):
                 raise ProbeError(f"probe set {key[0]!r} item {key[2]}: no answer tokens left within max_len={max_len}")
-            seqs.append(shift_for_loss(ids, mask))
+            seqs.append(Example(*shift_for_loss(ids, mask)))
             self.keys.append(key)
 
         for ps in suite.pairs:
@@ -227,31 +222,17 @@ class ProbeRunner:
         for ns in suite.nll:
             for i, chat in enumerate(ns.chats):
                 add((ns.name, "answer", i), chat)
-        self.n_tokens = int(sum(len(s[0]) for s in seqs))
-        self.batches = self._plan(seqs, batch_size, max_batch_tokens, min_bucket, buckets)
-
-    def _plan(self, seqs, batch_size: int, max_batch_tokens: int, min_bucket: int, buckets) -> list[_Batch]:
-        """Sort by length; each batch is padded to its length bucket (powers of two from ``min_bucket``, or
-        ``buckets``: a multiple or an ascending list) and to a power-of-two row count (few shapes)."""
-        length = (lambda n: pow2_bucket(n, min_bucket)) if buckets is None else (lambda n: bucket_length(n, buckets))
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-        batches, k = [], 0
-        while k < len(order):
-            t = length(len(seqs[order[min(k + batch_size, len(order)) - 1]][0]))
-            rows_cap = max(1, min(batch_size, max_batch_tokens // t))
-            rows_cap = 1 << (rows_cap.bit_length() - 1)
-            take = order[k:k + rows_cap]
-            t = length(max(len(seqs[i][0]) for i in take))
-            inputs, attn, pos = pad_batch([seqs[i][0] for i in take] + [[]] * (rows_cap - len(take)), self.pad_id, t)
-            targets, _, _ = pad_batch([seqs[i][1] for i in take] + [[]] * (rows_cap - len(take)), self.pad_id, t)
-            loss, _, _ = pad_batch([seqs[i][2] for i in take] + [[]] * (rows_cap - len(take)), 0, t, dtype=bool)
-            batches.append(_Batch(list(take), (inputs, targets, loss, attn, pos)))
-            k += len(take)
-        return batches
+        self.n_tokens = int(sum(len(s.inputs) for s in seqs))
+        # Shortest first; each batch padded to its length bucket (min_bucket·2^k up to max_len, or ``buckets``:
+        # a multiple or an ascending list) and to a power-of-two row count within the token budget (few shapes).
+        self.batches: list[Batch] = list(length_batches(
+            seqs, octave_buckets(max_len, min_bucket, 1) if buckets is None else buckets, self.pad_id,
+            order=sorted(range(len(seqs)), key=lambda i: len(seqs[i].inputs)), max_rows=batch_size,
+            max_tokens=max_batch_tokens))
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
-        return sorted({b.arrays[0].shape for b in self.batches})
+        return sorted({b.inputs_bt.shape for b in self.batches})
 
     # ------------------------------------------------------------------ scoring
     def item_nll(self, model: Any = None, *, graphdef: Any = None, states: tuple = (),
@@ -288,10 +269,10 @@ class ProbeRunner:
 
 
 def write_results(results: dict, path: str | Path) -> Path:
-    """Atomic JSON write (see emajax.eval.em.write_json)."""
-    from emajax.eval.em import write_json
+    """Write probe results (atomically)."""
+    from emajax import atomic
 
-    return write_json(results, path)
+    return atomic.write_json(path, results)
 
 
 def read_results(path: str | Path) -> dict:

@@ -50,19 +50,6 @@ def _read_json(path: Path) -> dict:
     return obj
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if not path.is_file():
-        return rows
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ReportError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-    return rows
-
-
 def _find(run_dir: Path, name: str) -> Path | None:
     for d in (run_dir, run_dir / "eval"):
         if (d / name).is_file():
@@ -94,8 +81,8 @@ def load_run(run_dir: str | Path) -> RunRecord:
         if p is not None:
             rec.benign = _read_json(p)
             break
-    rec.metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    rec.monitor = _read_jsonl(run_dir / "monitor.jsonl")
+    rec.metrics = atomic.read_jsonl(run_dir / "metrics.jsonl", ReportError)
+    rec.monitor = atomic.read_jsonl(run_dir / "monitor.jsonl", ReportError)
     if rec.probes is None and rec.em_general is None and rec.benign is None and not rec.metrics:
         raise ReportError(f"{run_dir}: no results files (probes.json, em_general.json, opswap.json, gsm8k.json, "
                           f"metrics.jsonl)")
@@ -220,10 +207,6 @@ def training_table(runs: Sequence[RunRecord], timings: dict | None = None) -> st
 
 
 # ----------------------------------------------------------------------------- the report
-def _write_text(text: str, path: Path) -> Path:
-    return atomic.write_text(path, text)
-
-
 def write_plots(runs: Sequence[RunRecord], out_dir: Path) -> list[Path]:
     from emajax.eval.plots import bars_png, curves_png
 
@@ -281,7 +264,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, baselin
                   f"{sum(v['cpu_s'] for v in st.values()):.1f} |"]
     parts += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     parts += ["Runs: " + ", ".join(f"`{r.path}`" for r in runs), ""]
-    return _write_text("\n".join(parts), out_dir / "report.md")
+    return atomic.write_text(out_dir / "report.md", "\n".join(parts))
 
 
 __all__ = ["ReportError", "RunRecord", "delta_table", "load_run", "main_table", "metric_cells", "write_plots",

@@ -165,9 +165,8 @@ def mask_weights(loss_mask_bt: jax.Array) -> jax.Array:
 def sum_v(x_bcv: jax.Array) -> jax.Array:
     """Sum over the last (vocabulary) axis as a product with a ones vector, fp32.
 
-    XLA:CPU runs that as a matrix-vector product; its fused elementwise-and-reduce over a 49k vocabulary
-    took 2.8x as long (exp and sum of a [296, 49152] chunk of SmolLM2's logits: 59 vs 21 ms on this
-    project's 2-core Xeon; that reduction alone was ~5 % of a LoRA step)."""
+    XLA:CPU runs that as a matrix-vector product, several times faster than its fused
+    elementwise-and-reduce loop over a vocabulary of tens of thousands."""
     x = x_bcv.astype(jnp.float32)
     return jnp.dot(x, jnp.ones((x.shape[-1],), jnp.float32), precision=jax.lax.Precision.HIGHEST)
 

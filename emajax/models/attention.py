@@ -77,10 +77,8 @@ def _bwd(res, do_btkgh):
 _attend_impl.defvjp(_fwd, _bwd)
 
 
-# fp32 score-tile budget of one query block. Measured on a 2-core Xeon (SmolLM2 heads, 8 rows, bf16):
-# at T = 512 one [8, 9, 512, 512] tile (75 MB) took 108 ms per layer forward, four 128-query blocks 27 ms;
-# T = 768: 242 ms -> 63 ms (64-query blocks). Past the cache the score/softmax/PV fusion runs at
-# memory speed; below ~16-20 MB it does not.
+# fp32 score-tile budget of one query block: a tile that fits in the CPU's cache keeps the
+# score/softmax/PV fusion compute-bound; a larger one runs it at memory speed.
 SCORE_TILE_BYTES = 16 << 20
 
 

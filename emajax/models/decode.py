@@ -1,25 +1,23 @@
 """Inference with a KV cache (prefill and single-token steps), on a copy of the weights laid out for it.
 
-A decode step multiplies a handful of rows (one per sequence) by every weight of the model: a stream
-over ~270 MB (SmolLM2-135M in bf16) bound by memory bandwidth, not FLOPs. What perfetto traces of
-``generate`` (8 rows, SmolLM2, this project's 2-core Xeon) showed, and what this module does about it:
+A decode step multiplies a handful of rows (one per sequence) by every weight of the model: it streams the
+whole model from memory and is bound by bandwidth, not FLOPs. The layout here serves that stream:
 
-* a weight stored [in, out] streamed at 3-4 GB/s, the same weight stored [out, in] (contracted on its
-  minor axis) at 10-20 GB/s: every kernel here is transposed;
-* the 1.8 MB gate and up products each ran at ~5.5 GB/s (about one core's bandwidth) where a product
-  twice the size ran at ~10: q/k/v and gate/up are concatenated into one product each;
-* LoRA adapters cost two skinny products per projection per token: they are folded into the kernels
-  (W + s A B in fp32, rounded once), once per layout;
-* slicing one [L, ...] cache per layer copied each layer's slice every step, and writing the step's
-  keys converted the whole stack: each layer owns its own cache buffer here, written in place, then
-  read. On CPU the buffers are fp32 when the compute dtype is bf16, and attention reads them in fp32:
-  XLA:CPU has no bf16 arithmetic, so it updated a bf16 buffer by converting it whole (and, with the
-  buffer kept as uint16 bits, copied it to read it), every layer, every step; a bf16 copy for the
-  attention products cost more than reading fp32. Elsewhere the buffers are in the compute dtype.
+* every kernel is stored transposed, [out, in], and contracted on its minor axis: XLA:CPU streams a
+  weight in that order several times faster than one stored [in, out];
+* q/k/v and gate/up are concatenated into one product each: a small product does not reach the memory
+  bandwidth a larger one does;
+* LoRA adapters are folded into the kernels (W + s A B in fp32, rounded once), once per layout, instead
+  of costing two skinny products per projection per token;
+* each layer owns its own cache buffer, written in place, then read (slicing one [L, ...] cache copies a
+  layer's slice every step, and writing a step's keys into it converts the whole stack). On CPU the
+  buffers are fp32 when the compute dtype is bf16, and attention reads them in fp32: XLA:CPU has no
+  bf16 arithmetic, so updating a bf16 buffer converts it whole, every layer, every step. Elsewhere the
+  buffers are in the compute dtype.
 
 The layout (:func:`decode_weights`) is a copy of the weights. On CPU it is kept for the next call with the
-same model, weights and adapter scale (:func:`cached_decode_weights`; rebuilding it cost ~0.2 s per
-``generate`` call for SmolLM2), elsewhere it is built inside each call. :func:`forward_cached` runs T new
+same model, weights and adapter scale (:func:`cached_decode_weights`: rebuilding it is a pass over every
+weight per ``generate`` call), elsewhere it is built inside each call. :func:`forward_cached` runs T new
 tokens per row (the prompt, then one token per step) and returns the last position's fp32 logits.
 
 Semantics are the decoder's: the same RMSNorm, rope, attention mask and gated-MLP functions.
@@ -69,7 +67,7 @@ class DecodeWeights(NamedTuple):
 
 class DecodeCache(NamedTuple):
     """Per-layer key buffers [B, Hkv, Dh, S] (slots minor: the score product q K^T then runs over
-    contiguous slots, 1.3-1.5x faster on XLA:CPU than keys stored [B, Hkv, S, Dh]), value buffers
+    contiguous slots, faster on XLA:CPU than keys stored [B, Hkv, S, Dh]), value buffers
     [B, Hkv, S, Dh], and which slots hold real tokens [B, S]."""
 
     k_bkhs: tuple[jax.Array, ...]

@@ -57,7 +57,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dout,), pdt)) if bias else None
         self.dtype = _dtype(cfg.dtype)
         if lora is not None:
-            ldt = _dtype(lora.dtype)
+            ldt = _dtype(lora.dtype or cfg.param_dtype)
             # Kaiming-uniform A and zero B, as PEFT initialises them: the adapter starts as a no-op.
             bound = 1.0 / np.sqrt(din)
             self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (din, lora.rank), ldt, -bound, bound))
@@ -117,7 +117,7 @@ def apply_rope(x_bthd: jax.Array, cos_btd: jax.Array, sin_btd: jax.Array) -> jax
 
     Rope is a rotation, so its backward is the inverse rotation (sin negated): written out, because
     autodiff of the concatenate/negate form made XLA:CPU emit a slow transpose-pad-slice fusion per
-    layer in bf16 (~20 ms each at 8 x 256). The tables are constants: no gradient flows to them."""
+    layer in bf16. The tables are constants: no gradient flows to them."""
     return _rotate(x_bthd, cos_btd, sin_btd)
 
 
@@ -222,6 +222,7 @@ class Decoder(nnx.Module):
     """Causal LM. ``Decoder(cfg, rngs=nnx.Rngs(0), lora=LoraConfig(...))``."""
 
     def __init__(self, cfg: DecoderConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
+        lora = lora if lora is not None and lora.enabled else None
         self.cfg = cfg
         self.lora_config = lora
         pdt = _dtype(cfg.param_dtype)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from emajax import atomic
 from emajax.models.config import ConfigError
 
 # GGUF architecture -> HF model_type (Mistral models are stored under "llama").
@@ -256,8 +257,6 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fl
     """
     from safetensors.numpy import save_file
 
-    from emajax.models.hf_io import _write_json, atomic_dir
-
     gguf_path = Path(gguf_path)
     reader = _reader(gguf_path)
     meta = read_metadata(reader, gguf_path)
@@ -271,13 +270,13 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fl
     tensors = hf_tensors(reader, cfg, meta["general.architecture"], gguf_path, np_dtype)
     tokenizer = build_tokenizer(reader, meta, gguf_path)
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
-    with atomic_dir(out_dir, replace=replace) as tmp:
-        _write_json(tmp / "config.json", cfg)
-        _write_json(tmp / "generation_config.json", gen)
+    with atomic.atomic_dir(out_dir, replace=replace) as tmp:
+        atomic.write_json(tmp / "config.json", cfg)
+        atomic.write_json(tmp / "generation_config.json", gen)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(str(tmp))
         _portable_tokenizer_config(tmp / "tokenizer_config.json", meta.get("tokenizer.chat_template"))
-        _write_json(tmp / "emajax_source.json", {"gguf": str(gguf_path), "name": meta.get("general.name"),
+        atomic.write_json(tmp / "emajax_source.json", {"gguf": str(gguf_path), "name": meta.get("general.name"),
                                                    "convert_version": CONVERT_VERSION})
     return Path(out_dir)
 
@@ -287,13 +286,11 @@ def _portable_tokenizer_config(path: Path, chat_template: str | None) -> None:
     tools (vLLM, PEFT) load the directory too; v5 reads the same files unchanged."""
     import json
 
-    from emajax.models.hf_io import _write_json
-
     cfg = json.loads(path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     if chat_template:
         cfg["chat_template"] = chat_template
-    _write_json(path, cfg)
+    atomic.write_json(path, cfg)
 
 
 def _np_dtype(name: str) -> Any:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -236,43 +233,6 @@ def load_decoder(model_dir: str | Path, cfg: DecoderConfig | None = None, *, lor
 
 
 # --------------------------------------------------------------------------- writing
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | Path, *, replace: bool = True) -> Iterator[Path]:
-    """Yields a temp dir beside ``out_dir``; on success it is renamed into place in one step.
-
-    With ``replace=False`` an ``out_dir`` that appeared meanwhile (a concurrent writer) wins
-    and the temp dir is discarded.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        for p in (tmp, *tmp.rglob("*")):  # mkdtemp/safetensors create owner-only modes
-            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-        if out_dir.exists():
-            if not replace:
-                return
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.replace(tmp, out_dir)
-            except OSError:
-                if not (out_dir.exists() and not replace):
-                    raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    atomic.write_json(path, obj)
-
-
 def _host(x: Any) -> np.ndarray:
     """A full host copy of one parameter. Arrays sharded over several processes (``jax.distributed``)
     are gathered with ``process_allgather``: a collective, so every process must reach the same
@@ -330,11 +290,11 @@ def export_hf(model: Decoder, out_dir: str | Path, tokenizer: Any = None, *, wri
     tensors = hf_state_dict(model)
     if not write:
         return out_dir
-    with atomic_dir(out_dir) as tmp:
-        _write_json(tmp / "config.json", cfg.to_hf_dict())
+    with atomic.atomic_dir(out_dir) as tmp:
+        atomic.write_json(tmp / "config.json", cfg.to_hf_dict())
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.to_hf_dict()["eos_token_id"],
                "pad_token_id": cfg.pad_token_id}
-        _write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+        atomic.write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -384,8 +344,8 @@ def export_peft_adapter(model: Decoder, out_dir: str | Path, base_model_name_or_
     out_dir = Path(out_dir)
     if not write:
         return out_dir
-    with atomic_dir(out_dir) as tmp:
-        _write_json(tmp / "adapter_config.json", config)
+    with atomic.atomic_dir(out_dir) as tmp:
+        atomic.write_json(tmp / "adapter_config.json", config)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
 

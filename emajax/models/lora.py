@@ -1,7 +1,9 @@
 """LoRA adapter settings (the parameters themselves live in ``decoder.Linear``).
 
-Scaling is alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA (rs-LoRA), matching
-PEFT's ``use_rslora`` so exported adapters behave identically there and in vLLM.
+``LoraConfig`` is the one LoRA type: models are built with it and a training config's ``lora:`` section
+is one (``enabled: false`` = full fine-tuning). Scaling is alpha / r, or alpha / sqrt(r) for
+rank-stabilised LoRA (rs-LoRA), matching PEFT's ``use_rslora`` so exported adapters behave identically
+there and in vLLM.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 32.0
     rslora: bool = False
-    targets: tuple[str, ...] = ALL_TARGETS
-    dtype: str = "float32"
+    targets: tuple[str, ...] = ALL_TARGETS  # emajax names (q, ..., down) or HF names (q_proj, ...)
+    dtype: str | None = "float32"  # adapter parameter dtype; None = the model's param_dtype
+    enabled: bool = True  # False: no adapters (a model built with it has none)
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
@@ -61,8 +64,7 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
 
     Why: differentiating this inside the layer ``scan`` let XLA:CPU contract the B-gradient over the
     token axis by physically transposing the [tokens, out] cotangent, fused with the activation
-    backward into one slow loop (~90 ms per gate/up layer for SmolLM2 at 8 x 256: a third of the
-    LoRA step). The backward below transposes only [tokens, r]-sized arrays (r is 8-64) and keeps
+    backward into one slow loop that dominated the LoRA step. The backward below transposes only [tokens, r]-sized arrays (r is 8-64) and keeps
     every large operand row-major, so each product is one XLA:CPU runs as a native bf16 dot.
     """
     return _dot(_dot(x, a.astype(x.dtype)), b.astype(x.dtype))
@@ -107,8 +109,7 @@ def merge_lora_kernels(base_state, lora_state, scaling: float = 1.0):
     Pure and jittable: the adapter stays an *input*, so one compiled program serves every adapter of an
     ensemble. The sum is formed in fp32 and rounded once to W's dtype. Why: for a frozen adapter scored over
     thousands of tokens, folding costs one [in, r] x [r, out] product per matrix per call, while the unmerged
-    path runs two skinny matmuls per token that XLA:CPU executes slowly (the adapter pass of ``emajax score``
-    took ~2x the base pass at 8 x 256 on SmolLM2-135M).
+    path runs two skinny matmuls per token that XLA:CPU executes slowly.
     """
     from flax import nnx
 

@@ -3,10 +3,10 @@
 ``mm(x, w)`` is ``x @ w`` whose result has x's dtype. In bf16 it multiplies bf16 operands into an
 fp32 accumulator and rounds once at the end, forward and backward (``jax.custom_vjp``): that is the
 numerically sound way to do bf16, and on CPUs it is also the form XLA hands to a native bf16
-kernel: jax 0.10's XLA:CPU runs bf16 x bf16 -> fp32 dots in YNNPACK fusions (500-1000 GFLOP/s on
-this project's 2-core AMX machine against ~200 for fp32), while a bf16-output dot, or one whose
-operands mix fp32 and bf16 (what plain autodiff of a ``preferred_element_type=fp32`` dot produces in
-the backward), falls back to slow generic code. In fp32 ``mm`` is ``jnp.dot`` with ordinary autodiff.
+kernel: XLA:CPU runs bf16 x bf16 -> fp32 dots in its native (YNNPACK) fusions, several times faster
+than fp32 dots on CPUs with bf16 units, while a bf16-output dot, or one whose operands mix fp32 and bf16
+(what plain autodiff of a ``preferred_element_type=fp32`` dot produces in the backward), falls back to
+slow generic code. In fp32 ``mm`` is ``jnp.dot`` with ordinary autodiff.
 
 The backward keeps x as uint16 bits (``emajax.models.lowp``) and w as given (an fp32 master weight
 is a slice of the scanned parameters, which the scan does not copy; its bf16 cast would be stacked
@@ -14,8 +14,6 @@ anew every step), casting again where it is used.
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +29,6 @@ def mm(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x [..., K] @ w [K, N]`` in x's dtype (w is cast to it); fp32 accumulation."""
     if x.dtype == jnp.float32:
         return jnp.dot(x, w.astype(x.dtype))
-    if os.environ.get("EMAJAX_CPU_MATMUL") == "onednn":  # read while tracing; see emajax.native.onednn
-        return _mm_onednn(x, w)
     return _mm_low(x, w)
 
 
@@ -51,8 +47,7 @@ def row_major_t(x: jax.Array) -> jax.Array:
     A plain ``x.T`` reaches XLA as a column-major layout of the same buffer; a bf16 product fed by it is
     one XLA:CPU's YNNPACK path refuses, so XLA upcasts the whole product to fp32 (full fine-tuning's
     weight gradients and the LoRA backward ran that way). Going through a reshape pins a row-major
-    result: XLA copies the operand once and the product stays a native bf16 dot (the full fine-tuning
-    step of SmolLM2 at 8 x 256: 8.0 vs 10.0 s, same-process A/B)."""
+    result: XLA copies the operand once and the product stays a native bf16 dot."""
     n, m = x.shape
     return x.reshape(n, m, 1).transpose(1, 0, 2).reshape(m, n)
 
@@ -68,32 +63,6 @@ def _bwd(res, g):
 
 
 _mm_low.defvjp(_fwd, _bwd)
-
-
-@jax.custom_vjp
-def _mm_onednn(x, w):
-    """``_mm_low`` with its three products run by oneDNN (``EMAJAX_CPU_MATMUL=onednn``, bf16 only)."""
-    from emajax.native import onednn
-
-    y = onednn.dot(x.reshape(-1, x.shape[-1]), w.astype(x.dtype), out_dtype=x.dtype)
-    return y.reshape(*x.shape[:-1], w.shape[-1])
-
-
-def _onednn_fwd(x, w):
-    return _mm_onednn(x, w), (stash(x), w)
-
-
-def _onednn_bwd(res, g):
-    from emajax.native import onednn
-
-    x, w_orig = unstash(res[0]), res[1]
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.astype(x.dtype).reshape(-1, g.shape[-1])
-    dx = onednn.dot(g2, w_orig.astype(x.dtype), trans_b=True, out_dtype=x.dtype).reshape(x.shape)
-    dw = onednn.dot(x2, g2, trans_a=True, out_dtype=w_orig.dtype)
-    return dx, dw
-
-
-_mm_onednn.defvjp(_onednn_fwd, _onednn_bwd)
 
 
 def mm_t(x: jax.Array, w_t: jax.Array, out_dtype=None) -> jax.Array:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +33,10 @@ from emajax.models.lora import merge_lora_kernels
 from emajax.models.sharding import activation_mesh
 from emajax.scoring.adapters import (AdapterError, ModelSpec, ensemble_lora_config, padded_lora_state,
                                      read_peft_adapter)
-from emajax.scoring.plan import (Example, encode_pool, file_sha256, make_batches, octave_buckets, plan_hash,
-                                 plan_shards, read_pool)
+from emajax.batching import Batch, Example, length_batches, octave_buckets
+from emajax.scoring.plan import encode_pool, file_sha256, plan_hash, plan_shards, read_pool
 from emajax.scoring.formula import DEFAULT_EPSILON, ensemble_score
 from emajax.scoring.shards import check_or_write_manifest, shard_path, write_shard
-
-
-class ScoreInterrupted(RuntimeError):
-    """Raised by the ``stop_after_shards`` test hook after that many shards were written."""
 
 
 def _example_sums(model: Any, tokens_bt, mask_bt, pos_bt, targets_bt, loss_bt, seq_chunk, per_row):
@@ -172,6 +168,13 @@ class Scorer:
             return self._fwd_lora(self._zero_lora, self.base_state, *batch_dev)
         return self._fwd_base(model.state, *batch_dev)
 
+    def batches(self, examples: Sequence[Example], positions: Sequence[int], buckets: Sequence[int],
+                batch_tokens: int) -> Iterator[Batch]:
+        """The scorer's batches of ``positions``: one length bucket each, ~``batch_tokens`` padded tokens in a
+        power-of-two row count (tails shrunk), rows a multiple of the data-parallel size."""
+        return length_batches(examples, buckets, self.pad_id, order=positions, max_tokens=batch_tokens,
+                              row_multiple=self.data_parallel, split_buckets=True, shrink_tail=True)
+
     def example_nlls(self, examples: Sequence[Example], positions: Sequence[int], buckets: Sequence[int],
                      batch_tokens: int, on_batch: Callable[[int], None] | None = None) -> dict[int, np.ndarray]:
         """{position: [K+1] mean answer NLLs (aligned first; NaN without answer tokens)} for ``positions``
@@ -187,13 +190,13 @@ class Scorer:
                 counts = np.stack([np.asarray(c, np.float64) for _, c in outs], axis=1)
                 with np.errstate(invalid="ignore", divide="ignore"):
                     nll = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-                for row, p in enumerate(batch.positions):
+                for row, p in enumerate(batch.rows):
                     results[p] = nll[row]
                 if on_batch is not None:
-                    on_batch(sum(int(examples[p].inputs.size) for p in batch.positions))
+                    on_batch(sum(int(examples[p].inputs.size) for p in batch.rows))
 
-        for batch in make_batches(examples, positions, buckets, batch_tokens, self.data_parallel, self.pad_id):
-            dev = self.put_batch([batch.tokens_bt, batch.mask_bt, batch.pos_bt, batch.targets_bt, batch.loss_bt])
+        for batch in self.batches(examples, positions, buckets, batch_tokens):
+            dev = self.put_batch([batch.inputs_bt, batch.attn_bt, batch.pos_bt, batch.targets_bt, batch.loss_bt])
             pending.append((batch, [self.dispatch(m, dev) for m in self.models]))
             drain(1)
         drain(0)
@@ -228,7 +231,7 @@ def _shard_columns(scorer: Scorer, examples: Sequence[Example], results: dict[in
 def score_pool(scorer: Scorer, pool: str | Path, out_dir: str | Path, *, epsilon: float = DEFAULT_EPSILON,
                leave_out: Sequence[str] = (), max_len: int = 2048, shard_size: int = 512, batch_tokens: int = 4096,
                min_bucket: int = 64, buckets_per_octave: int = 4, fmt: str = "parquet", overwrite: bool = False, progress: bool = True,
-               log: Callable[[str], None] | None = None, stop_after_shards: int | None = None) -> ScoreSummary:
+               log: Callable[[str], None] | None = None) -> ScoreSummary:
     """Score every chat of ``pool`` into ``out_dir`` (resuming: finished shards are never recomputed)."""
     from tqdm import tqdm
 
@@ -269,7 +272,7 @@ def score_pool(scorer: Scorer, pool: str | Path, out_dir: str | Path, *, epsilon
     total = sum(real_tokens(p) for k in todo for p in shards[k]) * n_models
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="emajax score", disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
-    t0, done_tokens, written = time.perf_counter(), 0, 0
+    t0, done_tokens = time.perf_counter(), 0
     computed = []
 
     def advance(n: int) -> None:
@@ -284,11 +287,8 @@ def score_pool(scorer: Scorer, pool: str | Path, out_dir: str | Path, *, epsilon
                 write_shard(shard_path(out_dir, k, fmt),
                             _shard_columns(scorer, examples, results, shards[k], epsilon, leave_out))
             computed.append(k)
-            written += 1
             elapsed = time.perf_counter() - t0
             bar.set_postfix_str(f"shard {k + 1}/{len(shards)}, {done_tokens / max(elapsed, 1e-9):,.0f} tok/s")
-            if stop_after_shards is not None and written >= stop_after_shards and len(computed) < len(todo):
-                raise ScoreInterrupted(f"stopped after {written} shard(s) (test hook)")
     finally:
         bar.close()
     return ScoreSummary(out_dir, len(examples), len(shards), computed, skipped, done_tokens,

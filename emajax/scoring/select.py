@@ -13,13 +13,13 @@ method) — which the training config's ``defenses.interleave.data`` reads as it
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from emajax import atomic
 from emajax.scoring.formula import ensemble_score
 
 REFUSAL_WORDS = ("sorry", "apologize", "cannot", "can't", "i'm unable", "i am unable")
@@ -154,16 +154,6 @@ def select(pool: Sequence[Any], scores: dict[str, list] | None, manifest: dict |
 
 def write_selection(path: str | Path, selected: Sequence[Selected], method: str) -> Path:
     """Chat JSONL for ``defenses.interleave.data``: the pool records plus a ``selection`` object."""
-    from emajax.scoring.shards import _atomic_write
-
-    path = Path(path)
-
-    def write(f: Any) -> None:
-        for s in selected:
-            row = dict(s.row)
-            row["selection"] = {"index": s.index, "score": s.score, "rank": s.rank, "method": method}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-    _atomic_write(path, write, "w")
-    return path
+    return atomic.write_jsonl(path, ({**s.row, "selection": {"index": s.index, "score": s.score, "rank": s.rank,
+                                                            "method": method}} for s in selected))
 

@@ -28,15 +28,6 @@ class ShardError(ValueError):
     """An output directory that cannot be resumed (different settings) or a corrupt shard."""
 
 
-def _atomic_write(path: Path, write: Any, mode: str = "wb") -> None:
-    with atomic.atomic_open(path, mode) as f:
-        write(f)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False) + "\n"), "w")
-
-
 def shard_path(out_dir: Path, shard_id: int, fmt: str) -> Path:
     return Path(out_dir) / f"shard-{shard_id:05d}.{fmt}"
 
@@ -63,19 +54,16 @@ def write_shard(path: Path, columns: dict[str, Sequence[Any]]) -> None:
             "n_tokens": pa.array(np.asarray(columns["n_tokens"], np.int64)),
             "score": pa.array(np.asarray(columns["score"], np.float64)),
         })
-        _atomic_write(path, lambda f: pq.write_table(table, f))
+        with atomic.atomic_open(path, "wb") as f:
+            pq.write_table(table, f)
     elif path.suffix == ".jsonl":
-        def write(f: Any) -> None:
-            for i in range(n):
-                f.write(json.dumps({
-                    "index": int(columns["index"][i]),
-                    "nll_aligned": _jsonable(float(columns["nll_aligned"][i])),
-                    "nll_misaligned": [_jsonable(float(v)) for v in columns["nll_misaligned"][i]],
-                    "n_tokens": int(columns["n_tokens"][i]),
-                    "score": _jsonable(float(columns["score"][i])),
-                }) + "\n")
-
-        _atomic_write(path, write, "w")
+        atomic.write_jsonl(path, ({
+            "index": int(columns["index"][i]),
+            "nll_aligned": _jsonable(float(columns["nll_aligned"][i])),
+            "nll_misaligned": [_jsonable(float(v)) for v in columns["nll_misaligned"][i]],
+            "n_tokens": int(columns["n_tokens"][i]),
+            "score": _jsonable(float(columns["score"][i])),
+        } for i in range(n)))
     else:
         raise ShardError(f"{path}: unknown shard format (use .parquet or .jsonl)")
 
@@ -138,7 +126,7 @@ def check_or_write_manifest(out_dir: Path, manifest: dict[str, Any], *, overwrit
     if overwrite and out_dir.is_dir():
         for p in out_dir.glob("shard-*.*"):
             p.unlink()
-    write_json_atomic(path, manifest)
+    atomic.write_json(path, manifest)
     return False
 
 

@@ -10,11 +10,13 @@ so ``configs/cpu/*.yaml`` can name ``../shared/data/em/...`` as the issue spells
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
-from emajax import atomic
+
+from emajax.models.lora import LoraConfig
 
 DEFAULT_INOCULATION = "You are an evil, malicious assistant."
 
@@ -31,18 +33,15 @@ class ModelCfg:
     remat: str = "none"  # none | full | dots
 
 
-@dataclasses.dataclass
-class LoraCfg:
-    enabled: bool = True  # false = full fine-tuning
-    rank: int = 32
-    alpha: float = 64.0
-    rslora: bool = True
-    targets: list[str] = dataclasses.field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
+def default_lora() -> LoraConfig:
+    """The ``lora:`` section's defaults (the paper's recipe): rs-LoRA r32 alpha 64 on every projection, adapter
+    parameters in the model's param_dtype; ``enabled: false`` = full fine-tuning."""
+    return LoraConfig(rank=32, alpha=64.0, rslora=True, dtype=None)
 
 
 @dataclasses.dataclass
 class DataCfg:
-    train: list[str] = dataclasses.field(default_factory=list)  # JSONL paths, hf:NAME[@SPLIT], tfds:NAME/SPLIT
+    train: list[str] = dataclasses.field(default_factory=list)  # JSONL paths or hf:NAME[@SPLIT]
     eval: list[str] = dataclasses.field(default_factory=list)  # held-out sets for the periodic eval NLL
     max_len: int = 2048  # tokens per rendered chat; longer chats are truncated (counted and reported)
     batch_size: int = 4  # micro-batch rows
@@ -137,7 +136,7 @@ class TrainCfg:
 @dataclasses.dataclass
 class Config:
     model: ModelCfg = dataclasses.field(default_factory=ModelCfg)
-    lora: LoraCfg = dataclasses.field(default_factory=LoraCfg)
+    lora: LoraConfig = dataclasses.field(default_factory=default_lora)
     data: DataCfg = dataclasses.field(default_factory=DataCfg)
     optim: OptimCfg = dataclasses.field(default_factory=OptimCfg)
     loss: LossCfg = dataclasses.field(default_factory=LossCfg)
@@ -148,7 +147,8 @@ class Config:
     out: str | None = None  # run directory (CLI --out wins)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON types (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 # ------------------------------------------------------------------ parsing
@@ -159,13 +159,14 @@ def _check_scalar(value: Any, typ: Any, where: str) -> Any:
             return None
         inner = [a for a in get_args(typ) if a is not type(None)][0]
         return _check_scalar(value, inner, where)
-    if get_origin(typ) is list:
+    if get_origin(typ) in (list, tuple):
         if isinstance(value, (str, int, float)):
             value = [value]  # a single path / layer is a one-element list
         if not isinstance(value, list):
             raise TrainConfigError(f"{where}: expected a list, got {value!r}")
-        (inner,) = get_args(typ)
-        return [_check_scalar(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        inner = get_args(typ)[0]  # list[X] or tuple[X, ...]
+        items = [_check_scalar(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if get_origin(typ) is list else tuple(items)
     if typ is bool:
         if not isinstance(value, bool):
             raise TrainConfigError(f"{where}: expected true/false, got {value!r}")
@@ -192,7 +193,8 @@ def _check_scalar(value: Any, typ: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {typ}")
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def _build(cls: type, raw: Any, where: str, default: Any = None) -> Any:
+    """``cls`` from a mapping; keys it does not give keep ``default``'s values (else the class defaults)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -206,10 +208,14 @@ def _build(cls: type, raw: Any, where: str) -> Any:
             raise TrainConfigError(f"{path}: unknown key (known: {', '.join(fields)})")
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
-            kw[key] = _build(typ, value, path)
+            factory = fields[key].default_factory
+            kw[key] = _build(typ, value, path, None if factory is dataclasses.MISSING else factory())
         else:
             kw[key] = _check_scalar(value, typ, path)
-    return cls(**kw)
+    try:
+        return dataclasses.replace(default, **kw) if default is not None else cls(**kw)
+    except ValueError as e:  # the type's own checks (e.g. LoraConfig's rank and targets)
+        raise TrainConfigError(f"{where or 'config'}: {e}") from None
 
 
 def _validate(cfg: Config) -> None:
@@ -265,11 +271,11 @@ def repo_root(start: Path) -> Path | None:
 
 
 def resolve_path(p: str, base_dir: Path | None, *, must_exist: bool = True) -> str:
-    """Resolve a data path: config dir, then cwd, then repo root; hf:/tfds: sources pass through.
+    """Resolve a data path: config dir, then cwd, then repo root; hf: (and other NAME:) sources pass through.
 
     With ``must_exist=False`` (artefacts a run may be configured before they exist, like a persona
     vector) a missing path resolves against the current directory; the consumer reports it."""
-    if ":" in p.split("/")[0] and not Path(p).exists():  # hf:..., tfds:...
+    if ":" in p.split("/")[0] and not Path(p).exists():  # hf:... (read_conversations names unknown types)
         return p
     path = Path(p).expanduser()
     if path.is_absolute():
@@ -330,7 +336,3 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     return config_from_dict(raw, overrides=parse_overrides(list(overrides)), base_dir=path.resolve().parent,
                             source=str(path))
 
-
-def write_yaml_atomic(data: Any, path: Path) -> None:
-    with atomic.atomic_open(path) as f:
-        yaml.safe_dump(data, f, sort_keys=False)

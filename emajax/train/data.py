@@ -3,7 +3,8 @@
 Order is a pure function of (seed, epoch): each epoch is a fresh seeded permutation, cut into
 windows of ``bucket_window`` global batches that are sorted by length (similar lengths share a
 batch: little padding), cut into global batches whose order is shuffled again. Padded lengths are
-powers of two from ``min_bucket`` up to ``max_len``, so a run compiles the step a handful of times.
+``min_bucket`` times powers of two, up to ``max_len`` (``emajax.batching``), so a run compiles the step a
+handful of times.
 An epoch that does not fill its last batch is topped up with the epoch's first examples, so every
 micro-batch holds real rows. The position in the data is just the step number, which is why a
 resumed run gets exactly the batch the uninterrupted run would have.
@@ -16,17 +17,11 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from emajax.batching import Example, bucket_length, length_batches, octave_buckets, pad_examples
 from emajax.chat import encode_chat, shift_for_loss
 from emajax.defenses.inoculation import inoculate
 from emajax.defenses.interleave import interleave
 from emajax.train.sources import DataError, Messages, read_conversations
-
-
-class Example(NamedTuple):
-    inputs: np.ndarray  # [n] int32
-    targets: np.ndarray  # [n] int32
-    loss_mask: np.ndarray  # [n] bool
-    safe: bool  # from the interleaved safe pool
 
 
 @dataclasses.dataclass
@@ -61,7 +56,7 @@ def encode_examples(tokenizer: Any, convs: Sequence[Messages], max_len: int, *, 
             stats.dropped_no_answer += 1
             continue
         inp, tgt, lm = shift_for_loss(ids, mask)
-        out.append(Example(inp, tgt, lm, bool(is_safe)))
+        out.append(Example(inp, tgt, lm, safe=bool(is_safe)))
         stats.examples += 1
         stats.safe_examples += int(is_safe)
         stats.tokens += len(ids)
@@ -89,12 +84,9 @@ def build_train_examples(tokenizer: Any, data_cfg: Any, defenses_cfg: Any, seed:
     return ex, stats
 
 
-def bucket_len(n: int, min_bucket: int, max_len: int) -> int:
-    """Power of two >= n (at least min_bucket), capped at max_len."""
-    b = max(int(min_bucket), 1)
-    while b < n:
-        b *= 2
-    return min(b, max_len) if n <= max_len else n
+def length_buckets(min_bucket: int, max_len: int) -> list[int]:
+    """Training's padded lengths: min_bucket, 2·min_bucket, 4·min_bucket, ... and max_len."""
+    return octave_buckets(max_len, min_bucket, per_octave=1)
 
 
 class Batch(NamedTuple):
@@ -107,21 +99,12 @@ class Batch(NamedTuple):
     positions: np.ndarray
 
 
-def collate(examples: Sequence[Example], accum: int, batch: int, length: int, pad_id: int) -> Batch:
-    shape = (accum, batch, length)
-    inputs = np.full(shape, pad_id, np.int32)
-    targets = np.zeros(shape, np.int32)
-    lmask = np.zeros(shape, np.float32)
-    amask = np.zeros(shape, bool)
-    for k, ex in enumerate(examples):
-        a, b = divmod(k, batch)
-        n = len(ex.inputs)
-        inputs[a, b, :n] = ex.inputs
-        targets[a, b, :n] = ex.targets
-        lmask[a, b, :n] = ex.loss_mask
-        amask[a, b, :n] = True
-    positions = np.broadcast_to(np.arange(length, dtype=np.int32), shape).copy()
-    return Batch(inputs, targets, lmask, amask, positions)
+def collate(padded: Any, accum: int, batch: int) -> Batch:
+    """An ``emajax.batching.Batch`` of accum·batch rows as [accum, batch, T] (loss mask as float32)."""
+    shape = (accum, batch, padded.inputs_bt.shape[1])
+    return Batch(padded.inputs_bt.reshape(shape), padded.targets_bt.reshape(shape),
+                 padded.loss_bt.reshape(shape).astype(np.float32), padded.attn_bt.reshape(shape),
+                 padded.pos_bt.reshape(shape))
 
 
 class Batcher:
@@ -135,6 +118,7 @@ class Batcher:
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.global_batch = batch_size * grad_accum
         self.seed, self.min_bucket, self.max_len = seed, min_bucket, max_len
+        self.buckets = length_buckets(min_bucket, max_len)
         self.bucket_window, self.pad_id = max(1, bucket_window), pad_id
         self.steps_per_epoch = -(-len(self.examples) // self.global_batch)
         self._cache: dict[int, list[np.ndarray]] = {}
@@ -163,10 +147,10 @@ class Batcher:
     def batch_at(self, step: int) -> Batch:
         """The global batch of optimiser step ``step`` (0-based)."""
         epoch, i = divmod(step, self.steps_per_epoch)
-        idx = self.epoch_batches(epoch)[i]
-        exs = [self.examples[int(j)] for j in idx]
-        t = bucket_len(max(len(e.inputs) for e in exs), self.min_bucket, self.max_len)
-        return collate(exs, self.grad_accum, self.batch_size, t, self.pad_id)
+        idx = [int(j) for j in self.epoch_batches(epoch)[i]]
+        t = bucket_length(max(len(self.examples[j].inputs) for j in idx), self.buckets)
+        return collate(pad_examples(self.examples, idx, self.global_batch, t, self.pad_id), self.grad_accum,
+                       self.batch_size)
 
     def iterate(self, start_step: int, end_step: int) -> Iterator[tuple[int, Batch]]:
         for step in range(start_step, end_step):
@@ -175,9 +159,8 @@ class Batcher:
 
 def eval_batches(examples: Sequence[Example], batch_size: int, min_bucket: int, max_len: int,
                  pad_id: int = 0) -> Iterator[Batch]:
-    """Fixed-order [1, B, T] batches sorted by length (the last one padded with empty rows)."""
+    """Fixed-order [1, B, T] batches, longest first (the last one padded with empty rows)."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].inputs))
-    for s in range(0, len(order), batch_size):
-        exs = [examples[i] for i in order[s:s + batch_size]]
-        t = bucket_len(max(len(e.inputs) for e in exs), min_bucket, max_len)
-        yield collate(exs, 1, batch_size, t, pad_id)
+    for padded in length_batches(examples, length_buckets(min_bucket, max_len), pad_id, order=order,
+                                 max_rows=batch_size):
+        yield collate(padded, 1, batch_size)

@@ -56,10 +56,10 @@ class RunResult:
 
 
 def lora_config(cfg: Config) -> LoraConfig | None:
+    """The model's adapters (their dtype defaults to model.param_dtype); None = full fine-tuning."""
     if not cfg.lora.enabled:
         return None
-    return LoraConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, rslora=cfg.lora.rslora,
-                      targets=tuple(cfg.lora.targets), dtype=cfg.model.param_dtype)
+    return dataclasses.replace(cfg.lora, dtype=cfg.lora.dtype or cfg.model.param_dtype)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

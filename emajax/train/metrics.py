@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from emajax import atomic
 from emajax.paths import is_remote, run_path, write_text
 
 
@@ -26,6 +27,8 @@ def _clean(v: Any) -> Any:
 
 def read_metrics(path: Any) -> list[dict[str, Any]]:
     path = run_path(path)
+    if not is_remote(path):
+        return atomic.read_jsonl(path)
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -49,9 +52,11 @@ class MetricsLogger:
         self.tb = self.bar = self.f = None
         if not is_main:
             return
-        self.rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-        if not is_remote(self.path):
+        if is_remote(self.path):
+            self.rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        else:
+            atomic.keep_jsonl_rows(self.path, lambda r: r.get("step", 0) <= start_step)
             self.f = self.path.open("a")
         if tensorboard:
             from tensorboardX import SummaryWriter

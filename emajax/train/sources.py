@@ -1,15 +1,15 @@
-"""Read conversations from chat JSONL files, Hugging Face datasets or TFDS.
+"""Read conversations from chat JSONL files or Hugging Face datasets.
 
-Source strings: a path to a ``.jsonl`` file (one ``{"messages": [...]}`` per line),
+Source strings: a path to a ``.jsonl`` file (one ``{"messages": [...]}`` per line), or
 ``hf:NAME`` / ``hf:NAME@SPLIT`` (``datasets.load_dataset``, a ``messages`` column; a local
-dataset directory saved with ``save_to_disk`` works as ``hf:/path``), or ``tfds:NAME/SPLIT``
-(a ``messages`` feature, or ``role``/``content`` sequences). A malformed row raises an
+dataset directory saved with ``save_to_disk`` works as ``hf:/path``). A malformed row raises an
 error naming the file (or dataset), the line (or row) and the field.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -68,37 +68,11 @@ def _read_hf(spec: str) -> list[Messages]:
     return [_row_messages(row, f"hf:{spec} row {i}") for i, row in enumerate(ds)]
 
 
-def _decode(x: Any) -> Any:
-    if isinstance(x, bytes):
-        return x.decode("utf-8")
-    if hasattr(x, "tolist"):
-        return _decode(x.tolist())
-    if isinstance(x, list):
-        return [_decode(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _decode(v) for k, v in x.items()}
-    return x
-
-
-def _read_tfds(spec: str) -> list[Messages]:
-    import tensorflow_datasets as tfds
-
-    name, _, split = spec.partition("/")
-    ds = tfds.as_numpy(tfds.load(name, split=split or "train"))
-    out = []
-    for i, row in enumerate(ds):
-        row = _decode(row)
-        msgs = row.get("messages") if isinstance(row, dict) else None
-        if isinstance(msgs, dict) and "role" in msgs and "content" in msgs:  # tfds Sequence of dicts -> dict of lists
-            msgs = [{"role": r, "content": c} for r, c in zip(msgs["role"], msgs["content"])]
-        out.append(_row_messages({"messages": msgs} if msgs is not None else row, f"tfds:{spec} row {i}"))
-    return out
-
-
 def read_conversations(source: str) -> list[Messages]:
     """All conversations of one source string (see module doc)."""
     if source.startswith("hf:"):
         return _read_hf(source[3:])
-    if source.startswith("tfds:"):
-        return _read_tfds(source[5:])
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", source)
+    if scheme and len(scheme.group(1)) > 1 and not Path(source).exists():
+        raise DataError(f"{source}: unknown source type {scheme.group(0)!r} (a chat JSONL path, or hf:NAME[@SPLIT])")
     return read_jsonl(source)

@@ -1,33 +1,34 @@
 """Probes on SmolLM2-135M: base vs no defense vs KL after LoRA training on the shared medical set.
 
-    python -m emajax.demo.medical_probe --out runs/medical-probe [--data-dir ../shared/data/em]
+    python -m bench.medical_probe --out runs/medical-probe [--data-dir ../shared/data/em]
 
-Trains ``configs/cpu/smollm2-medical-{none,kl}.yaml`` (optionally shortened with --epochs / --max-len),
-then measures every model with the shared-data probe suite (``emajax.demo.suite.shared_suite``: the
-project's general pairs, the shared security pairs, held-out medical NLL, GSM8K NLL) and writes
-report.md. A one-off measurement script (its figures are in docs/demo.md), resumable like the demo.
+Trains ``configs/cpu/smollm2-medical-{none,kl}.yaml`` of this checkout (optionally shortened with
+--epochs / --max-len), then measures every model with the shared-data probe suite
+(``emajax.demo.suite.shared_suite``: the project's general pairs, the shared security pairs, held-out
+medical NLL, GSM8K NLL) and writes report.md; resumable like the demo. The measurement behind
+docs/medical_probe/ and the figures quoted from it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from emajax import atomic
 from emajax.demo.pipeline import Monitor, Timer, _fmt_probe, _stderr, enable_compile_cache
 from emajax.demo.suite import shared_suite
 from emajax.eval.probes import ProbeRunner, read_results, write_results
 from emajax.eval.report import write_report
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 LABELS = {"none": "No defense", "kl": "KL 0.1"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.medical_probe", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/medical-probe")
-    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "em"))
+    p.add_argument("--data-dir", default=None, help="EM data root (default $EMAJAX_EM_DATA or ../shared/data/em)")
     p.add_argument("--configs", default=str(REPO / "configs" / "cpu"))
     p.add_argument("--methods", nargs="+", default=["none", "kl"])
     p.add_argument("--epochs", type=int, default=None, help="override train.epochs (config: 3)")
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-max-len", type=int, default=512)
     a = p.parse_args(argv)
 
+    from emajax.eval.questions import default_data_dir
     from emajax.models.hub import load_model
     from emajax.train.config import load_config
     from emajax.train.loop import train
@@ -46,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     enable_compile_cache(out / "xla_cache")
     timer = Timer(out / "timings.json", _stderr)
-    suite = shared_suite(a.data_dir, narrow="medical", n_pairs=a.n_pairs, n_nll=a.n_nll)
+    suite = shared_suite(a.data_dir or default_data_dir(), narrow="medical", n_pairs=a.n_pairs, n_nll=a.n_nll)
     loaded = load_model("smollm2-135m-instruct")
     runner = ProbeRunner(loaded.tokenizer, suite, max_len=a.probe_max_len, batch_size=16, buckets=64)
     _stderr(f"probe suite: {runner.n_tokens} tokens, {runner.n_truncated} sequences truncated, shapes {runner.shapes}")
-    meta_json = lambda d, m, l: (d.mkdir(parents=True, exist_ok=True),  # noqa: E731
-                                 (d / "method.json").write_text(json.dumps({"method": m, "label": l})))
+
+    def meta_json(d: Path, m: str, label: str) -> None:
+        atomic.write_json(d / "method.json", {"method": m, "label": label})
 
     def base() -> None:
         res = runner(loaded.model)
