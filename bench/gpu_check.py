@@ -28,14 +28,16 @@ _PLATFORM = {"cpu": "cpu", "cuda": "cuda"}
 def write_setup(d: Path) -> Path:
     """The suite's tiny model (tests/_train_tiny.py: a random 4-layer Llama, byte-level ChatML
     tokenizer) as an HF dir, 24 chats and a 3-step config under ``d``; returns the config path."""
-    tests = Path(__file__).resolve().parents[1] / "tests"
-    sys.path.insert(0, str(tests))
-    from _train_tiny import tiny_model, tiny_tokenizer, write_chats
+    import importlib.util
 
     from emajax.models.hf_io import export_hf
 
-    model = export_hf(tiny_model(lora=None, seed=1), d / "tiny", tiny_tokenizer())
-    write_chats(d / "train.jsonl", 24)
+    src = Path(__file__).resolve().parents[1] / "tests" / "_train_tiny.py"
+    spec = importlib.util.spec_from_file_location("_train_tiny", src)
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    model = export_hf(tiny.tiny_model(lora=None, seed=1), d / "tiny", tiny.tiny_tokenizer())
+    tiny.write_chats(d / "train.jsonl", 24)
     cfg = d / "tiny.yaml"
     cfg.write_text(f"""
 model: {{name: {model}, dtype: bfloat16}}
