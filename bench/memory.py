@@ -93,9 +93,14 @@ def gathered_bytes(cfg: Any) -> int:
     return int(max(layer, cfg.vocab_size * d) * item)
 
 
+def ideal_bytes(one_device: int, n: int, gathered: int) -> float:
+    """device_bytes(1) / N, plus the gathered weight once the weights are sharded (N > 1)."""
+    return one_device / n + (gathered if n > 1 else 0)
+
+
 def scaling_ratio(one_device: int, n_device: int, n: int, gathered: int) -> float:
-    """device_bytes(N) / (device_bytes(1) / N + gathered): the goal is <= 1.25."""
-    return n_device / (one_device / n + gathered)
+    """device_bytes(N) / ideal_bytes: the goal is <= 1.25."""
+    return n_device / ideal_bytes(one_device, n, gathered)
 
 
 # ----------------------------------------------------------------------------- worker (one mode x fsdp)
@@ -159,7 +164,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         one = next((o for o in rows if o["mode"] == r["mode"] and o["fsdp"] == 1 and "error" not in o), None)
         if one is not None and "error" not in r:
-            r["ideal_bytes"] = int(one["device_bytes"] / r["fsdp"] + r["gathered_bytes"])
+            r["ideal_bytes"] = int(ideal_bytes(one["device_bytes"], r["fsdp"], r["gathered_bytes"]))
             r["ratio_to_ideal"] = scaling_ratio(one["device_bytes"], r["device_bytes"], r["fsdp"], r["gathered_bytes"])
 
 
