@@ -80,9 +80,7 @@ class SafetensorsDir:
         single = self.dir / "model.safetensors"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{index}: line {e.lineno}: invalid JSON ({e.msg})") from None
+                weight_map = atomic.read_json(index, CheckpointError)["weight_map"]
             except (KeyError, TypeError):
                 raise CheckpointError(f"{index}: field 'weight_map' is missing") from None
             self.files = {name: self.dir / fn for name, fn in weight_map.items()}
