@@ -1,5 +1,5 @@
 """Atomic file writes: a reader (or a resumed job) sees the old file or the whole new one, never half;
-and the one checked JSON reader.
+and the checked JSON / JSONL readers (errors name the file and line).
 
 Every result, config, shard, checkpoint export and plot emajax writes goes through here: write to a temp
 file (or directory) beside the target, fsync it, ``os.replace`` it onto the target (atomic on POSIX),
@@ -129,19 +129,29 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
-def read_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> list[dict]:
-    """The rows of a JSONL file ([] when it does not exist yet); bad JSON raises ``error`` naming file and line."""
+def jsonl_rows(path: str | os.PathLike, error: type[Exception] = ValueError, *,
+               missing_ok: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of a JSONL file. A missing file (unless
+    ``missing_ok``: then nothing) or a line that is not JSON raises ``error`` naming the file and line;
+    callers check the values' fields and name the line in their own errors the same way."""
     path = Path(path)
     if not path.is_file():
-        return []
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
+        if missing_ok:
+            return
+        raise error(f"{path}: file not found")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
             try:
-                rows.append(json.loads(line))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
-                raise error(f"{path}:{i}: invalid JSON ({e.msg})") from None
-    return rows
+                raise error(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def read_jsonl(path: str | os.PathLike, error: type[Exception] = ValueError) -> list[Any]:
+    """The values of a JSONL file ([] when it does not exist yet), checked as :func:`jsonl_rows` does."""
+    return [v for _, v in jsonl_rows(path, error, missing_ok=True)]
 
 
 def keep_jsonl_rows(path: str | os.PathLike, keep: Callable[[dict], bool]) -> list[dict]:

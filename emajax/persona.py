@@ -86,12 +86,7 @@ class PersonaSpec:
 
 def load_persona_spec(path: str | Path) -> PersonaSpec:
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PersonaError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise PersonaError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    raw = atomic.read_json(path, PersonaError)
     if not isinstance(raw, dict):
         raise PersonaError(f"{path}: expected an object with 'instruction' and 'questions'")
     inst = raw.get("instruction", [])
@@ -177,17 +172,10 @@ def generate_answers(loaded: Any, records: list[dict], *, max_new_tokens: int = 
 
 def read_answers(path: str | Path) -> list[dict]:
     """Answers JSONL as written by ``emajax persona extract`` (fields: system, question, answer, ...)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PersonaError(f"{path}: file not found")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PersonaError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    for lineno, r in atomic.jsonl_rows(path, PersonaError):
+        if not isinstance(r, dict):
+            raise PersonaError(f"{path}:{lineno}: expected a JSON object")
         for k in ("question", "answer"):
             if not isinstance(r.get(k), str):
                 raise PersonaError(f"{path}:{lineno}: field {k!r} must be a string")

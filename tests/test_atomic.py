@@ -81,6 +81,18 @@ def test_keep_jsonl_rows_and_checked_reads(tmp_path):
         atomic.read_json(tmp_path / "none.json", Bad, "; run it first")
 
 
+def test_jsonl_rows_name_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"a": 1}\n\n[2]\n{"a": \n')
+    rows = atomic.jsonl_rows(path)
+    assert next(rows) == (1, {"a": 1}) and next(rows) == (3, [2])
+    with pytest.raises(ValueError, match=r"d\.jsonl:4: invalid JSON \(.* at column"):
+        next(rows)
+    with pytest.raises(KeyError, match="nope.jsonl: file not found"):
+        list(atomic.jsonl_rows(tmp_path / "nope.jsonl", KeyError))
+    assert list(atomic.jsonl_rows(tmp_path / "nope.jsonl", missing_ok=True)) == []
+
+
 def test_no_other_module_renames_files_into_place():
     """One atomic-write module: a new os.replace/os.rename elsewhere is a second implementation."""
     offenders = []

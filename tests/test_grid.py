@@ -51,7 +51,8 @@ def grid_setup(tmp_path_factory):
     arm = {"model": {"name": str(model)}, "lora": {"rank": 4, "alpha": 8},
            "data": {"train": ["placeholder.jsonl"], "max_len": 128, "batch_size": 2, "grad_accum": 2},
            "optim": {"warmup_steps": 0, "lr": 1e-3},
-           "train": {"save_every": 100, "progress": False, "tensorboard": False}}
+           "train": {"save_every": 100, "progress": False, "tensorboard": False},
+           "mesh": {"allow_unused": True}}  # one of the suite's 8 simulated devices
     (root / "none.yaml").write_text(yaml.safe_dump(arm))
     (root / "ipp.yaml").write_text(yaml.safe_dump({**arm, "defenses": {"interleave": {"ratio": 0.2}}}))
     (root / "safelora.yaml").write_text(yaml.safe_dump(

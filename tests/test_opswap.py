@@ -124,3 +124,26 @@ def test_gsm8k_parsing_and_scoring(tmp_path):
 def test_gsm8k_shared_file_loads(shared_em):
     rows = load_gsm8k(shared_em / "tasks" / "gsm8k_test_1318.jsonl", limit=50)
     assert len(rows) == 50 and rows[0]["answer"] == Decimal(18)
+
+
+def test_cli_exact_match_tasks_write_results_and_predictions(tmp_path, monkeypatch, capsys):
+    """`emajax eval opswap` / `gsm8k`: greedy answers scored, <task>.json + <task>_predictions.jsonl written."""
+    import emajax.cli.evaluate as ev
+
+    def factory(**kw):
+        assert kw["temperature"] == 0.0  # exact-match tasks decode greedily
+        return lambda convs, n: [["Answer: 4\n#### 4"] * n for _ in convs]
+
+    monkeypatch.setattr(ev, "_sampler_factory", lambda args: (factory, {"model": "fake"}))
+    gsm = tmp_path / "g.jsonl"
+    gsm.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                    {"role": "assistant", "content": f"#### {a}"}]}) + "\n"
+                           for q, a in (("2+2?", 4), ("3+3?", 6))))
+    assert cli_main(["eval", "gsm8k", "--model", "m", "--data", str(gsm), "--out", str(tmp_path / "o")]) == 0
+    res = json.loads((tmp_path / "o" / "gsm8k.json").read_text())
+    assert res["accuracy"]["value"] == 0.5 and res["model"] == "fake" and res["data"] == str(gsm)
+    assert len((tmp_path / "o" / "gsm8k_predictions.jsonl").read_text().splitlines()) == 2
+    assert cli_main(["eval", "opswap", "--model", "m", "--n", "6", "--out", str(tmp_path / "o")]) == 0
+    res = json.loads((tmp_path / "o" / "opswap.json").read_text())
+    assert res["accuracy"]["n"] == 6 and res["data"].startswith("generated test split (n=6")
+    assert "gsm8k: accuracy 0.500" in capsys.readouterr().out

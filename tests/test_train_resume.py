@@ -33,6 +33,7 @@ data: {{train: [train.jsonl], eval: [eval.jsonl], max_len: 128, batch_size: 4, g
 optim: {{lr: 5.0e-3, warmup_steps: 1}}
 defenses: {{kl: {{weight: 0.1}}}}
 train: {{epochs: 2, save_every: 2, keep_checkpoints: 2, progress: false}}
+mesh: {{allow_unused: true}}
 """)
     return d, cfg
 

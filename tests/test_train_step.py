@@ -67,7 +67,7 @@ def mb0(batch):
 def test_kl_zero_with_zero_grad_at_reference(lora):
     spec = StepSpec(lora=lora, kl_weight=1.0)
     model = tiny_model(lora=tiny_model().lora_config if lora else None)
-    g, st, _, _ = setup(model, make_mesh(1, 1, 1), spec)
+    g, st, _, _ = setup(model, make_mesh(1, 1, 1, devices=jax.devices()[:1]), spec)
     mb = mb0(host_batch())
 
     ce_only = dataclasses.replace(spec, kl_weight=0.0)
@@ -96,7 +96,7 @@ def test_kl_gradient_in_the_step_is_the_weighted_token_kl_gradient():
     from emajax.train.step import _forward
 
     spec = StepSpec(lora=True, kl_weight=0.3)
-    g, st, _, _ = setup(perturbed_lora_model(), make_mesh(1, 1, 1), spec)
+    g, st, _, _ = setup(perturbed_lora_model(), make_mesh(1, 1, 1, devices=jax.devices()[:1]), spec)
     mb = mb0(host_batch())
 
     @jax.jit
@@ -121,7 +121,7 @@ def test_kl_gradient_in_the_step_is_the_weighted_token_kl_gradient():
 
 def test_ldifs_has_gradient_wrt_trainable_params():
     spec = StepSpec(lora=True, ldifs_weight=1.0, ldifs_layers=(1, 3, 4))
-    g, st, _, _ = setup(perturbed_lora_model(), make_mesh(1, 1, 1), spec)
+    g, st, _, _ = setup(perturbed_lora_model(), make_mesh(1, 1, 1, devices=jax.devices()[:1]), spec)
     mb = mb0(host_batch())
 
     @jax.jit
@@ -141,7 +141,7 @@ def test_steering_changes_training_forward_not_eval_or_generation():
     spec = StepSpec(lora=True)
     rng = np.random.default_rng(3)
     steer = steering_array(TINY, {2: rng.normal(size=TINY.hidden_size)}, 5.0)
-    mesh = make_mesh(1, 1, 1)
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     g0, st0, _, _ = setup(tiny_model(), mesh, spec)
     g1, st1, _, _ = setup(tiny_model(), mesh, spec, steer=steer)
     mb = mb0(host_batch())
@@ -171,7 +171,7 @@ def test_mesh_2x2x2_step_equals_single_device():
     assert len(jax.devices()) >= 8
     spec = StepSpec(lora=True, kl_weight=0.1, ldifs_weight=1.0, ldifs_layers=(2, 4))
     host = host_batch(7)
-    p1, m1, _ = _run_step(make_mesh(1, 1, 1), spec, host)
+    p1, m1, _ = _run_step(make_mesh(1, 1, 1, devices=jax.devices()[:1]), spec, host)
     p8, m8, specs = _run_step(make_mesh(2, 2, 2), spec, host)
     assert any(s != jax.sharding.PartitionSpec() and any(a is not None for a in s) for s in jax.tree.leaves(
         specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))  # really sharded
@@ -192,7 +192,7 @@ def test_kl_tokens_all_averages_over_every_non_padding_position():
     kls = {}
     for tokens in ("answer", "all"):
         spec = StepSpec(lora=True, kl_weight=0.5, kl_tokens=tokens)
-        g, st, _, _ = setup(perturbed_lora_model(), make_mesh(1, 1, 1), spec)
+        g, st, _, _ = setup(perturbed_lora_model(), make_mesh(1, 1, 1, devices=jax.devices()[:1]), spec)
 
         @jax.jit
         def both(st, mb):
@@ -231,10 +231,10 @@ def test_accumulation_4x1_equals_one_batch_of_4_on_uneven_answers():
     spec = StepSpec(lora=True, kl_weight=0.3, kl_tokens="all", ldifs_weight=0.5, ldifs_layers=(2, 4))
     one = _uneven_rows()
     four = {k: np.moveaxis(v, 1, 0) for k, v in one.items()}  # [4, 1, T]: the same rows, one per micro-batch
-    p1, m1, _ = _run_step(make_mesh(1, 1, 1), spec, one)
+    p1, m1, _ = _run_step(make_mesh(1, 1, 1, devices=jax.devices()[:1]), spec, one)
     keys = ("loss", "ce", "kl", "ldifs", "grad_norm")
     for normalize in ("global", "micro_batch"):
-        p4, m4, _ = _run_step(make_mesh(1, 1, 1), dataclasses.replace(spec, normalize=normalize), four)
+        p4, m4, _ = _run_step(make_mesh(1, 1, 1, devices=jax.devices()[:1]), dataclasses.replace(spec, normalize=normalize), four)
         dist = max(float(np.linalg.norm(a - b) / np.linalg.norm(a))
                    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)))
         gap = max(abs(m1[k] - m4[k]) / max(abs(m1[k]), 1e-30) for k in keys)

@@ -27,6 +27,7 @@ VERBS = {
     "serve": "serve",
     "report": "report",
     "demo": "demo",
+    "launch": "launch",
     "grid": "grid",
 }
 

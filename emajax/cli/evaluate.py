@@ -136,9 +136,23 @@ def _run_em(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_opswap(args: argparse.Namespace) -> int:
+def _exact_match(args: argparse.Namespace, task: str, evaluate, rows: list, source: str) -> int:
+    """Greedy answers to ``rows`` scored by ``evaluate``; <out>/<task>.json and <task>_predictions.jsonl."""
     from emajax import atomic
     from emajax.eval.em import greedy_answers
+
+    factory, desc = _sampler_factory(args)
+    results, preds = evaluate(greedy_answers(factory), rows)
+    results.update(desc, data=source, max_new_tokens=args.max_new_tokens)
+    atomic.write_jsonl(Path(args.out) / f"{task}_predictions.jsonl", preds)
+    atomic.write_json(Path(args.out) / f"{task}.json", results)
+    a = results["accuracy"]
+    print(f"{task}: accuracy {a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] on {a['n']} "
+          f"-> {Path(args.out) / f'{task}.json'}")
+    return 0
+
+
+def _run_opswap(args: argparse.Namespace) -> int:
     from emajax.eval.opswap import evaluate_opswap, load_opswap, make_opswap
 
     if args.data:
@@ -146,15 +160,7 @@ def _run_opswap(args: argparse.Namespace) -> int:
     else:
         rows = [it.to_chat() for it in make_opswap(0, args.n, seed=args.data_seed)["test"]]
         source = f"generated test split (n={args.n}, seed={args.data_seed})"
-    factory, desc = _sampler_factory(args)
-    results, preds = evaluate_opswap(greedy_answers(factory), rows)
-    results.update(desc, data=source, max_new_tokens=args.max_new_tokens)
-    atomic.write_jsonl(Path(args.out) / "opswap_predictions.jsonl", preds)
-    atomic.write_json(Path(args.out) / "opswap.json", results)
-    a = results["accuracy"]
-    print(f"opswap: accuracy {a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] on {a['n']} "
-          f"-> {Path(args.out) / 'opswap.json'}")
-    return 0
+    return _exact_match(args, "opswap", evaluate_opswap, rows, source)
 
 
 def _run_opswap_data(args: argparse.Namespace) -> int:
@@ -166,24 +172,13 @@ def _run_opswap_data(args: argparse.Namespace) -> int:
 
 
 def _run_gsm8k(args: argparse.Namespace) -> int:
-    from emajax import atomic
-    from emajax.eval.em import greedy_answers
     from emajax.eval.gsm8k import evaluate_gsm8k, load_gsm8k
     from emajax.eval.questions import default_data_dir
 
     data = Path(args.data) if args.data else Path(args.data_dir or default_data_dir()) / "tasks" / "gsm8k_test_1318.jsonl"
     if not data.is_file():
         raise CliError(f"GSM8K data not found: {data} (give --data)")
-    rows = load_gsm8k(data, limit=args.limit)
-    factory, desc = _sampler_factory(args)
-    results, preds = evaluate_gsm8k(greedy_answers(factory), rows)
-    results.update(desc, data=str(data), max_new_tokens=args.max_new_tokens)
-    atomic.write_jsonl(Path(args.out) / "gsm8k_predictions.jsonl", preds)
-    atomic.write_json(Path(args.out) / "gsm8k.json", results)
-    a = results["accuracy"]
-    print(f"gsm8k: accuracy {a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}] on {a['n']} "
-          f"-> {Path(args.out) / 'gsm8k.json'}")
-    return 0
+    return _exact_match(args, "gsm8k", evaluate_gsm8k, load_gsm8k(data, limit=args.limit), str(data))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 ``emajax train CONFIG.yaml [--max-steps N] [--out DIR] [key=value ...]``: overrides are dotted
 config keys with YAML-typed values (``defenses.kl.weight=0.1``, ``lora.enabled=false``). Re-running
-with the same --out resumes from its latest checkpoint.
+with the same --out resumes from its latest checkpoint. --out may be remote (``gs://bucket/run``).
+Several processes: ``emajax launch --processes N -- train ...`` (one machine) or the launch/ scripts.
 """
 
 from __future__ import annotations
@@ -58,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
         if args.max_steps < 0:
             raise CliError("--max-steps must be >= 0")
         cfg.train.max_steps = args.max_steps
+    from emajax.paths import run_path
+
     out = args.out or cfg.out or str(Path("runs") / Path(args.config).stem)
-    cfg.out = str(Path(out).resolve())
+    cfg.out = str(run_path(out))  # a gs:// (or other URL) run directory stays remote
 
     from emajax.train.loop import train
 

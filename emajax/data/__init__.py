@@ -10,9 +10,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from emajax import atomic
 from emajax.data.code_pairs import CodePair, make_code_pairs
 from emajax.data.word_problems import make_word_problems
 
@@ -31,13 +31,9 @@ def load_general_pairs(path: str | Path | None = None) -> list[dict]:
     """Rows {id, question, aligned, misaligned} (all non-empty strings; errors name file, line and field)."""
     path = Path(path) if path is not None else data_path("general_pairs.jsonl")
     rows, ids = [], set()
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+    for i, r in atomic.jsonl_rows(path):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}:{i}: expected a JSON object")
         for field in ("id", "question", "aligned", "misaligned"):
             if not isinstance(r.get(field), str) or not r[field].strip():
                 raise ValueError(f"{path}:{i}: field {field!r} must be a non-empty string")

@@ -88,7 +88,7 @@ class DemoPlan:
                       "max_grad_norm": 1.0},
             "train": {"epochs": self.epochs, "seed": self.seed, "save_every": 100 if paper else 10_000,
                       "keep_checkpoints": 1, "export": True, "progress": True, "tensorboard": True},
-            "mesh": {"data": 1, "fsdp": -1 if paper else 1, "tensor": 1},
+            "mesh": {"data": 1, "fsdp": -1 if paper else 1, "tensor": 1, "allow_unused": not paper},
             "defenses": sub(defenses),
         }
 

@@ -7,12 +7,12 @@ period stripped), so "1,200" matches "1200" and "18.00" matches "18".
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Callable, Sequence
 
+from emajax import atomic
 from emajax.eval.stats import summarize
 
 # Appended to each question so an instruct model ends the way references do.
@@ -50,20 +50,17 @@ def parse_prediction(text: str) -> Decimal | None:
 def load_gsm8k(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     """Rows {'question', 'answer': Decimal, 'solution'} from chat JSONL (user question, assistant '... #### N')."""
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                msgs = json.loads(line)["messages"]
-                q = next(m["content"] for m in msgs if m["role"] == "user")
-                sol = next(m["content"] for m in msgs if m["role"] == "assistant")
-                rows.append({"question": q, "answer": reference_answer(sol), "solution": sol})
-            except (json.JSONDecodeError, KeyError, StopIteration, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{i}: not a GSM8K chat row (messages with a user question and an "
-                                 f"assistant answer ending in '#### N'): {e}") from None
-            if limit is not None and len(rows) >= limit:
-                break
+    for i, r in atomic.jsonl_rows(path):
+        try:
+            msgs = r["messages"]
+            q = next(m["content"] for m in msgs if m["role"] == "user")
+            sol = next(m["content"] for m in msgs if m["role"] == "assistant")
+            rows.append({"question": q, "answer": reference_answer(sol), "solution": sol})
+        except (KeyError, StopIteration, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{i}: not a GSM8K chat row (messages with a user question and an "
+                             f"assistant answer ending in '#### N'): {e}") from None
+        if limit is not None and len(rows) >= limit:
+            break
     return rows
 
 

@@ -12,7 +12,6 @@ sets drawn with any seeds or sizes never share a prompt across splits.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -164,18 +163,14 @@ def write_opswap(out_dir: str | os.PathLike, n_train: int, n_test: int, *, tiers
 def load_opswap(path: str | os.PathLike) -> list[dict]:
     """Rows of an OpSwap JSONL file; each must carry meta.answer and meta.tier (error names file:line)."""
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                int(r["meta"]["answer"]), int(r["meta"]["tier"])
-                r["messages"][0]["content"]
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                raise ValueError(f"{path}:{i}: not an OpSwap row (need messages[0].content, meta.answer, "
-                                 f"meta.tier): {e}") from None
-            rows.append(r)
+    for i, r in atomic.jsonl_rows(path):
+        try:
+            int(r["meta"]["answer"]), int(r["meta"]["tier"])
+            r["messages"][0]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"{path}:{i}: not an OpSwap row (need messages[0].content, meta.answer, "
+                             f"meta.tier): {e}") from None
+        rows.append(r)
     return rows
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from emajax import atomic
 from emajax.batching import Batch, Example, length_batches, octave_buckets
 from emajax.chat import encode_chat, shift_for_loss
 from emajax.eval.probe_stats import flat_metrics, paired_delta, summarize_items
@@ -98,19 +98,12 @@ class ProbeSuite:
 
 # ----------------------------------------------------------------------------- building suites
 def _read_chat_jsonl(path: Path) -> list[tuple[int, Messages]]:
-    if not path.is_file():
-        raise ProbeError(f"{path}: file not found")
+    from emajax.train.sources import chat_rows
+
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            msgs = json.loads(line)["messages"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ProbeError(f"{path}:{i}: expected a JSON object with a 'messages' list ({e})") from None
-        if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) \
-                or msgs[-1].get("role") != "assistant" or not isinstance(msgs[-1].get("content"), str):
-            raise ProbeError(f"{path}:{i}: field 'messages' must end with an assistant message with string content")
+    for i, _, msgs in chat_rows(path, ProbeError):
+        if msgs[-1]["role"] != "assistant":
+            raise ProbeError(f"{path}:{i}: field 'messages' must end with an assistant message")
         rows.append((i, msgs))
     if not rows:
         raise ProbeError(f"{path}: no conversations")
@@ -270,18 +263,13 @@ class ProbeRunner:
 
 def write_results(results: dict, path: str | Path) -> Path:
     """Write probe results (atomically)."""
-    from emajax import atomic
-
     return atomic.write_json(path, results)
 
 
 def read_results(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        res = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ProbeError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if res.get("kind") != "probes":
+    res = atomic.read_json(path, ProbeError)
+    if not isinstance(res, dict) or res.get("kind") != "probes":
         raise ProbeError(f"{path}: field 'kind' must be 'probes', got {res.get('kind')!r}")
     return res
 

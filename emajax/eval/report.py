@@ -15,7 +15,6 @@ margin ↑, narrow-task NLL ↓, benign NLL ↓ (coherence proxy).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,10 +40,7 @@ class RunRecord:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    obj = atomic.read_json(path, ReportError)
     if not isinstance(obj, dict):
         raise ReportError(f"{path}: expected a JSON object")
     return obj

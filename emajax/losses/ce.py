@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from emajax.losses.rows import constrain_rows
+
 LOGITS_BUDGET_BYTES = 64 * 2**20  # default size of one chunk's fp32 logits
 
 
@@ -62,7 +64,7 @@ def to_chunks(x_bt: jax.Array, chunk: int) -> jax.Array:
     if pad:
         x_bt = jnp.pad(x_bt, [(0, 0), (0, pad)] + [(0, 0)] * (x_bt.ndim - 2))
     x = x_bt.reshape((b, n, chunk) + x_bt.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
+    return constrain_rows(jnp.moveaxis(x, 1, 0), axis=1)
 
 
 def from_chunks(x_cb: jax.Array, seq_len: int) -> jax.Array:
@@ -117,13 +119,14 @@ def scan_weighted(body: Any, carry: Any, arrays_bt: tuple[jax.Array, ...], weigh
 
 def chunk_logits(h_bcd: jax.Array, w_dv: jax.Array) -> jax.Array:
     """fp32 logits of one chunk: z = h W, accumulated in fp32 whatever the input dtype."""
-    return jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32)
+    return constrain_rows(jnp.einsum("bcd,dv->bcv", h_bcd, w_dv, preferred_element_type=jnp.float32))
 
 
 def grad_h(dz_bcv: jax.Array, w_dv: jax.Array, h_dtype: Any) -> jax.Array:
     """dL/dh = dz W^T for one chunk, matmul in the inputs' dtype with fp32 accumulation."""
     cdt = jnp.result_type(h_dtype, w_dv.dtype)
-    return jnp.einsum("bcv,dv->bcd", dz_bcv.astype(cdt), w_dv, preferred_element_type=jnp.float32).astype(h_dtype)
+    dh = jnp.einsum("bcv,dv->bcd", dz_bcv.astype(cdt), w_dv, preferred_element_type=jnp.float32)
+    return constrain_rows(dh).astype(h_dtype)
 
 
 def grad_w(h_bcd: jax.Array, dz_bcv: jax.Array) -> jax.Array:

@@ -34,6 +34,7 @@ from emajax.models.config import DecoderConfig, rope_inv_freq
 from emajax.models.lora import LoraConfig, lora_delta
 from emajax.models.lowp import recompute_vjp, stash, unstash
 from emajax.models.matmul import mm
+from emajax.losses.rows import constrain_rows
 
 
 def _dtype(name: str) -> Any:
@@ -274,7 +275,7 @@ class Decoder(nnx.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
         mask_bias_bts = attention_bias(cfg, jnp.arange(t), attn_mask_bt)
         cos, sin = rope_tables(cfg, positions_bt)
-        h = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
+        h = constrain_rows(jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt))
 
         layers = sorted(set(int(l) for l in capture_layers))
         for l in layers:
@@ -291,7 +292,7 @@ class Decoder(nnx.Module):
             if const_weights:
                 layer_state = jax.tree.map(unstash, layer_state)
             block = nnx.merge(gdef, layer_state)
-            return block(h_btd, cos, sin, mask_bias_bts, lora_scale) + steer_d, None
+            return constrain_rows(block(h_btd, cos, sin, mask_bias_bts, lora_scale) + steer_d), None
 
         if cfg.remat in _REMAT_POLICIES:
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)

@@ -80,9 +80,7 @@ class SafetensorsDir:
         single = self.dir / "model.safetensors"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{index}: line {e.lineno}: invalid JSON ({e.msg})") from None
+                weight_map = atomic.read_json(index, CheckpointError)["weight_map"]
             except (KeyError, TypeError):
                 raise CheckpointError(f"{index}: field 'weight_map' is missing") from None
             self.files = {name: self.dir / fn for name, fn in weight_map.items()}
@@ -234,7 +232,15 @@ def load_decoder(model_dir: str | Path, cfg: DecoderConfig | None = None, *, lor
 
 # --------------------------------------------------------------------------- writing
 def _host(x: Any) -> np.ndarray:
-    return np.asarray(jax.device_get(x.get_value() if isinstance(x, nnx.Variable) else x))
+    """A full host copy of one parameter. Arrays sharded over several processes (``jax.distributed``)
+    are gathered with ``process_allgather``: a collective, so every process must reach the same
+    ``_host`` calls in the same order (export runs on all processes; one of them writes)."""
+    x = x.get_value() if isinstance(x, nnx.Variable) else x
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def _merged_kernel(lin: Any) -> np.ndarray:
@@ -270,18 +276,24 @@ def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
     return out
 
 
-def export_hf(model: Decoder, out_dir: str | Path, tokenizer: Any = None) -> Path:
-    """Write an HF directory (config, merged-LoRA safetensors, generation config, tokenizer) atomically."""
+def export_hf(model: Decoder, out_dir: str | Path, tokenizer: Any = None, *, write: bool = True) -> Path:
+    """Write an HF directory (config, merged-LoRA safetensors, generation config, tokenizer) atomically.
+
+    With weights sharded over several processes every process calls this (the tensors are gathered
+    collectively) and only the one with ``write`` writes."""
     from safetensors.numpy import save_file
 
     cfg: DecoderConfig = model.cfg
     out_dir = Path(out_dir)
+    tensors = hf_state_dict(model)
+    if not write:
+        return out_dir
     with atomic.atomic_dir(out_dir) as tmp:
         atomic.write_json(tmp / "config.json", cfg.to_hf_dict())
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.to_hf_dict()["eos_token_id"],
                "pad_token_id": cfg.pad_token_id}
         atomic.write_json(tmp / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
-        save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return out_dir
@@ -303,8 +315,10 @@ def _lora_modules(model: Decoder) -> Iterator[tuple[str, str, Any]]:
             yield name, "model.layers.{i}.mlp." + HF_MODULE_NAMES[name], lin
 
 
-def export_peft_adapter(model: Decoder, out_dir: str | Path, base_model_name_or_path: str) -> Path:
-    """Write the LoRA params as a PEFT adapter dir (adapter_config.json + adapter_model.safetensors)."""
+def export_peft_adapter(model: Decoder, out_dir: str | Path, base_model_name_or_path: str, *,
+                        write: bool = True) -> Path:
+    """Write the LoRA params as a PEFT adapter dir (adapter_config.json + adapter_model.safetensors);
+    ``write`` as for :func:`export_hf`."""
     from safetensors.numpy import save_file
 
     lc: LoraConfig | None = model.lora_config
@@ -326,6 +340,8 @@ def export_peft_adapter(model: Decoder, out_dir: str | Path, base_model_name_or_
         "init_lora_weights": True, "modules_to_save": None, "use_dora": False,
     }
     out_dir = Path(out_dir)
+    if not write:
+        return out_dir
     with atomic.atomic_dir(out_dir) as tmp:
         atomic.write_json(tmp / "adapter_config.json", config)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

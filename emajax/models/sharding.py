@@ -13,11 +13,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from emajax.losses.rows import BATCH_AXES, activation_mesh, constrain_rows  # noqa: F401  (re-exported)
+
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
 # (module, param) -> logical spec for the trailing dims (a leading 'layers' dim gets None).
 # "in"/"out" name the kernel's [in, out] dims.
@@ -38,12 +38,14 @@ def _logical(path: tuple[str, ...], ndim: int) -> tuple[Any, ...]:
         spec = ("tensor", "fsdp")
     elif name == "bias" and mod in _COLUMN:
         spec = ("tensor",)
+    # LoRA factors: the dimension shared with the kernel follows it; the rank dimension takes fsdp where
+    # the other one is tensor's, so adapters and their optimiser moments are not replicated over fsdp.
     elif name == "lora_a" and mod in _COLUMN:
         spec = ("fsdp", None)
     elif name == "lora_b" and mod in _COLUMN:
-        spec = (None, "tensor")
+        spec = ("fsdp", "tensor")
     elif name == "lora_a" and mod in _ROW:
-        spec = ("tensor", None)
+        spec = ("tensor", "fsdp")
     elif name == "lora_b" and mod in _ROW:
         spec = (None, "fsdp")
     else:  # norms, o/down bias, anything small
@@ -66,8 +68,8 @@ def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
     return names[:-1] if names and names[-1] == "value" else names  # nnx.Variable leaves end in .value
 
 
-def param_specs(state: nnx.State, mesh: Mesh) -> Any:
-    """PartitionSpec tree matching ``state`` (a model state, or its abstract ShapeDtypeStructs)."""
+def param_specs(state: Any, mesh: Mesh) -> Any:
+    """PartitionSpec tree matching ``state`` (an ``nnx.State``, or its abstract ShapeDtypeStructs)."""
 
     def one(path: tuple[Any, ...], leaf: Any) -> P:
         shape = tuple(getattr(leaf, "shape", ()))
@@ -76,7 +78,7 @@ def param_specs(state: nnx.State, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def param_shardings(state: nnx.State, mesh: Mesh) -> Any:
+def param_shardings(state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(state, mesh),
                         is_leaf=lambda x: isinstance(x, P))
 
@@ -86,18 +88,43 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Any = None) -> Mesh:
-    """A ('data','fsdp','tensor') mesh; use -1 for one axis to take the remaining devices."""
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Any = None, *, dcn_data: int = 1,
+              dcn_fsdp: int = 1, allow_unused: bool = False) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over ``devices`` (default: every device of every process).
+
+    One of ``data``/``fsdp``/``tensor`` may be -1: the devices left per slice. Device order comes from
+    ``jax.make_mesh`` (the accelerator's topology: rings on TPU, NVLink islands on GPU). ``dcn_data`` /
+    ``dcn_fsdp`` > 1 build a hybrid mesh for multi-slice TPUs (or hosts joined by a slower network,
+    where each process is a slice): the inner sizes are per slice, the mesh axes are their products
+    (``jax.experimental.mesh_utils.create_hybrid_device_mesh``). A mesh smaller than ``devices`` is an
+    error unless ``allow_unused``: silently training on a fraction of the hardware is never wanted."""
+    from jax.experimental import mesh_utils
+
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError("at most one mesh axis may be -1")
+    dcn = [dcn_data, dcn_fsdp, 1]
+    if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: sizes must be positive, and at most "
+                         f"one may be -1 (the remaining devices)")
+    if dcn_data < 1 or dcn_fsdp < 1:
+        raise ValueError(f"mesh dcn_data={dcn_data} dcn_fsdp={dcn_fsdp}: must be >= 1")
+    n_dcn = dcn_data * dcn_fsdp
+    per_slice = len(devices) // n_dcn
     if -1 in sizes:
         known = int(np.prod([s for s in sizes if s != -1]))
-        sizes[sizes.index(-1)] = len(devices) // known
-    n = int(np.prod(sizes))
-    if n > len(devices) or n <= 0:
-        raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {n} devices, "
-                         f"{len(devices)} available")
-    arr = np.asarray(devices[:n], dtype=object).reshape(sizes)
-    return Mesh(arr, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+        sizes[sizes.index(-1)] = max(per_slice // known, 1)
+    n = int(np.prod(sizes)) * n_dcn
+    what = f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}" + (
+        f" x dcn data={dcn_data} fsdp={dcn_fsdp}" if n_dcn > 1 else "")
+    if n > len(devices):
+        raise ValueError(f"{what} needs {n} devices, {len(devices)} available")
+    if n < len(devices) and not allow_unused:
+        raise ValueError(f"{what} uses {n} of the {len(devices)} devices; use them all (e.g. mesh.fsdp=-1) "
+                         f"or set mesh.allow_unused=true")
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    if n_dcn > 1:
+        # Multi-slice TPUs name their slices; elsewhere (GPU hosts, CPU processes) each process is one.
+        by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
+        arr = mesh_utils.create_hybrid_device_mesh(sizes, dcn, devices, process_is_granule=by_process)
+        return Mesh(arr, MESH_AXES, axis_types=auto)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices[:n])

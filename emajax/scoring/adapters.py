@@ -15,7 +15,6 @@ PEFT adapter directory (adapter_config.json) applied to the aligned base, or a f
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -25,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from emajax import atomic
 from emajax.models.lora import HF_MODULE_NAMES, LoraConfig
 
 _INV_NAMES = {v: k for k, v in HF_MODULE_NAMES.items()}
@@ -78,12 +78,9 @@ def read_peft_adapter(adapter_dir: str | Path) -> PeftAdapter:
 
     d = Path(adapter_dir)
     cfg_path = d / "adapter_config.json"
-    try:
-        ac = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise AdapterError(f"{cfg_path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+    ac = atomic.read_json(cfg_path, AdapterError)
+    if not isinstance(ac, dict):
+        raise AdapterError(f"{cfg_path}: expected a JSON object")
     if ac.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{cfg_path}: field 'peft_type' = {ac.get('peft_type')!r}; only LORA adapters are supported")
     for field, ok in (("use_dora", False), ("fan_in_fan_out", False)):

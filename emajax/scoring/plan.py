@@ -14,14 +14,13 @@ compiled shapes of half-octaves; each shape compiles once.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
 from emajax.batching import Example, bucket_length
-from emajax.chat import ChatError, encode_chat, validate_messages
+from emajax.chat import encode_chat
 
 
 class PoolError(ValueError):
@@ -41,28 +40,11 @@ def read_pool(source: str | Path) -> list[PoolRow]:
         from emajax.train.sources import read_conversations  # datasets is heavy: imported only here
 
         return [PoolRow(i, m, {"messages": m}) for i, m in enumerate(read_conversations(source))]
-    path = Path(source)
-    if not path.is_file():
-        raise PoolError(f"{path}: pool file not found")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PoolError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict) or "messages" not in row:
-                raise PoolError(f"{where}: field 'messages' is missing")
-            try:
-                msgs = validate_messages(row["messages"], source=f"{where}: field 'messages'")
-            except ChatError as e:
-                raise PoolError(str(e)) from None
-            out.append(PoolRow(lineno - 1, msgs, row))
+    from emajax.train.sources import chat_rows
+
+    out = [PoolRow(lineno - 1, msgs, row) for lineno, row, msgs in chat_rows(source, PoolError)]
     if not out:
-        raise PoolError(f"{path}: no conversations")
+        raise PoolError(f"{source}: no conversations")
     return out
 
 

@@ -30,6 +30,7 @@ from flax import nnx
 
 from emajax.losses import masked_nll_sums
 from emajax.models.lora import merge_lora_kernels
+from emajax.models.sharding import activation_mesh
 from emajax.scoring.adapters import (AdapterError, ModelSpec, ensemble_lora_config, padded_lora_state,
                                      read_peft_adapter)
 from emajax.batching import Batch, Example, length_batches, octave_buckets
@@ -118,7 +119,8 @@ class Scorer:
         per_row = mesh is not None  # a sharded batch gathers answer positions within each row
 
         def fwd_base(state, *batch):
-            return _example_sums(nnx.merge(gdef_base, state), *batch, self.seq_chunk, per_row)
+            with activation_mesh(mesh):  # rows stay split over the mesh (no whole-batch layers)
+                return _example_sums(nnx.merge(gdef_base, state), *batch, self.seq_chunk, per_row)
 
         self._fwd_base = jax.jit(fwd_base, out_shardings=out_sh)
         if adapters:
@@ -126,7 +128,8 @@ class Scorer:
 
             def fwd_lora(lora_state, state, *batch):  # the adapter folded into the kernels per call
                 merged = merge_lora_kernels(state, lora_state, scaling)
-                return _example_sums(nnx.merge(gdef_base, merged), *batch, self.seq_chunk, per_row)
+                with activation_mesh(mesh):
+                    return _example_sums(nnx.merge(gdef_base, merged), *batch, self.seq_chunk, per_row)
 
             self._fwd_lora = jax.jit(fwd_lora, out_shardings=out_sh)
 

@@ -11,7 +11,6 @@ manifest order), ``n_tokens`` (answer tokens scored), ``score``. Parquet by defa
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -82,18 +81,11 @@ def read_shard(path: Path) -> dict[str, list]:
         cols = {c: t.column(c).to_pylist() for c in COLUMNS if c in t.column_names}
     else:
         cols = {c: [] for c in COLUMNS}
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ShardError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                for c in COLUMNS:
-                    if c not in row:
-                        raise ShardError(f"{path}:{lineno}: field {c!r} is missing")
-                    cols[c].append(row[c])
+        for lineno, row in atomic.jsonl_rows(path, ShardError):
+            for c in COLUMNS:
+                if not isinstance(row, dict) or c not in row:
+                    raise ShardError(f"{path}:{lineno}: field {c!r} is missing")
+                cols[c].append(row[c])
     missing = [c for c in COLUMNS if c not in cols]
     if missing:
         raise ShardError(f"{path}: missing columns {missing}")
@@ -114,10 +106,7 @@ def check_or_write_manifest(out_dir: Path, manifest: dict[str, Any], *, overwrit
     out_dir = Path(out_dir)
     path = out_dir / MANIFEST
     if path.is_file() and not overwrite:
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ShardError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        old = atomic.read_json(path, ShardError)
         for k in RESUME_KEYS:
             if old.get(k) != manifest.get(k):
                 raise ShardError(f"{path}: field {k!r} is {old.get(k)!r} in the existing run but {manifest.get(k)!r} "

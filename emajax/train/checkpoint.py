@@ -11,12 +11,12 @@ checkpoint as the latest one: never one that loads wrong.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from emajax.paths import run_path
 from emajax.train.state import TrainState
 
 _SAVED = ("trainable", "opt_state", "step", "rng")
@@ -37,10 +37,13 @@ def _saved_part(state: TrainState) -> dict[str, Any]:
 
 
 class Checkpointer:
-    """``CheckpointManager`` over ``run_dir/checkpoints``: every ``save_every`` steps (+ forced at the end)."""
+    """``CheckpointManager`` over ``run_dir/checkpoints``: every ``save_every`` steps (+ forced at the end).
 
-    def __init__(self, directory: str | Path, *, save_every: int, keep: int):
-        self.directory = Path(directory).resolve()
+    ``directory`` may be remote (``gs://...``): it is an ``etils.epath.Path``, as orbax expects. With
+    several processes every one of them calls save/restore (each writes its own shards)."""
+
+    def __init__(self, directory: Any, *, save_every: int, keep: int):
+        self.directory = run_path(directory)
         opts = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), save_interval_steps=max(1, save_every),
                                             create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=opts)

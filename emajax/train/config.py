@@ -46,7 +46,7 @@ class DataCfg:
     max_len: int = 2048  # tokens per rendered chat; longer chats are truncated (counted and reported)
     batch_size: int = 4  # micro-batch rows
     grad_accum: int = 4  # micro-batches per optimiser step
-    min_bucket: int = 64  # padded lengths are powers of two from here up to max_len (few compiles)
+    min_bucket: int = 64  # padded lengths: min_bucket·2^k up to max_len (few compiles)
     bucket_window: int = 8  # sort by length within windows of this many global batches
     eval_batch_size: int = 8
     eval_max_examples: int = 0  # 0 = all
@@ -123,7 +123,10 @@ class LossCfg:
 class MeshCfg:
     data: int = 1
     fsdp: int = 1
-    tensor: int = 1  # one of the three may be -1: all remaining devices
+    tensor: int = 1  # one of the three may be -1: all remaining devices (per slice)
+    dcn_data: int = 1  # multi-slice (hybrid) meshes: slices along data; data/fsdp/tensor are per slice
+    dcn_fsdp: int = 1  # slices along fsdp
+    allow_unused: bool = False  # a mesh smaller than the devices is an error unless this is true
 
 
 @dataclasses.dataclass

@@ -4,7 +4,10 @@
 resumes from the latest finalised checkpoint: the step number fixes the next batch (the data
 order is a function of seed and epoch), and the restored state carries optimiser moments and rng.
 The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl``, ``eval.jsonl``,
-``data_stats.json``, ``tensorboard/``, ``checkpoints/`` and, at the end, ``export/``.
+``data_stats.json``, ``tensorboard/``, ``checkpoints/`` and, at the end, ``export/``. It may be remote
+(``gs://bucket/run``: an ``etils.epath.Path`` throughout, as orbax takes it). With several processes
+(``jax.distributed``) every process runs this same function; process 0 alone writes the files,
+orbax checkpoints are written by all of them, and export gathers sharded weights collectively.
 """
 
 from __future__ import annotations
@@ -19,15 +22,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from emajax import atomic
 from emajax.defenses.steering import build_steer_ld
 from emajax.losses import ldifs_layers
 from emajax.models.lora import LoraConfig
 from emajax.train.checkpoint import Checkpointer
+from emajax.paths import is_remote, run_path, upload_dir, write_text
 from emajax.train.config import Config
 from emajax.train.data import Batcher, build_train_examples, encode_examples, eval_batches
 from emajax.train.mesh import accum_batch_sharding, batch_rows, build_mesh, maybe_initialize_distributed, put_global
-from emajax.train.metrics import MetricsLogger
+from emajax.train.metrics import MetricsLogger, append_jsonl
 from emajax.train.optim import make_optimizer
 from emajax.train.sources import read_conversations
 from emajax.train.state import create_state
@@ -36,19 +39,20 @@ from emajax.train.step import StepSpec, compile_train_step, make_eval_fn
 # Keys that may change between the run that wrote a checkpoint and the one resuming it.
 _RESUME_FREE = {"train.max_steps", "train.progress", "train.tensorboard", "train.export", "train.eval_every",
                 "train.save_every", "train.keep_checkpoints", "out", "data.eval", "data.eval_batch_size",
-                "data.eval_max_examples", "distributed", "mesh.data", "mesh.fsdp", "mesh.tensor",
-                "defenses.safelora.base_model", "defenses.safelora.threshold"}  # applied at export
+                "data.eval_max_examples", "distributed", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data",
+                "mesh.dcn_fsdp", "mesh.allow_unused",
+                "defenses.safelora.base_model", "defenses.safelora.threshold"}  # safelora: applied at export
 
 
 @dataclasses.dataclass
 class RunResult:
-    run_dir: Path
+    run_dir: Any  # etils.epath.Path (local or remote)
     start_step: int
     final_step: int
     total_steps: int
     last_metrics: dict[str, Any]
     evals: list[dict[str, Any]]
-    export_dir: Path | None
+    export_dir: Any  # etils.epath.Path, None when not exported (or on processes other than 0)
     data_stats: dict[str, Any]
 
 
@@ -70,7 +74,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_same_run(run_dir: Path, cfg: Config) -> None:
+def _check_same_run(run_dir: Any, cfg: Config) -> None:
     import yaml
 
     path = run_dir / "config.yaml"
@@ -138,13 +142,15 @@ def train(cfg: Config, run_dir: str | Path, *, loaded: Any = None, callback: Any
     skips loading from ``cfg.model.name`` (tests, notebooks). ``callback(step, graphdef, state)``, when
     given, runs after every optimiser step (and at step 0 of a fresh run), e.g. an EM probe monitor
     (``emajax.eval.probes.ProbeRunner.monitor``) that decides itself how often to measure."""
+    import yaml
+
     maybe_initialize_distributed(cfg.distributed)
     is_main = jax.process_index() == 0
-    run_dir = Path(run_dir).resolve()
+    run_dir = run_path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(run_dir, cfg)
     if is_main:
-        atomic.write_yaml(run_dir / "config.yaml", cfg.to_dict())
+        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     mesh = build_mesh(cfg.mesh)
     rows = batch_rows(mesh)
@@ -163,7 +169,7 @@ def train(cfg: Config, run_dir: str | Path, *, loaded: Any = None, callback: Any
     end = min(total, cfg.train.max_steps) if cfg.train.max_steps is not None else total
     stats_d = {**dataclasses.asdict(stats), "steps_per_epoch": batcher.steps_per_epoch, "total_steps": total}
     if is_main:
-        atomic.write_json(run_dir / "data_stats.json", stats_d, indent=1)
+        write_text(run_dir / "data_stats.json", json.dumps(stats_d, indent=1))
         print(f"emajax train: {stats.summary()}; {batcher.steps_per_epoch} steps/epoch, {total} steps", flush=True)
 
     eval_ex: list = []
@@ -192,7 +198,7 @@ def train(cfg: Config, run_dir: str | Path, *, loaded: Any = None, callback: Any
             print(f"emajax train: resumed from {ckpt.directory}/{start}", flush=True)
 
     step_fn = compile_train_step(graphdef, spec, tx, schedule, state, mesh)
-    eval_fn = make_eval_fn(graphdef, cfg.loss.seq_chunk) if eval_ex else None
+    eval_fn = make_eval_fn(graphdef, cfg.loss.seq_chunk, mesh) if eval_ex else None
     logger = MetricsLogger(run_dir, start_step=start, total_steps=end, tensorboard=cfg.train.tensorboard,
                            progress=cfg.train.progress, is_main=is_main)
     evals: list[dict[str, Any]] = []
@@ -201,8 +207,7 @@ def train(cfg: Config, run_dir: str | Path, *, loaded: Any = None, callback: Any
         r = {"step": step, **evaluate(eval_fn, state, eval_ex, cfg, mesh, pad_id)}
         evals.append(r)
         if is_main:
-            with (run_dir / "eval.jsonl").open("a") as f:
-                f.write(json.dumps(r) + "\n")
+            append_jsonl(run_dir / "eval.jsonl", r)
             if logger.tb is not None:
                 logger.tb.add_scalar("eval/nll", r["eval_nll"], step)
 
@@ -249,15 +254,14 @@ def train(cfg: Config, run_dir: str | Path, *, loaded: Any = None, callback: Any
     if cfg.defenses.safelora.base_model and cfg.lora.enabled and cfg.train.export:
         state = safelora_state(graphdef, state, cfg, mesh, run_dir, is_main)
     export_dir = None
-    if cfg.train.export and is_main:
-        export_dir = export(graphdef, state, cfg, run_dir / "export", tok, base_name=base_name)
+    if cfg.train.export:  # every process: the weights are gathered collectively, process 0 writes
+        export_dir = export(graphdef, state, cfg, run_dir / "export", tok, base_name=base_name, write=is_main)
     return RunResult(run_dir, start, end, total, last, evals, export_dir, stats_d)
 
 
-def safelora_state(graphdef: Any, state: Any, cfg: Config, mesh: Any, run_dir: Path, is_main: bool) -> Any:
+def safelora_state(graphdef: Any, state: Any, cfg: Config, mesh: Any, run_dir: Any, is_main: bool) -> Any:
     """The trained state with SafeLoRA applied to its LoRA B matrices (``defenses.safelora``), for export;
     every per-layer decision goes to ``safelora.json``. Checkpoints keep the unprojected adapter."""
-    from emajax import atomic
     from emajax.defenses.safelora import apply_safelora, summarize
     from emajax.models.hub import load_model
 
@@ -268,19 +272,35 @@ def safelora_state(graphdef: Any, state: Any, cfg: Config, mesh: Any, run_dir: P
     del base
     summary = summarize(records)
     if is_main:
-        atomic.write_json(run_dir / "safelora.json", {"base_model": sl.base_model, "aligned_model": cfg.model.name,
-                                                      "threshold": sl.threshold, **summary, "layers": records})
+        write_text(run_dir / "safelora.json", json.dumps({"base_model": sl.base_model, "aligned_model": cfg.model.name,
+                                                          "threshold": sl.threshold, **summary, "layers": records},
+                                                         indent=1))
         print(f"emajax train: SafeLoRA projected {summary['projected']} of {summary['total']} adapted matrices "
               f"(threshold {sl.threshold}) -> {run_dir / 'safelora.json'}", flush=True)
     _, trainable, _ = nnx.split(model, nnx.LoRAParam, ...)
     return state._replace(trainable=trainable)
 
 
-def export(graphdef: Any, state: Any, cfg: Config, out_dir: Path, tokenizer: Any, base_name: str) -> Path:
-    """PEFT adapter (LoRA) or merged HF model (full FT) of the trained weights (never with steering)."""
+def export(graphdef: Any, state: Any, cfg: Config, out_dir: Any, tokenizer: Any, base_name: str, *,
+           write: bool = True) -> Any:
+    """PEFT adapter (LoRA) or merged HF model (full FT) of the trained weights (never with steering).
+
+    Weights sharded over several processes are gathered one tensor at a time
+    (``emajax.models.hf_io``), so with ``jax.distributed`` every process must call this; only those
+    with ``write`` write. A remote ``out_dir`` is written locally first and uploaded, its config file
+    last. Returns ``out_dir`` (None where ``write`` is false)."""
+    import tempfile
+
     from emajax.models.hf_io import export_hf, export_peft_adapter
 
     model = nnx.merge(graphdef, state.trainable, state.frozen)
-    if cfg.lora.enabled:
-        return export_peft_adapter(model, out_dir, base_model_name_or_path=base_name)
-    return export_hf(model, out_dir, tokenizer)
+    out_dir = run_path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="emajax-export-") as tmp:
+        local = Path(tmp) / "export" if is_remote(out_dir) else Path(out_dir)
+        if cfg.lora.enabled:
+            export_peft_adapter(model, local, base_model_name_or_path=base_name, write=write)
+        else:
+            export_hf(model, local, tokenizer, write=write)
+        if write and is_remote(out_dir):
+            upload_dir(local, out_dir, last=("config.json", "adapter_config.json"))
+    return out_dir if write else None

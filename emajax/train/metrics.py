@@ -1,17 +1,20 @@
 """Run observability: metrics.jsonl (one JSON object per step), TensorBoard, tqdm with ETA.
 
-On resume, rows after the restored step are dropped first so the file stays one row per step.
+On resume, rows after the restored step are dropped first so the file stays one row per step. Only
+process 0 writes (``is_main``). The run directory may be remote (``gs://``): object stores cannot
+append, so there the file is rewritten whole at each row (``emajax.paths.write_text``); TensorBoard
+writes remote event files through tensorboardX's own writers (``gs://`` needs google-cloud-storage).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from emajax import atomic
+from emajax.paths import is_remote, run_path, write_text
 
 
 def _clean(v: Any) -> Any:
@@ -22,24 +25,43 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return atomic.read_jsonl(path)
+def read_metrics(path: Any) -> list[dict[str, Any]]:
+    path = run_path(path)
+    if not is_remote(path):
+        return atomic.read_jsonl(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_jsonl(path: Any, row: dict[str, Any]) -> None:
+    """Add one row to a JSONL file, local (append) or remote (rewritten whole: objects cannot grow)."""
+    path = run_path(path)
+    if is_remote(path):
+        write_text(path, "".join(json.dumps(r) + "\n" for r in [*read_metrics(path), row]))
+    else:
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, start_step: int, total_steps: int, tensorboard: bool = True,
+    def __init__(self, run_dir: Any, *, start_step: int, total_steps: int, tensorboard: bool = True,
                  progress: bool = True, is_main: bool = True):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_path(run_dir) / "metrics.jsonl"
         self.is_main = is_main
-        self.tb = self.bar = None
+        self.tb = self.bar = self.f = None
         if not is_main:
             return
-        atomic.keep_jsonl_rows(self.path, lambda r: r.get("step", 0) <= start_step)
-        self.f = self.path.open("a")
+        if is_remote(self.path):
+            self.rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        else:
+            atomic.keep_jsonl_rows(self.path, lambda r: r.get("step", 0) <= start_step)
+            self.f = self.path.open("a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+            self.tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=start_step + 1)
         if progress:
             from tqdm import tqdm
 
@@ -49,8 +71,12 @@ class MetricsLogger:
         if not self.is_main:
             return
         row = {k: _clean(v) for k, v in row.items()}
-        self.f.write(json.dumps(row) + "\n")
-        self.f.flush()
+        if self.f is not None:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+        else:
+            self.rows.append(row)
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         step = int(row["step"])
         if self.tb is not None:
             for k, v in row.items():
@@ -63,7 +89,8 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.is_main:
             return
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
         if self.tb is not None:
             self.tb.close()
         if self.bar is not None:

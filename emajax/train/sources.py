@@ -14,10 +14,11 @@ other key keeps only the rows whose column equals the value, e.g.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from emajax import atomic
 
 from emajax.chat import ChatError, validate_messages
 
@@ -39,20 +40,18 @@ def _row_messages(row: Any, where: str) -> Messages:
         raise DataError(str(e)) from None
 
 
+def chat_rows(path: str | Path, error: type[ValueError] = DataError) -> Iterator[tuple[int, dict, Messages]]:
+    """(line number, row, its checked messages) of each conversation of a chat JSONL file; ``error`` names the
+    file, line and field of the first bad row."""
+    for lineno, row in atomic.jsonl_rows(path, error):
+        try:
+            yield lineno, row, _row_messages(row, f"{path}:{lineno}")
+        except DataError as e:
+            raise error(str(e)) from None
+
+
 def read_jsonl(path: str | Path) -> list[Messages]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            out.append(_row_messages(row, f"{path}:{lineno}"))
+    out = [msgs for _, _, msgs in chat_rows(path)]
     if not out:
         raise DataError(f"{path}: no conversations")
     return out

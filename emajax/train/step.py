@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from emajax import losses
+from emajax.models.sharding import activation_mesh
 from emajax.train.mesh import accum_batch_sharding, replicated
 from emajax.train.state import TrainState, state_shardings
 
@@ -127,8 +128,10 @@ def loss_terms(graphdef: Any, spec: StepSpec, trainable: Any, state: TrainState,
 
 
 def make_step_fn(graphdef: Any, spec: StepSpec, tx: optax.GradientTransformation,
-                 schedule: Callable[[Any], Any]) -> Callable[[TrainState, dict[str, jax.Array]], Any]:
-    """The uncompiled step (see module doc); batch fields are [A, B, T]."""
+                 schedule: Callable[[Any], Any], mesh: Mesh | None = None
+                 ) -> Callable[[TrainState, dict[str, jax.Array]], Any]:
+    """The uncompiled step (see module doc); batch fields are [A, B, T]. With ``mesh``, activations
+    are kept split over its batch axes (``emajax.models.sharding.constrain_rows``)."""
 
     def micro(state: TrainState, mb: dict[str, jax.Array], denoms: Any) -> tuple[Any, dict[str, jax.Array]]:
         ref = reference_outputs(graphdef, spec, state, mb) if spec.need_ref else None
@@ -136,6 +139,10 @@ def make_step_fn(graphdef: Any, spec: StepSpec, tx: optax.GradientTransformation
         return grad_fn(state.trainable)
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        with activation_mesh(mesh):
+            return _step(state, batch)
+
+    def _step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         accum = batch["inputs"].shape[0]
         # global: every micro-batch contributes its sums over the whole batch's counts, so the sum over
         # micro-batches is the batch mean; micro_batch: own means, averaged.
@@ -175,19 +182,21 @@ def compile_train_step(graphdef: Any, spec: StepSpec, tx: optax.GradientTransfor
                        state: TrainState, mesh: Mesh) -> Callable:
     """jit with explicit in/out shardings (those of ``state``; batch rows over data x fsdp), state donated."""
     st_sh = state_shardings(state)
-    return jax.jit(make_step_fn(graphdef, spec, tx, schedule), in_shardings=(st_sh, batch_shardings(mesh)),
+    return jax.jit(make_step_fn(graphdef, spec, tx, schedule, mesh), in_shardings=(st_sh, batch_shardings(mesh)),
                    out_shardings=(st_sh, replicated(mesh)), donate_argnums=(0,))
 
 
-def make_eval_fn(graphdef: Any, seq_chunk: int | None = None) -> Callable:
+def make_eval_fn(graphdef: Any, seq_chunk: int | None = None, mesh: Mesh | None = None) -> Callable:
     """(trainable, frozen, batch[1,B,T]) -> (sum of answer-token NLL, answer-token count).
 
-    No steering, adapters on, never the inoculation prompt (eval data is rendered plainly)."""
+    No steering, adapters on, never the inoculation prompt (eval data is rendered plainly). With
+    ``mesh``, activations stay split over its batch axes."""
 
     def ev(trainable: Any, frozen: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         mb = {k: v[0] for k, v in batch.items()}
-        out, w = _forward(graphdef, (trainable, frozen), mb, layers=(), steer_ld=None, lora_scale=1.0)
-        nll = losses.token_nll(out.hidden_btd, w, mb["targets"], seq_chunk=seq_chunk)
+        with activation_mesh(mesh):
+            out, w = _forward(graphdef, (trainable, frozen), mb, layers=(), steer_ld=None, lora_scale=1.0)
+            nll = losses.token_nll(out.hidden_btd, w, mb["targets"], seq_chunk=seq_chunk)
         m = mb["loss_mask"].astype(jnp.float32)
         return jnp.sum(nll * m), jnp.sum(m)
 
