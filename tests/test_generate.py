@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emajax.generate import GenerationError, generate
+from emajax.generate import (TOP_LOGPROBS, GenerationError, SampleRow, _inverse_cdf, _nucleus_threshold, _pick_token,
+                             _pick_tokens, generate, generate_rows)
 from emajax.models.config import DecoderConfig
-from emajax.models.decoder import Decoder
+from emajax.models.decoder import Decoder, steering_array
 
 TINY = DecoderConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64,
@@ -40,17 +41,18 @@ def naive_greedy(tiny):
     graphdef, state = nnx.split(tiny)
 
     @jax.jit
-    def next_logits(state, tokens_1t, n):
+    def next_logits(state, tokens_1t, n, steer_ld):
         model = nnx.merge(graphdef, state)
-        hidden = model(tokens_1t, attn_mask_bt=jnp.arange(tokens_1t.shape[1])[None] < n).hidden_btd
+        hidden = model(tokens_1t, attn_mask_bt=jnp.arange(tokens_1t.shape[1])[None] < n, steer_ld=steer_ld).hidden_btd
         return model.logits(hidden)[0, n - 1]
 
-    def run(prompt, steps, eos=()):
+    def run(prompt, steps, eos=(), steer_ld=None):
+        steer = jnp.zeros((TINY.num_layers, TINY.hidden_size)) if steer_ld is None else jnp.asarray(steer_ld)
         seq = list(prompt)
         for _ in range(steps):
             buf = np.zeros((1, 32), np.int32)
             buf[0, : len(seq)] = seq
-            tok = int(jnp.argmax(next_logits(state, jnp.asarray(buf), len(seq))))
+            tok = int(jnp.argmax(next_logits(state, jnp.asarray(buf), len(seq), steer)))
             seq.append(tok)
             if tok in eos:
                 break
@@ -64,6 +66,15 @@ def test_greedy_batched_padded_equals_naive(tiny, naive_greedy):
     assert [len(o) for o in out] == [12] * 4
     for p, o in zip(TINY_PROMPTS, out):
         assert o == naive_greedy(p, 12)
+
+
+def test_steered_decoding_equals_the_steered_decoder(tiny, naive_greedy):
+    v = np.random.default_rng(0).normal(size=TINY.hidden_size)
+    steer = steering_array(TINY, {1: v / np.linalg.norm(v)}, 40.0)
+    out = generate(tiny, None, TINY_PROMPTS, max_new_tokens=12, eos_ids=[], steer_ld=steer)
+    assert out != generate(tiny, None, TINY_PROMPTS, max_new_tokens=12, eos_ids=[])  # the vector matters
+    for p, o in zip(TINY_PROMPTS, out):
+        assert o == naive_greedy(p, 12, steer_ld=steer)
 
 
 def test_eos_stops_each_row_and_batch_size_independent(tiny, naive_greedy):
@@ -99,6 +110,114 @@ def test_bad_input_errors(tiny):
         generate(tiny, None, [[1]], max_new_tokens=4, top_p=0.0)
     with pytest.raises(GenerationError, match="outside the vocabulary"):
         generate(tiny, None, [[64]], max_new_tokens=4)
+    with pytest.raises(GenerationError, match="temperature"):
+        generate_rows(tiny, None, [SampleRow([1], 4), SampleRow([1], 4, temperature=float("nan"))])
+
+
+def _nucleus_probs(logits, temperature, top_p):
+    """NumPy reference: softmax(logits / T) restricted to the smallest most-likely set reaching top_p."""
+    z = logits / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    before = np.cumsum(p[order]) - p[order]
+    keep = np.zeros_like(p, bool)
+    keep[order[before < top_p]] = True
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+def test_per_row_sampler_matches_numpy_distribution():
+    """Each row samples from its own tempered nucleus; greedy rows take the argmax; nothing outside a nucleus."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 12)).astype(np.float32) * 2.0
+    temperature = np.array([0.0, 1.0, 0.5, 2.0], np.float32)
+    top_p = np.array([1.0, 1.0, 0.8, 0.5], np.float32)
+    draws = 20000
+    keys = jax.random.split(jax.random.key(0), draws)
+    pick = jax.jit(jax.vmap(lambda k: _pick_tokens(jnp.asarray(logits), jnp.asarray(temperature), jnp.asarray(top_p),
+                                                   jax.random.split(k, 4))))
+    toks = np.asarray(pick(keys))  # [draws, 4]
+    assert (toks[:, 0] == logits[0].argmax()).all()
+    # One temperature / top-p / key for a whole batch (the scalar form): the same distribution.
+    one = np.asarray(jax.jit(_pick_token)(jnp.asarray(np.tile(logits[2], (draws, 1))), jnp.float32(0.5),
+                                          jnp.float32(0.8), jax.random.key(1)))
+    np.testing.assert_allclose(np.bincount(one, minlength=12) / draws,
+                               _nucleus_probs(logits[2].astype(np.float64), 0.5, 0.8), atol=0.015)
+    for r in (1, 2, 3):
+        ref = _nucleus_probs(logits[r].astype(np.float64), temperature[r], top_p[r])
+        freq = np.bincount(toks[:, r], minlength=12) / draws
+        assert (freq[ref == 0] == 0).all()
+        np.testing.assert_allclose(freq, ref, atol=0.015)
+    # The bisected threshold keeps exactly the reference nucleus.
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits[1:] / temperature[1:, None]), axis=-1))
+    t = np.asarray(_nucleus_threshold(jnp.asarray(probs), jnp.asarray(top_p[1:])))
+    for i, r in enumerate((1, 2, 3)):
+        ref = _nucleus_probs(logits[r].astype(np.float64), temperature[r], top_p[r])
+        assert ((probs[i] >= t[i]) == (ref > 0)).all()
+
+
+def test_two_level_inverse_cdf_equals_a_flat_search():
+    """Blocks of 5 over 23 entries (a padded last block, empty blocks, zero weights) pick exactly what
+    numpy's search over the flat running sum picks; integer weights keep every sum exact in fp32."""
+    rng = np.random.default_rng(1)
+    w = rng.integers(0, 4, size=(3, 23)).astype(np.float32)
+    w[0, 5:15] = 0  # two empty blocks
+    w[2, :] = 0
+    w[2, 21] = 2  # all the mass in the padded last block
+    u = (np.arange(200) + 0.5) / 200  # never exactly on a boundary
+    got = np.asarray(jax.vmap(lambda u_: _inverse_cdf(jnp.asarray(w), jnp.full((3,), u_, jnp.float32), block=5))(
+        jnp.asarray(u, jnp.float32)))
+    for r in range(3):
+        cdf = np.cumsum(w[r].astype(np.float64))
+        ref = np.searchsorted(cdf, u * cdf[-1], side="right")
+        np.testing.assert_array_equal(got[:, r], ref)
+    assert (got[:, 2] == 21).all()
+
+
+def test_rows_draw_the_same_whatever_shares_their_batch(tiny):
+    """A row's tokens depend on its own (prompt, settings, seed, index), not on the other rows of its batch."""
+    rows = [SampleRow(TINY_PROMPTS[0], 9, 8.0, 1.0, seed=3, index=0),
+            SampleRow(TINY_PROMPTS[1], 5, 0.0),
+            SampleRow(TINY_PROMPTS[2], 12, 8.0, 0.5, seed=3, index=1),
+            SampleRow(TINY_PROMPTS[3], 12, 8.0, 1.0, seed=4, index=0)]
+    together = generate_rows(tiny, None, rows, eos_ids=[])
+    assert [len(t) for t in together] == [9, 5, 12, 12]
+    alone = [generate_rows(tiny, None, [r], eos_ids=[])[0] for r in rows]
+    assert together == alone
+    assert together[1] == generate(tiny, None, [TINY_PROMPTS[1]], max_new_tokens=5, eos_ids=[])[0]
+    assert generate_rows(tiny, None, rows[::-1], eos_ids=[]) == together[::-1]
+
+
+def test_on_step_streams_tokens_logprobs_and_stops_rows(tiny, naive_greedy):
+    rows = [SampleRow(p, 12, 0.0, logprobs=True) for p in TINY_PROMPTS]
+    steps = []
+
+    def on_step(out):
+        steps.append(out)
+        return np.array([out.step >= 2, False, False, False])  # stop row 0 after its third token
+
+    out = generate_rows(tiny, None, rows, eos_ids=[], on_step=on_step)
+    assert [len(o) for o in out] == [3, 12, 12, 12]
+    assert [s.step for s in steps] == list(range(12)) and all(s.tokens_b.shape == (4,) for s in steps)
+    for r, o in enumerate(out):
+        assert [int(s.tokens_b[r]) for s in steps[: len(o)]] == o == naive_greedy(TINY_PROMPTS[r], 12)[: len(o)]
+    # Logprobs: the untempered log-softmax at each position, greedy token = top alternative.
+    graphdef, state = nnx.split(tiny)
+    seq = TINY_PROMPTS[2] + out[2]
+    hidden = tiny(jnp.asarray([seq])).hidden_btd
+    logp = np.asarray(jax.nn.log_softmax(tiny.logits(hidden), axis=-1))[0]
+    for j, s in enumerate(steps):
+        pos = len(TINY_PROMPTS[2]) - 1 + j
+        assert s.logprob_b[2] == pytest.approx(logp[pos, out[2][j]], abs=1e-4)
+        assert s.top_id_bk.shape == (4, TOP_LOGPROBS) and s.top_id_bk[2, 0] == out[2][j]
+        np.testing.assert_allclose(s.top_logprob_bk[2], np.sort(logp[pos])[::-1][:TOP_LOGPROBS], atol=1e-4)
+
+    def boom(out):
+        raise RuntimeError("sink failed")
+
+    with pytest.raises(RuntimeError, match="sink failed"):
+        generate_rows(tiny, None, rows, eos_ids=[], on_step=boom)
 
 
 def test_chat_generate_batched_is_chat_generate_per_batch_with_its_seed():
@@ -138,8 +257,7 @@ def _prompt_ids(tok, question):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_equals_transformers_and_knows_paris(smollm2, smollm2_dir):
-    torch = pytest.importorskip("torch")
+def test_smollm2_greedy_equals_transformers_and_knows_paris(torch, smollm2, smollm2_dir):
     from transformers import AutoModelForCausalLM
 
     tok = smollm2.tokenizer

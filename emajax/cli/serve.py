@@ -1,16 +1,19 @@
-"""Serve a model (optionally + a PEFT adapter) as an OpenAI-compatible chat endpoint."""
+"""Serve a model (optionally + a PEFT adapter) as an OpenAI-compatible endpoint (chat and text completions)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import threading
+import time
 
 from emajax.cli import CliError
 
 SUMMARY = "Serve a model (+ a PEFT adapter) as an OpenAI-compatible endpoint"
 EXAMPLES = (
     "emajax serve --model smollm2-135m-instruct --adapter runs/kl/export --port 8000",
+    "emajax serve --model smollm2-135m-instruct --port 8000 --max-batch-rows 16 --warmup-prompt-tokens 64 512",
 )
 
 
@@ -21,27 +24,61 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, required=True, help="TCP port (0 picks a free one)")
     p.add_argument("--served-model-name", default=None, help="the 'model' id clients send (default: --model)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--max-tokens-default", type=int, default=512, help="max_tokens when a request omits it")
+    p.add_argument("--max-tokens-default", type=int, default=512,
+                   help="chat max_tokens when a request omits it (clipped to the context left)")
+    p.add_argument("--max-batch-rows", type=int, default=8,
+                   help="most rows (choices of all requests) one generate call runs; a request with more runs alone")
+    p.add_argument("--batch-window-ms", type=float, default=50.0,
+                   help="a batch gathers requests until this long passes without a new one (at most 4x this "
+                        "after its first); 0 = no waiting")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the common shapes before taking requests (every power-of-two batch up to "
+                        "--max-batch-rows x --warmup-prompt-tokens x --warmup-max-tokens)")
+    p.add_argument("--warmup-prompt-tokens", type=int, nargs="+", default=[64], metavar="N",
+                   help="prompt lengths to warm (bucketed to powers of two; default 64)")
+    p.add_argument("--warmup-max-tokens", type=int, nargs="+", default=None, metavar="N",
+                   help="token budgets to warm (bucketed to powers of two; default --max-tokens-default)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from emajax.serve import ChatEngine, load_model_with_adapter, make_server
+    from emajax.serve import ChatEngine, load_model_with_adapter, make_server, warmup_shapes
 
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port {args.port} is not a TCP port")
+    if args.max_batch_rows < 1 or args.batch_window_ms < 0 or args.max_tokens_default < 1:
+        raise CliError("--max-batch-rows and --max-tokens-default must be >= 1, --batch-window-ms >= 0")
+    warm_max = args.warmup_max_tokens or [args.max_tokens_default]
+    if min(args.warmup_prompt_tokens + warm_max) < 1:
+        raise CliError("--warmup-prompt-tokens and --warmup-max-tokens must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     loaded = load_model_with_adapter(args.model, args.adapter, dtype=args.dtype)
-    engine = ChatEngine(loaded, args.served_model_name or args.model, default_max_tokens=args.max_tokens_default)
+    shapes = warmup_shapes(args.max_batch_rows, args.warmup_prompt_tokens, warm_max) if args.warmup else []
+    engine = ChatEngine(loaded, args.served_model_name or args.model, default_max_tokens=args.max_tokens_default,
+                        max_batch_rows=args.max_batch_rows, batch_window_s=args.batch_window_ms / 1000.0,
+                        warmup=shapes)
     try:
         server = make_server(engine, args.host, args.port)
     except OSError as e:
+        engine.close()
         raise CliError(f"cannot bind {args.host}:{args.port}: {e.strerror or e}") from None
     host, port = server.server_address[:2]
-    print(f"emajax serve: {engine.name!r} on http://{host}:{port}/v1 (chat/completions, models)", flush=True)
+    print(f"emajax serve: {engine.name!r} on http://{host}:{port}/v1 (chat/completions, completions, models)",
+          flush=True)
+    if shapes:
+        t0 = time.perf_counter()
+        print(f"emajax serve: compiling {len(shapes)} shapes (rows x prompt x new tokens: "
+              f"{', '.join('x'.join(map(str, s)) for s in shapes)}); requests wait until it is done", flush=True)
+
+        def announce() -> None:
+            engine.wait_ready()
+            print(f"emajax serve: ready after {time.perf_counter() - t0:.0f} s of warm-up", flush=True)
+
+        threading.Thread(target=announce, daemon=True).start()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("emajax serve: stopped", file=sys.stderr)
     finally:
         server.server_close()
+        engine.close()
     return 0

@@ -1,0 +1,16 @@
+"""OpenAI-compatible server on the emajax generation engine (``emajax serve``).
+
+So a local model can be the judge or the model under test of any OpenAI-style client: chat and text
+completions, streamed (server-sent events) or not, with logprobs, ``n``, ``stop`` and ``seed``.
+Concurrent requests are batched into shared ``generate`` calls with per-row sampling settings.
+Modules: ``protocol`` (request checks, error shape), ``batcher`` (the model thread), ``openai_format``
+(response and chunk bodies), ``engine`` (ties them to one loaded model), ``http`` (routes, SSE). Bind
+it to loopback unless you mean otherwise: there is no authentication.
+"""
+
+from emajax.serve.engine import ChatEngine, load_model_with_adapter, warmup_shapes
+from emajax.serve.http import make_server, serve_in_thread
+from emajax.serve.protocol import RequestError
+
+__all__ = ["ChatEngine", "RequestError", "load_model_with_adapter", "make_server", "serve_in_thread",
+           "warmup_shapes"]
