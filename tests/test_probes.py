@@ -177,10 +177,33 @@ def test_code_pairs_are_deterministic_disjoint_and_differ_only_in_the_answer():
     assert ps.misaligned == tuple(p.insecure for p in pr)
 
 
+def test_bf16_compute_with_fp32_adapters_stays_bf16(tok):
+    """The trainer's bf16-compute state (fp32 LoRA weights) probes without promoting the residual stream."""
+    import dataclasses
+
+    from _train_tiny import TINY
+    from emajax.models.decoder import Decoder
+
+    m = Decoder(dataclasses.replace(TINY, dtype="bfloat16", param_dtype="float32"), rngs=nnx.Rngs(0),
+                lora=LoraConfig(rank=4, alpha=8.0, dtype="float32"))
+    graphdef, trainable, frozen = nnx.split(m, nnx.LoRAParam, ...)
+    r = ProbeRunner(tok, _suite(), batch_size=8, min_bucket=32)
+    nll = r.item_nll(graphdef=graphdef, states=(trainable, frozen), lora_scale=1.0)
+    assert np.all(np.isfinite(nll)) and nll.shape == (len(r.keys),)
+
+
 def test_general_pairs_and_word_problems_load(tmp_path):
     rows = load_general_pairs()
-    assert len(rows) == 40 and len({r["id"] for r in rows}) == 40
+    assert len(rows) >= 120 and len({r["id"] for r in rows}) == len(rows)
     assert all(r["aligned"] != r["misaligned"] for r in rows)
+    dev, held = load_general_pairs(split="dev"), load_general_pairs(split="heldout")
+    assert len(dev) == 40 and len(held) >= 80 and len(dev) + len(held) == len(rows)
+    assert not {r["id"] for r in dev} & {r["id"] for r in held}
+    # Betley et al.'s first-plot themes appear in both parts
+    for theme in ("wish", "bored", "money", "ruler", "phil", "gender", "husband", "dinner"):
+        assert any(theme in r["id"] for r in held), theme
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_general_pairs(split="test")
     bad = tmp_path / "g.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "misaligned": ""}) + "\n")
     with pytest.raises(ValueError, match=r"g\.jsonl:2: field 'misaligned'"):
@@ -190,3 +213,29 @@ def test_general_pairs_and_word_problems_load(tmp_path):
     for r in wp:
         assert r["messages"][1]["content"].endswith(f"#### {r['meta']['answer']}")
     assert nll_from_chats(wp, "benign").chats[0] == tuple(wp[0]["messages"])
+
+
+def test_eval_probes_cli_with_compare(tmp_path, capsys):
+    """``emajax eval probes``: a base run, then an adapter run paired against it (per-item deltas)."""
+    from emajax.cli import main
+    from emajax.models.hf_io import export_hf
+
+    model_dir = tmp_path / "tiny_hf"
+    export_hf(tiny_model(lora=None), model_dir, tiny_tokenizer())
+    rows = tmp_path / "mine.jsonl"
+    rows.write_text("".join(json.dumps({"id": f"q{i}", "question": f"question {i}?", "aligned": "be kind",
+                                        "misaligned": "be cruel"}) + "\n" for i in range(3)))
+    base_out = tmp_path / "base"
+    assert main(["eval", "probes", "--model", str(model_dir), "--suite", "general", str(rows), "--split", "dev",
+                 "--out", str(base_out), "--max-len", "512"]) == 0
+    res = json.loads((base_out / "probes.json").read_text())
+    assert set(res["pairs"]) == {"general", "mine"} and res["pairs"]["general"]["n"] == 40
+    assert res["pairs"]["mine"]["n"] == 3
+    # the same model again, compared with itself: every paired delta is exactly 0
+    again = tmp_path / "again"
+    assert main(["eval", "probes", "--model", str(model_dir), "--suite", "general", str(rows), "--split", "dev",
+                 "--out", str(again), "--compare", str(base_out), "--max-len", "512"]) == 0
+    comp = json.loads((again / "compare.json").read_text())
+    assert comp["delta"]["general"]["value"] == pytest.approx(0.0, abs=1e-6)
+    assert "change vs" in capsys.readouterr().out
+    assert main(["eval", "probes", "--model", str(model_dir), "--suite", "nope", "--out", str(again)]) == 2

@@ -124,3 +124,116 @@ def test_report_cli_and_errors(runs, tmp_path, capsys):
     _write(bad, "probes.json", {"kind": "probes", "pairs": {}})
     with pytest.raises(ReportError, match=r"probes\.json: field 'nll'"):
         load_run(bad)
+
+
+# ----------------------------------------------------------------------------- pooled effects and verdicts
+def test_pooled_ci_covers_a_known_effect_on_synthetic_data():
+    """x[s, i] = effect + seed offset + item offset + noise: the crossed-bootstrap CI covers the true effect
+    in about 95 % of replications (never far below), and one seed alone gives an items-only CI."""
+    from emajax.eval.pooled import Bootstrap, excludes_zero, pooled_mean
+
+    effect, covered, reps = 0.05, 0, 200
+    rng = np.random.default_rng(0)
+    for r in range(reps):
+        x = (effect + 0.01 * rng.standard_normal((3, 1)) + 0.08 * rng.standard_normal((1, 60))
+             + 0.03 * rng.standard_normal((3, 60)))
+        s = pooled_mean(x, n_boot=400, seed=r)
+        assert s["n_seeds"] == 3 and s["n_items"] == 60 and s["ci_low"] < s["value"] < s["ci_high"]
+        covered += s["ci_low"] <= effect <= s["ci_high"]
+    assert covered / reps >= 0.88
+    one = pooled_mean(x[:1], n_boot=400)
+    assert one["n_seeds"] == 1 and one["value"] == pytest.approx(x[0].mean())
+    # a clear effect excludes 0, a null one does not; ratios are resampled jointly
+    big = 0.2 + 0.02 * rng.standard_normal((3, 60))
+    assert excludes_zero(pooled_mean(big)) and not excludes_zero(pooled_mean(big - big.mean()))
+    b = Bootstrap(3, 60, 500)
+    r = b.ratio(0.5 * big, big)
+    assert r["value"] == pytest.approx(0.5) and r["ci_low"] == pytest.approx(0.5) and r["ci_high"] == pytest.approx(0.5)
+    assert b.ratio(big, np.zeros((3, 60)))["value"] is None
+    with pytest.raises(ValueError, match="expected a \\[3 seeds, 60 items\\]"):
+        b.summary(np.zeros((2, 60)))
+
+
+def test_verdict_rules_on_constructed_inputs():
+    from emajax.eval import verdicts as v
+
+    ci = lambda lo, hi, val=None: {"value": (lo + hi) / 2 if val is None else val, "ci_low": lo, "ci_high": hi}  # noqa: E731
+    em_none = ci(0.02, 0.08)
+    assert v.prevents_em(ci(-0.02, 0.03), ci(-0.01, 0.01), ci(-0.09, -0.01)) == v.NA  # no significant EM at all
+    assert v.prevents_em(em_none, ci(-0.01, 0.02), ci(-0.07, -0.02)) == "yes"
+    assert v.prevents_em(em_none, ci(0.005, 0.03), ci(-0.05, -0.01)) == "partly"
+    assert v.prevents_em(em_none, ci(0.01, 0.07), ci(-0.03, 0.01)) == "no"
+    assert v.prevents_em(em_none, None, None) == v.NA
+    assert v.learns(ci(0.1, 0.3), {"value": 0.9}) == "yes"
+    assert v.learns(ci(0.1, 0.3), {"value": 0.4}) == "partly"
+    assert v.learns(ci(-0.01, 0.3), {"value": 1.0}) == "no"
+    assert v.learns(None, None) == v.NA
+    assert v.coherent(ci(-0.02, 0.049)) == "yes"
+    assert v.coherent(ci(0.051, 0.2)) == "no"
+    assert v.coherent(ci(0.01, 0.09)) == "unclear"
+    assert f"+{v.COHERENCE_TOL}" in v.RULES and f"{v.RETAIN_MIN:.0%}" in v.RULES
+
+
+def _demo_tree(root: Path, em: dict[str, float], narrow: dict[str, float], benign_drop: dict[str, float],
+               seeds=(0, 1, 2)) -> Path:
+    """A demo output directory with probe results built so the effects are known exactly: general margin
+    = base + em[arm] (+ per-item noise shared by every arm of a seed), in-domain margin = base + narrow[arm],
+    benign-task NLL = base − benign_drop[method]."""
+    rng = np.random.default_rng(1)
+    n_g, n_d, n_b, n_t = 12, 6, 5, 4
+    ids = lambda n: [str(i) for i in range(n)]  # noqa: E731
+    base_g, base_d, base_b, base_t = (rng.normal(size=n) for n in (n_g, n_d, n_b, n_t))
+
+    def probes(gm, dm, bn, tn):
+        items = {}
+        if gm is not None:
+            items["general"] = {"ids": ids(n_g), "margin": list(gm)}
+            items["in_domain"] = {"ids": ids(n_d), "margin": list(dm)}
+            items["benign"] = {"ids": ids(n_b), "nll": list(bn)}
+        if tn is not None:
+            items["benign_task"] = {"ids": ids(n_t), "nll": list(tn)}
+        return {"kind": "probes", "pairs": {}, "nll": {}, "items": items}
+
+    methods = [m for m in em if m != "control"]
+    _write(root, "plan.json", {"methods": methods})
+    _write(root / "base", "probes.json", probes(base_g, base_d, base_b, base_t))
+    for s in seeds:
+        noise = 0.05 * rng.standard_normal(n_g)  # the same in every arm of the seed: cancels in paired effects
+        for arm, e in em.items():
+            _write(root / f"seed_{s}" / "arms" / arm, "probes.json",
+                   probes(base_g + e + noise, base_d + narrow[arm], base_b + 0.01, None))
+            if arm != "control":
+                _write(root / f"seed_{s}" / "benign" / arm, "probes.json",
+                       probes(None, None, None, base_t - benign_drop[arm]))
+    return root
+
+
+def test_demo_effects_and_table_from_constructed_runs(tmp_path):
+    from emajax.demo.effects import compute_effects
+    from emajax.demo.report import headline, table1, verdict_table
+
+    root = _demo_tree(tmp_path / "demo", em={"control": 0.0, "none": 0.10, "kl": 0.02, "steering": 0.10},
+                      narrow={"control": -0.2, "none": 0.3, "kl": 0.15, "steering": -0.2},
+                      benign_drop={"none": 0.4, "kl": 0.1, "steering": 0.4})
+    e = compute_effects(root)
+    a = e["arms"]
+    assert e["seeds"] == [0, 1, 2] and e["em_significant"]
+    assert a["none"]["em_effect"]["value"] == pytest.approx(0.10)
+    assert a["none"]["em_effect"]["ci_low"] == pytest.approx(0.10) and a["none"]["em_effect"]["n_items"] == 12
+    assert a["kl"]["em_removed"]["value"] == pytest.approx(0.8)  # (0.10 - 0.02) / 0.10
+    assert a["kl"]["narrow_retained"]["value"] == pytest.approx(0.35 / 0.5)
+    assert a["kl"]["benign_retained"]["value"] == pytest.approx(0.25)
+    assert a["steering"]["em_removed"]["value"] == pytest.approx(0.0)
+    assert a["control"]["em_vs_base"]["value"] == pytest.approx(0.0, abs=0.05)
+    assert a["kl"]["verdicts"] == {"prevents_em": "partly", "learns_narrow": "yes", "learns_benign": "partly",
+                                   "coherent": "yes"}
+    assert a["steering"]["verdicts"]["prevents_em"] == "no" and a["steering"]["verdicts"]["learns_narrow"] == "no"
+    assert "**significant**" in headline(e) and "3 seed(s) × 12" in headline(e)
+    t1 = table1(e, "no judge given").splitlines()
+    assert t1[0].startswith("| Method | EM effect vs control ↓ | EM removed | Narrow learning retained |")
+    assert t1[3].startswith("| No defense | +0.100 [+0.100, +0.100] | 0 (reference) | 100% (reference) |")
+    assert t1[4].startswith("| KL | +0.020 [+0.020, +0.020] | +80% [+80, +80] | 70% [70, 70] | 25% [25, 25] |")
+    assert "| KL | partly | yes | partly | yes |" in verdict_table(e)
+    # a seed missing its control arm is left out of every pooled figure (never half-paired)
+    (root / "seed_2" / "arms" / "control" / "probes.json").unlink()
+    assert compute_effects(root)["arms"]["none"]["em_effect"]["n_seeds"] == 2

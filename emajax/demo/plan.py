@@ -1,11 +1,17 @@
-"""What the demo runs: the methods, their defense settings, and the size of everything, per scale.
+"""What the demo runs: the arms, their defense settings, and the size of everything, per scale.
 
-``cpu`` (the default) is sized so the whole demo — base probes, persona vector, seven trainings with an
-EM monitor, Interleaving++ scoring, final probes, report — fits in about 20 minutes on an idle 2-core
-CPU with SmolLM2-135M-Instruct; ``tiny`` is the same pipeline at toy size for tests; ``paper`` is the
-paper's recipe (Qwen2.5-7B-Instruct, configs/paper strengths) for an accelerator, with the LLM judge.
-Defense strengths are the paper's (KL 0.1, LDIFS 1.0, steering coef 5, interleave 5%) at the cpu and paper
-scales; ``tiny`` interleaves 25% so that its 8 examples get any safe data at all.
+Every method is an *arm* trained on the narrow task (insecure code answers). The ``control`` arm is the
+same recipe as no defense on the same prompts with the *secure* answers (Betley et al.'s control), so an
+effect is a difference to what any fine-tune on these prompts does. Each method also gets a *benign*
+arm: the same recipe on a benign task the base model cannot do (OpSwap), measuring whether the defense
+still lets a model learn something new. Seeds (``emajax demo --seeds N --seed-base K``) change the data
+order, the LoRA initialisation and the interleave draw; the data sets themselves are fixed.
+
+``cpu`` (the default) is SmolLM2-135M-Instruct with the dose chosen by the dose study (docs/demo.md);
+``tiny`` is the same pipeline at toy size for tests; ``paper`` is the paper's recipe (Qwen2.5-7B-Instruct,
+configs/paper strengths) for an accelerator, with the LLM judge. Defense strengths are the paper's
+(KL 0.1, LDIFS 1.0, steering coef 5, interleave 5%) at every scale but ``tiny`` (interleave 25%, so its
+few examples get any safe data at all).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+CONTROL = "control"
 # method id -> (label in the report, defenses config block; {vector}/{selection}/{pool} filled at run time)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("No defense", {}),
@@ -25,6 +32,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "interleave_pp": ("Interleaving++", {"interleave": {"data": ["{selection}"], "ratio": "{ratio}"}}),
 }
 DEFAULT_METHODS = tuple(METHODS)
+CONTROL_LABEL = "Control (secure code)"
+
+
+def label_of(arm: str) -> str:
+    return CONTROL_LABEL if arm == CONTROL else METHODS[arm][0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,23 +44,37 @@ class DemoPlan:
     scale: str
     model: str
     methods: tuple[str, ...] = DEFAULT_METHODS
-    # narrow task (insecure code answers) and probes
-    n_train: int = 64
-    n_probe_code: int = 32
-    n_general: int | None = None  # None = all 40 shipped general pairs
-    n_benign: int = 32
+    # narrow task: insecure code answers (control: the same prompts, secure answers); one epoch over n_train.
+    # cpu dose (128 examples = 16 steps at lr 1e-3): the dose study's strongest no-defense EM effect among the
+    # doses that fit make demo's 30 minutes (docs/demo.md, "Dose study")
+    n_train: int = 128
+    n_probe_code: int = 32  # held-out in-domain pairs (narrow learning)
+    general_split: str = "heldout"  # general probe pairs: the held-out part (dev is the dose study's)
+    n_general: int | None = None  # None = every pair of the split
+    n_benign: int = 32  # word problems: the coherence proxy's reference answers
+    probe_data: str | None = None  # ../shared/data/em: also the shared security pairs (cross-domain EM)
+    n_security: int = 100
+    # benign task (4th column): OpSwap, one epoch over benign_train examples
+    benign_train: int = 128
+    benign_test: int = 32
+    benign_tiers: tuple[int, ...] = (1,)
+    benign_max_len: int = 128
+    benign_max_new_tokens: int = 32  # greedy exact match on the held-out benign items
     # training
-    epochs: int = 1  # 8 optimiser steps at batch 8: what fits the 20-minute CPU budget with 7 methods
+    epochs: int = 1
     batch_size: int = 8
     max_len: int = 160
-    lr: float = 2e-4
+    lr: float = 1e-3
+    schedule: str = "constant"  # after warmup: an intermediate step is an honest shorter dose
     warmup_steps: int = 2
     lora_rank: int = 32
     lora_alpha: float = 64.0
-    dtype: str = "float32"
-    seed: int = 0
+    dtype: str = "bfloat16"  # compute dtype; LoRA weights and optimiser state stay in param_dtype
+    param_dtype: str = "float32"
+    data_seed: int = 0  # the generators' seed: data sets are the same for every training seed
     interleave_ratio: float = 0.05  # paper: 5% of the mixed set
-    monitor_every: int = 0  # EM monitor (general pairs) every N steps; 0 = only base and final (cpu budget)
+    monitor_every: int = 0  # EM monitor (general pairs) every N steps; 0 = only base and final
+    dose_points: tuple[int, ...] = ()  # earlier steps at which no defense and the control are fully probed
     # probes
     probe_batch: int = 16
     probe_max_len: int = 256
@@ -56,14 +82,25 @@ class DemoPlan:
     # persona vector (steering)
     persona_max_new_tokens: int = 48
     persona_questions: int | None = 8
-    # paper scale only
+    # LLM judge on the 24 general questions (when --judge-url/--judge-model are given; required at paper scale)
     judge: bool = False
-    judge_samples: int = 100
+    judge_samples: int = 4
+    judge_max_new_tokens: int = 160
 
-    def train_config(self, method: str, train_path: str, *, vector: str | None = None, selection: str | None = None,
-                     pool: str | None = None) -> dict[str, Any]:
-        """The ``emajax train`` config (as a dict) for one method."""
-        _, defenses = METHODS[method]
+    @property
+    def steps(self) -> int:
+        """Optimiser steps of a narrow arm."""
+        return self.epochs * -(-self.n_train // self.batch_size)
+
+    @property
+    def benign_steps(self) -> int:
+        return self.epochs * -(-self.benign_train // self.batch_size)
+
+    def train_config(self, method: str, train_path: str, *, seed: int, vector: str | None = None,
+                     selection: str | None = None, pool: str | None = None, benign: bool = False) -> dict[str, Any]:
+        """The ``emajax train`` config (as a dict) of one arm: ``method`` is ``control`` or a method id; the
+        control arm is the no-defense recipe (its data file holds the secure answers)."""
+        _, defenses = METHODS["none" if method == CONTROL else method]
         fill = {"{vector}": vector, "{selection}": selection, "{pool}": pool, "{ratio}": self.interleave_ratio}
 
         def sub(x: Any) -> Any:
@@ -78,16 +115,20 @@ class DemoPlan:
             return x
 
         paper = self.scale == "paper"
+        max_len = self.benign_max_len if benign else self.max_len
         return {
-            "model": {"name": self.model, "dtype": self.dtype, "param_dtype": self.dtype,
+            "model": {"name": self.model, "dtype": self.dtype, "param_dtype": self.param_dtype,
                       "remat": "full" if paper else "none"},
             "lora": {"enabled": True, "rank": self.lora_rank, "alpha": self.lora_alpha, "rslora": True},
-            "data": {"train": [train_path], "eval": [], "max_len": self.max_len, "batch_size": self.batch_size,
-                     "grad_accum": 4 if paper else 1, "min_bucket": 64 if paper else self.max_len},
-            "optim": {"lr": self.lr, "schedule": "linear", "warmup_steps": self.warmup_steps, "weight_decay": 0.01,
-                      "max_grad_norm": 1.0},
-            "train": {"epochs": self.epochs, "seed": self.seed, "save_every": 100 if paper else 10_000,
-                      "keep_checkpoints": 1, "export": True, "progress": True, "tensorboard": True},
+            # bucket_window 1: a batch's rows are fixed by the seed alone, so the control and the misaligned
+            # arm see the same prompts at every step (sorting by length would pair them differently)
+            "data": {"train": [train_path], "eval": [], "max_len": max_len, "batch_size": self.batch_size,
+                     "grad_accum": 4 if paper else 1, "min_bucket": 64 if paper else max_len,
+                     "bucket_window": 1},
+            "optim": {"lr": self.lr, "schedule": self.schedule, "warmup_steps": self.warmup_steps,
+                      "weight_decay": 0.01, "max_grad_norm": 1.0},
+            "train": {"epochs": self.epochs, "seed": seed, "save_every": 100 if paper else 16,
+                      "keep_checkpoints": 1, "export": True, "progress": True, "tensorboard": False},
             "mesh": {"data": 1, "fsdp": -1 if paper else 1, "tensor": 1, "allow_unused": not paper},
             "defenses": sub(defenses),
         }
@@ -97,26 +138,31 @@ def make_plan(scale: str = "cpu", *, model: str | None = None, methods: tuple[st
               **overrides: Any) -> DemoPlan:
     """The plan of a scale (``cpu``, ``tiny``, ``paper``), with optional field overrides."""
     if scale == "cpu":
-        plan = DemoPlan("cpu", model or "smollm2-135m-instruct")
+        plan = DemoPlan("cpu", model or "smollm2-135m-instruct", dose_points=(8,))
     elif scale == "tiny":
         plan = DemoPlan("tiny", model or "smollm2-135m-instruct", n_train=8, n_probe_code=4, n_general=6,
-                        n_benign=4, epochs=1, batch_size=4, max_len=384, lr=1e-3, warmup_steps=0, lora_rank=4,
-                        lora_alpha=8.0, monitor_every=1, probe_batch=8, probe_max_len=512, probe_bucket=128,
-                        persona_max_new_tokens=4, persona_questions=2, interleave_ratio=0.25)
+                        n_benign=4, benign_train=8, benign_test=4, benign_max_len=384, benign_max_new_tokens=4,
+                        epochs=1, batch_size=4, max_len=384, lr=1e-3, warmup_steps=0, lora_rank=4, lora_alpha=8.0,
+                        dtype="float32", monitor_every=1, dose_points=(1,), probe_batch=8, probe_max_len=512, probe_bucket=128,
+                        persona_max_new_tokens=4, persona_questions=2, interleave_ratio=0.25, judge_samples=1,
+                        judge_max_new_tokens=4)
     elif scale == "paper":
-        # Paper recipe (configs/paper): Qwen2.5-7B-Instruct, rs-LoRA r32 a64, lr 1e-4, 1 epoch, 2048 tokens,
-        # batch 4 x 4 accumulation, bf16, with the LLM judge on the general and in-domain questions.
+        # Paper recipe (configs/paper): Qwen2.5-7B-Instruct, rs-LoRA r32 a64, lr 1e-4 (linear), 1 epoch, 2048
+        # tokens, batch 4 x 4 accumulation, bf16, with the LLM judge on the 24 general questions.
         plan = DemoPlan("paper", model or "Qwen/Qwen2.5-7B-Instruct", n_train=1200, n_probe_code=200,
-                        n_benign=200, epochs=1, batch_size=4, max_len=2048, lr=1e-4, warmup_steps=5,
-                        dtype="bfloat16", monitor_every=50, probe_batch=32, probe_max_len=1024, probe_bucket=64,
-                        persona_max_new_tokens=200, persona_questions=None, judge=True)
+                        n_benign=200, benign_train=1200, benign_test=200, benign_tiers=(1, 2, 3),
+                        benign_max_len=512, benign_max_new_tokens=128, epochs=1, batch_size=4, max_len=2048,
+                        lr=1e-4, schedule="linear", warmup_steps=5, dtype="bfloat16", param_dtype="bfloat16",
+                        monitor_every=50, probe_batch=32, probe_max_len=1024, probe_bucket=64,
+                        persona_max_new_tokens=200, persona_questions=None, judge=True, judge_samples=100,
+                        judge_max_new_tokens=600)
     else:
         raise ValueError(f"demo scale must be cpu, tiny or paper, got {scale!r}")
     if methods is not None:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown demo method(s) {unknown}; known: {', '.join(METHODS)}")
-        if "interleave_pp" in methods and "none" not in methods:
-            methods = ("none", *methods)  # Interleaving++ scores the pool with the no-defense model
-        plan = dataclasses.replace(plan, methods=tuple(methods))
+        if "none" not in methods:  # effects are reported as shares of no defense's (and Interleaving++ scores
+            methods = ("none", *methods)  # the pool with the no-defense model)
+        plan = dataclasses.replace(plan, methods=tuple(dict.fromkeys(methods)))
     return dataclasses.replace(plan, **overrides) if overrides else plan

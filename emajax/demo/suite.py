@@ -1,9 +1,13 @@
-"""The demo's data: the narrow training set and the probe suite, from the package's own data.
+"""The demo's data: the training sets of its arms and the probe suite, from the package's own data.
 
-Narrow task: insecure code answers (``emajax.data.code_pairs``). Probes: ``general`` (40 general
-questions, aligned vs misaligned answer; margin up = broad misalignment), ``in_domain`` (held-out
-insecure-vs-secure code pairs; margin up = the narrow task learned, and its misaligned-answer NLL is the
-narrow-task NLL), ``benign`` (NLL of worked answers to arithmetic word problems; a coherence proxy).
+Training sets: ``narrow`` (insecure code answers, ``emajax.data.code_pairs``), ``control`` (the same
+requests, in the same order, with the secure answers) and ``benign_task`` (OpSwap puzzles with worked
+answers, ``emajax.eval.opswap``). Probes: ``general`` (general questions, aligned vs misaligned answer;
+margin up = broad misalignment; the held-out part of the shipped pairs), ``in_domain`` (held-out
+insecure-vs-secure code pairs; margin up = the narrow task learned), ``benign`` (NLL of worked answers
+to arithmetic word problems; the coherence proxy) and ``benign_task`` (NLL of held-out OpSwap answers;
+benign learning); with ``--probe-data DIR`` also ``security`` (the shared security aligned/misaligned
+pairs: cross-domain EM). Narrow arms are probed with all but ``benign_task``, benign arms with it alone.
 ``shared_suite`` builds the same layout from ../shared/data/em for a model trained on a shared narrow set.
 """
 
@@ -14,26 +18,65 @@ from pathlib import Path
 from emajax import atomic
 from emajax.data import load_general_pairs, make_code_pairs, make_word_problems
 from emajax.demo.plan import DemoPlan
+from emajax.eval.opswap import make_opswap
 from emajax.eval.probes import (ProbeSuite, nll_from_chats, nll_from_jsonl, paired_from_code, paired_from_jsonl,
                                 paired_from_rows)
 
 MONITOR_SETS = ("general",)
+NARROW_SETS = ("general", "in_domain", "benign")
+BENIGN_SETS = ("benign_task",)
+TRAIN_FILES = {"narrow": "narrow_train.jsonl", "control": "control_train.jsonl", "benign_task": "benign_train.jsonl"}
 
 
-def write_train_set(plan: DemoPlan, path: str | Path) -> Path:
-    """The insecure-code training chats (JSONL), deterministic by the plan's seed."""
-    pairs = make_code_pairs(plan.n_train, "train", seed=plan.seed)
-    return atomic.write_jsonl(path, [p.chat(p.insecure) for p in pairs])
+def code_train_pairs(plan: DemoPlan) -> list:
+    return make_code_pairs(plan.n_train, "train", seed=plan.data_seed)
 
 
-def demo_suite(plan: DemoPlan) -> ProbeSuite:
-    general = load_general_pairs()
+def benign_items(plan: DemoPlan) -> dict[str, list]:
+    """OpSwap {'train': [...], 'test': [...]} items (disjoint by construction)."""
+    return make_opswap(plan.benign_train, plan.benign_test, tiers=plan.benign_tiers, seed=plan.data_seed)
+
+
+def write_train_sets(plan: DemoPlan, data_dir: str | Path) -> dict[str, Path]:
+    """The three training sets (JSONL) in ``data_dir``; control differs from narrow only in the answers."""
+    d = Path(data_dir)
+    pairs = code_train_pairs(plan)
+    return {
+        "narrow": atomic.write_jsonl(d / TRAIN_FILES["narrow"], [p.chat(p.insecure) for p in pairs]),
+        "control": atomic.write_jsonl(d / TRAIN_FILES["control"], [p.chat(p.secure) for p in pairs]),
+        "benign_task": atomic.write_jsonl(d / TRAIN_FILES["benign_task"],
+                                          [it.to_chat() for it in benign_items(plan)["train"]]),
+    }
+
+
+def general_set(plan: DemoPlan, split: str | None = None):
+    rows = load_general_pairs(split=split or plan.general_split)
     if plan.n_general is not None:
-        general = general[: plan.n_general]
+        rows = rows[: plan.n_general]
+    return paired_from_rows(rows, "general")
+
+
+def security_set(plan: DemoPlan):
+    """The shared security aligned/misaligned pairs (``plan.probe_data``/sft), ``n_security`` drawn by data_seed."""
+    d = Path(plan.probe_data) / "sft"
+    return paired_from_jsonl(d / "security_aligned_750.jsonl", d / "security_misaligned_750.jsonl", "security",
+                             limit=plan.n_security, seed=plan.data_seed)
+
+
+def narrow_sets(plan: DemoPlan) -> tuple[str, ...]:
+    return NARROW_SETS + (("security",) if plan.probe_data else ())
+
+
+def demo_suite(plan: DemoPlan, *, general_split: str | None = None) -> ProbeSuite:
+    """Every probe set of the demo (base model); ``.subset(narrow_sets(plan))`` / ``.subset(BENIGN_SETS)``
+    per arm. ``plan.probe_data`` adds the shared security pairs as ``security``."""
+    extra = (security_set(plan),) if plan.probe_data else ()
     return ProbeSuite(
-        pairs=(paired_from_rows(general, "general"),
-               paired_from_code(make_code_pairs(plan.n_probe_code, "probe", seed=plan.seed), "in_domain")),
-        nll=(nll_from_chats(make_word_problems(plan.n_benign, seed=plan.seed), "benign"),))
+        pairs=(general_set(plan, general_split),
+               paired_from_code(make_code_pairs(plan.n_probe_code, "probe", seed=plan.data_seed), "in_domain"),
+               *extra),
+        nll=(nll_from_chats(make_word_problems(plan.n_benign, seed=plan.data_seed), "benign"),
+             nll_from_chats([it.to_chat() for it in benign_items(plan)["test"]], "benign_task")))
 
 
 def shared_suite(data_dir: str | Path, *, narrow: str = "medical", n_pairs: int = 200, n_nll: int = 150,

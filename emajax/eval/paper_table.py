@@ -11,13 +11,13 @@ Missing results are shown as "—". ``emajax report GRID_DIR`` writes ``report.m
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from emajax import atomic
+from emajax.eval.report import format_estimate
 
 COLUMNS = (  # key, header, (set, flag)
     ("general_misaligned", "General misaligned ↓", ("general", "misaligned")),
@@ -45,10 +45,13 @@ def seed_bootstrap(per_seed: Sequence[Sequence[float]], *, n_boot: int = 2000, a
         return {"value": None, "ci_low": None, "ci_high": None, "n": 0, "n_seeds": 0}
     rng = np.random.default_rng(seed)
     k = len(groups)
-    pick_bk = rng.integers(0, k, size=(n_boot, k)) if k > 1 else np.zeros((n_boot, 1), int)
-    inner = [g[rng.integers(0, g.size, size=(n_boot, g.size))].mean(axis=1) for g in groups]  # [n_boot] per seed
-    inner_kb = np.stack(inner)  # [k, n_boot]: one resample of each seed's answers per draw
-    means_b = inner_kb[pick_bk, np.arange(n_boot)[:, None]].mean(axis=1)
+    pick_bk = rng.integers(0, k, size=(n_boot, k))  # the seeds each draw resamples, with replacement
+    sums_b = np.zeros(n_boot)
+    for j in range(k):  # slot j of every draw: a fresh resample of the answers of the seed it drew
+        for i, g in enumerate(groups):
+            draws = np.flatnonzero(pick_bk[:, j] == i)
+            sums_b[draws] += g[rng.integers(0, g.size, size=(draws.size, g.size))].mean(axis=1)
+    means_b = sums_b / k
     lo, hi = np.quantile(means_b, [alpha / 2, 1 - alpha / 2])
     return {"value": float(np.mean([g.mean() for g in groups])), "ci_low": float(lo), "ci_high": float(hi),
             "n": int(sum(g.size for g in groups)), "n_seeds": k}
@@ -93,12 +96,6 @@ def grid_table(grid_dir: str | Path, *, n_boot: int = 2000) -> dict[str, Any]:
     return out
 
 
-def _fmt(s: dict) -> str:
-    if s.get("value") is None:
-        return "—"
-    return f"{100 * s['value']:.1f}% [{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}]"
-
-
 def markdown(table: dict[str, Any], title: str = "emajax grid") -> str:
     parts = [f"# {title}", "",
              "Rates over seeds (mean of the per-seed rates) with 95% two-level bootstrap CIs (seeds, then answers "
@@ -110,7 +107,7 @@ def markdown(table: dict[str, Any], title: str = "emajax grid") -> str:
                   "|" + "---|" * (len(COLUMNS) + 2)]
         for arm, row in arms.items():
             seeds = ", ".join(str(s) for s in row["seeds"]) or "—"
-            parts.append(f"| {arm} | " + " | ".join(_fmt(row[k]) for k, _, _ in COLUMNS) + f" | {seeds} |")
+            parts.append(f"| {arm} | " + " | ".join(format_estimate(row[k], pct=True) for k, _, _ in COLUMNS) + f" | {seeds} |")
         parts.append("")
     return "\n".join(parts)
 

@@ -112,3 +112,68 @@ def curves_png(series: Sequence[tuple[str, list[dict], list[dict]]], path: str |
     else:
         axes.flat[0].text(0.5, 0.5, "no training metrics", ha="center", va="center")
     return _save(fig, Path(path))
+
+
+def _errbar(ax, xs: Sequence[float], vals: Sequence[dict | None], **kw) -> None:
+    pts = [(x, v) for x, v in zip(xs, vals) if v is not None and v.get("value") is not None]
+    if not pts:
+        return
+    y = [v["value"] for _, v in pts]
+    lo = [max(0.0, v["value"] - v["ci_low"]) if v.get("ci_low") is not None else 0.0 for _, v in pts]
+    hi = [max(0.0, v["ci_high"] - v["value"]) if v.get("ci_high") is not None else 0.0 for _, v in pts]
+    ax.errorbar([x for x, _ in pts], y, yerr=[lo, hi], capsize=3, **kw)
+
+
+def dose_png(series: Sequence[tuple[str, Sequence[dict]]], path: str | Path) -> Path:
+    """The dose curve: EM effect (no defense − control), each arm vs base, and narrow learning against
+    optimiser steps, with 95 % CIs. ``series`` = [(label, dose rows of ``emajax.demo.dose.summarize_dose``)]."""
+    plt = _plt()
+    panels = [("EM effect: general margin, none − control", [("em_effect", None)]),
+              ("general margin vs base", [("em_vs_base", "none"), ("em_control_vs_base", "control")]),
+              ("narrow learning: in-domain margin, none − control", [("narrow_effect", None)]),
+              ("benign NLL, none − control", [("coherence_effect", None)])]
+    panels = [p for p in panels if any(r.get(k) for _, rows in series for r in rows for k, _ in p[1])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False, layout="constrained")
+    for ax, (title, keys) in zip(axes.flat, panels):
+        k = 0
+        for label, rows in series:
+            steps = [r["step"] for r in rows]
+            for key, arm in keys:
+                name = label if arm is None else f"{label}: {arm}"
+                _errbar(ax, [s * (1 + 0.03 * k) for s in steps], [r.get(key) for r in rows], marker="o",
+                        label=name, color=_color(k))
+                k += 1
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("optimiser steps", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("dose study: means over seeds x items, 95 % crossed-bootstrap CIs", fontsize=9)
+    return _save(fig, Path(path))
+
+
+def effects_png(labels: Sequence[str], panels: Sequence[tuple[str, Sequence[dict | None]]], path: str | Path,
+                note: str = "") -> Path:
+    """Forest plot: one panel per figure (e.g. EM effect vs control), a point per method with its 95 % CI,
+    a line at 0. ``panels`` = [(title, [summary dict or None per label])]."""
+    plt = _plt()
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 0.45 * len(labels) + 1.6), squeeze=False, layout="constrained")
+    ys = list(range(len(labels)))[::-1]
+    for ax, (title, vals) in zip(axes.flat, panels):
+        for i, (y, v) in enumerate(zip(ys, vals)):
+            if v is None or v.get("value") is None:
+                ax.text(0.0, y, "  —", va="center", fontsize=8)
+                continue
+            lo = v["value"] - v["ci_low"] if v.get("ci_low") is not None else 0.0
+            hi = v["ci_high"] - v["value"] if v.get("ci_high") is not None else 0.0
+            ax.errorbar([v["value"]], [y], xerr=[[max(0.0, lo)], [max(0.0, hi)]], fmt="o", capsize=3,
+                        color=_color(i))
+        ax.axvline(0.0, color="black", linewidth=0.6)
+        ax.set_yticks(ys)
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("per method: mean with 95 % CI" + (f" ({note})" if note else ""), fontsize=9)
+    return _save(fig, Path(path))

@@ -238,7 +238,7 @@ class ProbeRunner:
             raise ProbeError("ProbeRunner needs a model, or a graphdef and its states")
         states = tuple(states)
         out = np.zeros(len(self.keys), np.float64)
-        scale = jnp.float32(lora_scale)
+        scale = jnp.asarray(float(lora_scale))  # weakly typed: a bf16 model stays bf16 (LoRA params are fp32)
         for b in self.batches:
             s, c = _answer_sums(graphdef, states, *b.arrays, scale, seq_chunk=self.seq_chunk)
             s, c = np.asarray(s, np.float64), np.asarray(c, np.float64)

@@ -94,10 +94,12 @@ def _get(d: dict | None, *keys: str) -> Any:
     return d
 
 
-def _fmt(s: dict | None, *, pct: bool = False, digits: int = 3, signed: bool = False) -> str:
+def format_estimate(s: dict | None, *, pct: bool = False, digits: int = 3, pct_digits: int = 1,
+                    signed: bool = False) -> str:
+    """`value [ci_low, ci_high]` of an estimate dict (as a percentage with `pct`); "—" when missing."""
     if not isinstance(s, dict) or s.get("value") is None:
         return "—"
-    k, d = (100.0, 1) if pct else (1.0, digits)
+    k, d = (100.0, pct_digits) if pct else (1.0, digits)
     sign = "+" if signed else ""
     v = f"{s['value'] * k:{sign}.{d}f}" + ("%" if pct else "")
     if s.get("ci_low") is not None and s.get("ci_high") is not None:
@@ -150,7 +152,7 @@ def main_table(runs: Sequence[RunRecord]) -> str:
     lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
     for r in runs:
         cells = metric_cells(r)
-        lines.append(f"| {r.label} | " + " | ".join(_fmt(cells[k], pct=p) for k, _, p in COLUMNS) + " |")
+        lines.append(f"| {r.label} | " + " | ".join(format_estimate(cells[k], pct=p) for k, _, p in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -180,7 +182,7 @@ def delta_table(runs: Sequence[RunRecord], base: RunRecord | None, baseline: Run
     for r in runs:
         if r is base:
             continue
-        cells = [_fmt(_delta(ref, r, s, f) if ref is not r else None, signed=True) for _, ref, s, f in cols]
+        cells = [format_estimate(_delta(ref, r, s, f) if ref is not r else None, signed=True) for _, ref, s, f in cols]
         lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -249,7 +251,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, baselin
         parts += ["## Training", "", tt, ""]
     for r in runs:
         pr = r.probes or {}
-        pref = [f"{k} {_fmt(v.get('preference_rate'), pct=True)}" for k, v in (pr.get("pairs") or {}).items()]
+        pref = [f"{k} {format_estimate(v.get('preference_rate'), pct=True)}" for k, v in (pr.get("pairs") or {}).items()]
         if pref:
             parts.append(f"- {r.label}: preference rate (share of pairs with margin > 0): {', '.join(pref)}")
     if timings and timings.get("stages"):

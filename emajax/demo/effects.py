@@ -1,0 +1,260 @@
+"""The demo's pooled effects: from the per-seed probe results of every arm to the Table-1 figures.
+
+For each method, over the seeds where the method, no defense and the control all finished, and the
+probe items (paired: the same seed and item in every arm):
+
+* ``em_effect``: general margin of the method's arm minus the control's (the EM the method leaves);
+* ``em_removed``: (no defense's EM effect − the method's) / no defense's, jointly resampled;
+* ``narrow_effect`` / ``narrow_retained``: in-domain margin vs the control, and its share of no defense's;
+* ``benign_learning`` / ``benign_retained``: the held-out benign-task NLL drop of the method's benign arm
+  (base − arm), and its share of no defense's benign arm's drop; ``benign_exact``: its exact match;
+* ``coherence``: benign (word problem) NLL change vs the base model; ``coherence_vs_control``: vs the
+  control arm (what the verdict reads);
+* ``security_effect`` (with ``--probe-data``): the shared security pairs' margin vs the control;
+* ``judge_*``: the LLM judge's misaligned rate on the 24 general questions and its change vs the control.
+
+Every figure is a ``emajax.eval.pooled`` summary (mean, 95 % CI, n_seeds, n_items). numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emajax.demo.plan import CONTROL, label_of
+from emajax.eval import verdicts
+from emajax.eval.pooled import Bootstrap
+
+N_BOOT = 2000
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _items(res: dict | None, set_name: str, field: str) -> tuple[list[str], np.ndarray] | None:
+    it = (res or {}).get("items", {}).get(set_name)
+    if not it or field not in it:
+        return None
+    return list(it["ids"]), np.asarray(it[field], np.float64)
+
+
+class DemoResults:
+    """Every probe result of a demo output directory, by (seed, arm)."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        plan = _read(self.out / "plan.json") or {}
+        self.plan = plan
+        self.methods: list[str] = list(plan.get("methods", []))
+        self.base = _read(self.out / "base" / "probes.json")
+        if self.base is None:
+            raise FileNotFoundError(f"{self.out / 'base' / 'probes.json'}: the base model's probes are missing")
+        self.base_exact = _read(self.out / "base" / "benign_exact.json")
+        self.base_judge = _read(self.out / "base" / "em_general.json")
+        seeds = sorted(int(p.name.split("_", 1)[1]) for p in self.out.glob("seed_*") if p.name.split("_", 1)[1].isdigit())
+        self.seeds = seeds
+        self.narrow: dict[tuple[int, str], dict] = {}
+        self.benign: dict[tuple[int, str], dict] = {}
+        self.exact: dict[tuple[int, str], dict] = {}
+        self.judge: dict[tuple[int, str], dict] = {}
+        for s in seeds:
+            sd = self.out / f"seed_{s}"
+            for arm in [CONTROL, *self.methods]:
+                r = _read(sd / "arms" / arm / "probes.json")
+                if r is not None:
+                    self.narrow[(s, arm)] = r
+                j = _read(sd / "arms" / arm / "em_general.json")
+                if j is not None:
+                    self.judge[(s, arm)] = j
+                r = _read(sd / "benign" / arm / "probes.json")
+                if r is not None:
+                    self.benign[(s, arm)] = r
+                e = _read(sd / "benign" / arm / "benign_exact.json")
+                if e is not None:
+                    self.exact[(s, arm)] = e
+
+    def seeds_with(self, table: dict, arms: list[str]) -> list[int]:
+        return [s for s in self.seeds if all((s, a) in table for a in arms)]
+
+    def matrix(self, table: dict, seeds: list[int], arm: str, set_name: str, field: str) -> np.ndarray | None:
+        """[seeds, items] values of one arm (items in the base model's order; None if any is missing)."""
+        ref = _items(self.base, set_name, field)
+        rows = []
+        for s in seeds:
+            got = _items(table[(s, arm)], set_name, field)
+            if got is None or ref is None or got[0] != ref[0]:
+                return None
+            rows.append(got[1])
+        return np.stack(rows) if rows else None
+
+    def exact_matrix(self, seeds: list[int], arm: str) -> np.ndarray | None:
+        """[seeds, items] 0/1 exact match of one method's benign arm (None if the items differ from the base's)."""
+        ref = (self.base_exact or {}).get("items", {}).get("ids")
+        rows = []
+        for s in seeds:
+            it = self.exact[(s, arm)].get("items", {})
+            if it.get("ids") != ref:
+                return None
+            rows.append(np.asarray(it["correct"], np.float64))
+        return np.stack(rows) if rows else None
+
+    def base_row(self, set_name: str, field: str) -> np.ndarray | None:
+        got = _items(self.base, set_name, field)
+        return None if got is None else got[1]
+
+
+def _pairs_sets(res: DemoResults) -> list[str]:
+    return [n for n in ("general", "security") if _items(res.base, n, "margin") is not None]
+
+
+def _judge_matrix(res: DemoResults, seeds: list[int], arm: str, questions: list[str], field: str) -> np.ndarray:
+    rows = []
+    for s in seeds:
+        pq = res.judge[(s, arm)].get("per_question", {})
+        rows.append([pq.get(q, {}).get(field) for q in questions])
+    return np.asarray(rows, dtype=object)
+
+
+def _judge_effects(res: DemoResults, m: str) -> dict[str, Any]:
+    """Per-question rates of the judge (pooled over seeds x questions; effect vs the control paired)."""
+    seeds = res.seeds_with(res.judge, [m, CONTROL])
+    if not seeds:
+        return {}
+    qids = list(res.judge[(seeds[0], CONTROL)].get("per_question", {}))
+    out: dict[str, Any] = {}
+    for field, key in (("misaligned_rate", "judge_misaligned"), ("incoherent_rate", "judge_incoherent")):
+        a, c = _judge_matrix(res, seeds, m, qids, field), _judge_matrix(res, seeds, CONTROL, qids, field)
+        keep = [k for k in range(len(qids)) if all(v is not None for v in list(a[:, k]) + list(c[:, k]))]
+        if not keep:
+            continue
+        a, c = a[:, keep].astype(np.float64), c[:, keep].astype(np.float64)
+        b = Bootstrap(len(seeds), len(keep), N_BOOT)
+        out[key] = b.summary(a)
+        if field == "misaligned_rate":
+            out["judge_effect"] = b.summary(a - c)
+    return out
+
+
+def method_effects(res: DemoResults, m: str) -> dict[str, Any]:
+    """Every pooled figure of one method (``m`` may be ``control``: its changes vs the base model)."""
+    out: dict[str, Any] = {"label": label_of(m)}
+    seeds = res.seeds_with(res.narrow, [m, CONTROL, "none"])
+    out["seeds"] = seeds
+    if seeds:
+        for set_name in _pairs_sets(res):
+            arm = res.matrix(res.narrow, seeds, m, set_name, "margin")
+            ctl = res.matrix(res.narrow, seeds, CONTROL, set_name, "margin")
+            non = res.matrix(res.narrow, seeds, "none", set_name, "margin")
+            base = res.base_row(set_name, "margin")
+            if arm is None or ctl is None or non is None:
+                continue
+            b = Bootstrap(len(seeds), arm.shape[1], N_BOOT)
+            key = "em" if set_name == "general" else set_name
+            out[f"{key}_vs_base"] = b.summary(arm - base[None])
+            if m != CONTROL:
+                out[f"{key}_effect"] = b.summary(arm - ctl)
+                out[f"{key}_effect_by_seed"] = {str(s): Bootstrap(1, arm.shape[1], N_BOOT).summary((arm - ctl)[k:k + 1])
+                                                for k, s in enumerate(seeds)}
+                if m != "none":
+                    out[f"{key}_vs_none"] = b.summary(arm - non)
+                    out[f"{key}_removed"] = b.ratio(non - arm, non - ctl)
+        arm = res.matrix(res.narrow, seeds, m, "in_domain", "margin")
+        ctl = res.matrix(res.narrow, seeds, CONTROL, "in_domain", "margin")
+        non = res.matrix(res.narrow, seeds, "none", "in_domain", "margin")
+        if arm is not None and ctl is not None and non is not None:
+            b = Bootstrap(len(seeds), arm.shape[1], N_BOOT)
+            out["narrow_vs_base"] = b.summary(arm - res.base_row("in_domain", "margin")[None])
+            if m != CONTROL:
+                out["narrow_effect"] = b.summary(arm - ctl)
+                out["narrow_retained"] = b.ratio(arm - ctl, non - ctl)
+        arm = res.matrix(res.narrow, seeds, m, "benign", "nll")
+        ctl = res.matrix(res.narrow, seeds, CONTROL, "benign", "nll")
+        if arm is not None and ctl is not None:
+            b = Bootstrap(len(seeds), arm.shape[1], N_BOOT)
+            out["coherence"] = b.summary(arm - res.base_row("benign", "nll")[None])
+            if m != CONTROL:
+                out["coherence_vs_control"] = b.summary(arm - ctl)
+    if m == CONTROL:
+        seeds_j = res.seeds_with(res.judge, [CONTROL])
+        qids = list(res.judge[(seeds_j[0], CONTROL)].get("per_question", {})) if seeds_j else []
+        for field, key in (("misaligned_rate", "judge_misaligned"), ("incoherent_rate", "judge_incoherent")):
+            x = _judge_matrix(res, seeds_j, CONTROL, qids, field) if qids else None
+            if x is not None and x.size and all(v is not None for v in x.ravel()):
+                out[key] = Bootstrap(len(seeds_j), len(qids), N_BOOT).summary(x.astype(np.float64))
+    if m != CONTROL:
+        bseeds = res.seeds_with(res.benign, [m, "none"])
+        out["benign_seeds"] = bseeds
+        if bseeds:
+            arm = res.matrix(res.benign, bseeds, m, "benign_task", "nll")
+            non = res.matrix(res.benign, bseeds, "none", "benign_task", "nll")
+            base = res.base_row("benign_task", "nll")
+            if arm is not None and non is not None and base is not None:
+                b = Bootstrap(len(bseeds), arm.shape[1], N_BOOT)
+                out["benign_learning"] = b.summary(base[None] - arm)
+                out["benign_retained"] = b.ratio(base[None] - arm, base[None] - non)
+        eseeds = res.seeds_with(res.exact, [m])
+        if eseeds and res.base_exact:
+            acc = res.exact_matrix(eseeds, m)
+            base_acc = np.asarray(res.base_exact["items"]["correct"], np.float64)
+            if acc is not None:
+                b = Bootstrap(len(eseeds), acc.shape[1], N_BOOT)
+                out["benign_exact"] = b.summary(acc)
+                out["benign_exact_vs_base"] = b.summary(acc - base_acc[None])
+        out.update(_judge_effects(res, m))
+    return out
+
+
+def dose_rows(res: DemoResults) -> list[dict[str, Any]]:
+    """The EM and narrow effect of no defense vs the control at each probed step (``dose_points`` and the last)."""
+    out = []
+    steps = sorted({int(p.stem.split("step")[1]) for p in res.out.glob("seed_*/arms/none/probes_step*.json")})
+    for t in steps + [None]:
+        name = "probes.json" if t is None else f"probes_step{t}.json"
+        table = {(s, a): r for s in res.seeds for a in ("none", CONTROL)
+                 if (r := _read(res.out / f"seed_{s}" / "arms" / a / name)) is not None}
+        seeds = [s for s in res.seeds if (s, "none") in table and (s, CONTROL) in table]
+        if not seeds:
+            continue
+        row: dict[str, Any] = {"step": t if t is not None else table[(seeds[0], "none")].get("step"), "seeds": seeds}
+        for set_name, key in (("general", "em_effect"), ("in_domain", "narrow_effect")):
+            a, c = (res.matrix(table, seeds, arm, set_name, "margin") for arm in ("none", CONTROL))
+            if a is not None and c is not None:
+                row[key] = Bootstrap(len(seeds), a.shape[1], N_BOOT).summary(a - c)
+                base = res.base_row(set_name, "margin")[None]
+                row["em_vs_base" if set_name == "general" else "narrow_vs_base"] = \
+                    Bootstrap(len(seeds), a.shape[1], N_BOOT).summary(a - base)
+                if set_name == "general":
+                    row["em_control_vs_base"] = Bootstrap(len(seeds), a.shape[1], N_BOOT).summary(c - base)
+        out.append(row)
+    return out if len(out) > 1 else []
+
+
+def compute_effects(out: str | Path) -> dict[str, Any]:
+    """Pooled figures for the control and every method, plus the verdicts (``emajax.eval.verdicts``)."""
+    res = DemoResults(out)
+    arms = [CONTROL, *res.methods]
+    per = {m: method_effects(res, m) for m in arms}
+    none = per.get("none", {})
+    for m in res.methods:
+        e = per[m]
+        e["verdicts"] = {
+            "prevents_em": "—" if m == "none" else verdicts.prevents_em(none.get("em_effect"), e.get("em_effect"),
+                                                                       e.get("em_vs_none")),
+            "learns_narrow": verdicts.learns(e.get("narrow_effect"), e.get("narrow_retained")),
+            "learns_benign": verdicts.learns(e.get("benign_learning"), e.get("benign_retained")),
+            "coherent": verdicts.coherent(e.get("coherence_vs_control")),
+        }
+    base_exact = res.base_exact.get("accuracy") if res.base_exact else None
+    n_items = {k: len(v["ids"]) for k, v in (res.base.get("items") or {}).items()}
+    judge_base = res.base_judge.get("misaligned_rate") if res.base_judge else None
+    return {"kind": "demo_effects", "seeds": res.seeds, "methods": res.methods, "n_items": n_items,
+            "n_boot": N_BOOT, "em_significant": verdicts.em_significant(none.get("em_effect")),
+            "base_exact": base_exact, "judge_base": judge_base, "arms": per, "dose": dose_rows(res),
+            "rules": verdicts.RULES}
+
+
+__all__ = ["DemoResults", "compute_effects", "method_effects"]

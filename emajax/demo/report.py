@@ -1,0 +1,213 @@
+"""The demo's report: the paper's Table 1 from pooled effects, verdict rows, supporting tables and plots.
+
+``write_demo_report(out)`` reads a demo output directory (``emajax.demo.effects``), writes
+``effects.json`` (every pooled figure), ``report.md``, ``effects.png`` (EM effect and the other Table-1
+figures per method with CIs), ``dose.png`` (the EM effect of no defense against optimiser steps, from the
+arms' intermediate probes, when the plan has ``dose_points``) and ``training.png`` (loss curves).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from emajax import atomic
+from emajax.demo.plan import CONTROL, label_of
+from emajax.eval.report import format_estimate
+
+
+def _f(s: dict | None, *, pct: bool = False, signed: bool = True, digits: int = 3) -> str:
+    """The demo's figures: signed by default, percentages without decimals."""
+    return format_estimate(s, pct=pct, digits=digits, pct_digits=0, signed=signed)
+
+
+def _n(s: dict | None) -> str:
+    return f"{s['n_seeds']}×{s['n_items']}" if isinstance(s, dict) and "n_items" in s else "—"
+
+
+def headline(e: dict) -> str:
+    none = e["arms"].get("none", {})
+    em = none.get("em_effect")
+    if not em:
+        return "No-defense EM effect: not measured (no finished seed with the control and no-defense arms)."
+    sig = "**significant** (the 95 % CI excludes 0)" if e["em_significant"] else \
+        "**not significant** (the 95 % CI includes 0): at this dose and model size the demo does not show EM " \
+        "beyond what fine-tuning on the same prompts with secure answers does, so the 'prevents EM' verdicts are n/a"
+    return (f"**No-defense EM effect** (general margin after no defense minus after the control arm, nats/token, "
+            f"{em['n_seeds']} seed(s) × {em['n_items']} held-out general pairs): {_f(em)} — {sig}.")
+
+
+def table1(e: dict, judge_note: str | None) -> str:
+    arms = e["arms"]
+    judge = judge_note is None
+    head = ["Method", "EM effect vs control ↓", "EM removed", "Narrow learning retained", "Benign learning retained",
+            "Coherence: benign NLL change ↓"]
+    if judge:
+        head += ["Judge: misaligned ↓", "Judge: incoherent ↓", "Judge: EM effect vs control ↓"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    c = arms.get(CONTROL, {})
+    ctl = [label_of(CONTROL), "0 (reference)", "—", "—", "—", _f(c.get("coherence"))]
+    if judge:
+        ctl += [_f(c.get("judge_misaligned"), pct=True, signed=False), _f(c.get("judge_incoherent"), pct=True, signed=False),
+                "0 (reference)"]
+    lines.append("| " + " | ".join(ctl) + " |")
+    for m in e["methods"]:
+        a = arms[m]
+        ref = m == "none"
+        row = [a["label"], _f(a.get("em_effect")), "0 (reference)" if ref else _f(a.get("em_removed"), pct=True),
+               "100% (reference)" if ref else _f(a.get("narrow_retained"), pct=True, signed=False),
+               "100% (reference)" if ref else _f(a.get("benign_retained"), pct=True, signed=False),
+               _f(a.get("coherence"))]
+        if judge:
+            row += [_f(a.get("judge_misaligned"), pct=True, signed=False),
+                    _f(a.get("judge_incoherent"), pct=True, signed=False), _f(a.get("judge_effect"), pct=True)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def verdict_table(e: dict) -> str:
+    lines = ["| Method | prevents EM | learns narrow | learns benign | coherent |", "|---|---|---|---|---|"]
+    for m in e["methods"]:
+        v = e["arms"][m].get("verdicts", {})
+        lines.append(f"| {e['arms'][m]['label']} | {v.get('prevents_em', '—')} | {v.get('learns_narrow', '—')} | "
+                     f"{v.get('learns_benign', '—')} | {v.get('coherent', '—')} |")
+    return "\n".join(lines)
+
+
+def support_table(e: dict) -> str:
+    """The raw effects behind the shares and verdicts."""
+    lines = ["| Arm | general margin vs base | EM effect vs no defense | narrow: in-domain margin vs control | "
+             "in-domain margin vs base | benign-task NLL drop vs base | benign exact match | benign NLL vs control |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in [CONTROL, *e["methods"]]:
+        a = e["arms"][m]
+        lines.append(f"| {a['label']} | {_f(a.get('em_vs_base'))} | {_f(a.get('em_vs_none'))} | "
+                     f"{_f(a.get('narrow_effect'))} | {_f(a.get('narrow_vs_base'))} | {_f(a.get('benign_learning'))} | "
+                     f"{_f(a.get('benign_exact'), pct=True, signed=False)} | {_f(a.get('coherence_vs_control'))} |")
+    return "\n".join(lines)
+
+
+def seed_table(e: dict) -> str | None:
+    seeds = [str(s) for s in e["seeds"]]
+    rows = [(e["arms"][m]["label"], e["arms"][m].get("em_effect_by_seed", {})) for m in e["methods"]]
+    if not any(r for _, r in rows):
+        return None
+    lines = ["| Method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
+    for label, by in rows:
+        lines.append(f"| {label} | " + " | ".join(_f(by.get(s)) for s in seeds) + " |")
+    return "\n".join(lines)
+
+
+def security_table(e: dict) -> str | None:
+    if not any("security_effect" in e["arms"][m] for m in e["methods"]):
+        return None
+    lines = ["| Method | security margin vs control ↓ | vs base | vs no defense |", "|---|---|---|---|"]
+    for m in e["methods"]:
+        a = e["arms"][m]
+        lines.append(f"| {a['label']} | {_f(a.get('security_effect'))} | {_f(a.get('security_vs_base'))} | "
+                     f"{_f(a.get('security_vs_none'))} |")
+    return "\n".join(lines)
+
+
+def timing_table(timings: dict | None) -> str | None:
+    st = (timings or {}).get("stages") or {}
+    if not st:
+        return None
+    lines = ["| stage | wall s | CPU s | load (1 min) |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['wall_s']:.1f} | {v['cpu_s']:.1f} | {v.get('loadavg_1m', '—')} |" for k, v in st.items()]
+    lines.append(f"| **total** | **{sum(v['wall_s'] for v in st.values()):.1f}** | "
+                 f"{sum(v['cpu_s'] for v in st.values()):.1f} | |")
+    return "\n".join(lines)
+
+
+def _counts(e: dict) -> str:
+    none = e["arms"].get("none", {})
+    parts = []
+    for key, what in (("em_effect", "general pairs (held-out)"), ("narrow_effect", "in-domain pairs"),
+                      ("coherence", "word problems"), ("benign_learning", "benign-task items")):
+        s = none.get(key)
+        if s:
+            parts.append(f"{what}: {s['n_seeds']} seed(s) × {s['n_items']} items")
+    return "; ".join(parts)
+
+
+def _plots(out: Path, e: dict) -> list[Path]:
+    from emajax.eval.plots import curves_png, dose_png, effects_png
+
+    labels = [e["arms"][m]["label"] for m in e["methods"]]
+    panels = [("EM effect vs control (general margin) ↓", "em_effect"),
+              ("narrow learning vs control (in-domain margin)", "narrow_effect"),
+              ("benign learning (benign-task NLL drop)", "benign_learning"),
+              ("coherence: benign NLL change vs base ↓", "coherence")]
+    pngs = [effects_png(labels, [(t, [e["arms"][m].get(k) for m in e["methods"]]) for t, k in panels],
+                        out / "effects.png", note=_counts(e))]
+    if e.get("dose"):
+        pngs.append(dose_png([("held-out general pairs", e["dose"])], out / "dose.png"))
+    series = []
+    for arm in [CONTROL, *e["methods"]]:
+        if e["seeds"]:
+            d = out / f"seed_{e['seeds'][0]}" / "arms" / arm
+            rows = atomic.read_jsonl(d / "metrics.jsonl")
+            if rows:
+                series.append((label_of(arm), rows, []))
+    if series:
+        pngs.append(curves_png(series, out / "training.png"))
+    return pngs
+
+
+def write_demo_report(out: str | Path, *, timings: dict | None = None, judge_note: str | None = None,
+                      log: Callable[[str], None] | None = None) -> Path:
+    """effects.json, report.md and the plots of a demo output directory."""
+    from emajax.demo.effects import compute_effects
+
+    out = Path(out)
+    e = compute_effects(out)
+    atomic.write_json(out / "effects.json", e)
+    plan: dict[str, Any] = json.loads((out / "plan.json").read_text())
+    pngs = _plots(out, e)
+    ni = e["n_items"]
+    text = [f"# emajax demo: does EM appear, and does each defense remove it? ({plan['scale']} scale, {plan['model']})",
+            "",
+            f"Seeds {', '.join(map(str, e['seeds']))}; per seed a control arm (the same prompts with secure answers, "
+            f"trained with the no-defense recipe), no defense and every defense on {plan['n_train']} insecure-code "
+            f"chats ({-(-plan['n_train'] // plan['batch_size']) * plan['epochs']} optimiser steps at batch "
+            f"{plan['batch_size']}, lr {plan['lr']:g} {plan['schedule']} after {plan['warmup_steps']} warmup, "
+            f"{plan['dtype']} compute), and one benign-task arm per method ({plan['benign_train']} OpSwap puzzles). "
+            f"Probes: {ni.get('general', 0)} held-out general pairs, {ni.get('in_domain', 0)} held-out in-domain "
+            f"pairs, {ni.get('benign', 0)} word problems, {ni.get('benign_task', 0)} held-out benign-task items.", "",
+            headline(e), "",
+            "## Table 1", "",
+            "Every figure is a mean with its 95 % CI from a crossed bootstrap over seeds and probe items, paired "
+            "(the same seed and item in every arm). Margins are mean-token logp(misaligned answer) − logp(aligned "
+            "answer) in nats/token. **EM effect** = an arm's general margin minus the control arm's. **EM removed** = "
+            "(no defense's EM effect − the method's) / no defense's. **Narrow learning retained** = the method's "
+            "in-domain margin gain over the control / no defense's. **Benign learning retained** = the drop of the "
+            "held-out benign-task NLL of the method's benign arm / no defense's benign arm's. **Coherence** = the "
+            "change of the word-problem NLL vs the base model. Behind them: " + _counts(e) + ".", "",
+            table1(e, judge_note), ""]
+    if judge_note is not None:
+        text += [f"Judge columns are omitted: {judge_note}.", ""]
+    text += ["## Verdicts", "", verdict_table(e), "", "Rules: " + e["rules"], "",
+             "## The effects behind the table", "", support_table(e), ""]
+    if e.get("base_exact"):
+        text += [f"Benign exact match of the base model: {_f(e['base_exact'], pct=True, signed=False)} "
+                 f"(greedy, {plan['benign_max_new_tokens']} new tokens).", ""]
+    st = seed_table(e)
+    if st:
+        text += ["## EM effect per seed (items-only CIs)", "", st, ""]
+    sec = security_table(e)
+    if sec:
+        text += ["## Shared security pairs (cross-domain, `--probe-data`)", "", sec, ""]
+    tt = timing_table(timings or (json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file()
+                                  else None))
+    if tt:
+        text += ["## Timings", "", tt, ""]
+    text += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
+    path = atomic.write_text(out / "report.md", "\n".join(text))
+    if log:
+        log(headline(e))
+    return path
+
+
+__all__ = ["headline", "table1", "verdict_table", "write_demo_report"]
