@@ -72,16 +72,43 @@ def time_runs(fn: Callable[[], Any], *, warmup: int = 1, runs: int = 3) -> dict[
             "cpu_s": statistics.median(cpu), "runs": times}
 
 
-def run_worker(module: str, args: list[str], timeout: float = 1800) -> dict[str, Any]:
-    """Run ``python -m module --worker ...`` and parse the JSON object it prints on its last line."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise RuntimeError(f"worker {module} {' '.join(args)} failed (exit {proc.returncode}): " + " | ".join(tail))
-    lines = [l for l in proc.stdout.strip().splitlines() if l.startswith("{")]
-    if not lines:
-        raise RuntimeError(f"worker {module} {' '.join(args)} printed no JSON result")
+def worker_json(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a worker process and return the JSON object on its last stdout line starting with '{'.
+
+    Never raises for the worker's failures: a failed exit, no result line or running past ``timeout``
+    come back as ``{"error": ...}`` so that one broken stack leaves the other rows of a table standing."""
+    proc = run_process(cmd, timeout, env)
+    if isinstance(proc, dict):
+        return proc
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return process_error(proc)
     return json.loads(lines[-1])
+
+
+def run_process(cmd: list[str], timeout: float, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess | dict[str, Any]:
+    """The finished process (output captured), or ``{"error": ...}`` when it ran past ``timeout``."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+
+
+def process_error(proc: subprocess.CompletedProcess) -> dict[str, Any]:
+    """``{"error": "exit N: <last lines of stderr, or stdout>"}`` for a worker that failed."""
+    tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
+    if not tail and proc.returncode == 0:
+        tail = "no JSON result line"
+    return {"error": f"exit {proc.returncode}: {tail}"}
+
+
+def run_worker(module: str, args: list[str], timeout: float = 1800) -> dict[str, Any]:
+    """``python -m module *args`` through :func:`worker_json`, raising ``RuntimeError`` on its error."""
+    out = worker_json([sys.executable, "-m", module, *args], timeout)
+    if "error" in out:
+        raise RuntimeError(f"worker {module} {' '.join(args)} failed: {out['error']}")
+    return out
 
 
 def table(results: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> str:

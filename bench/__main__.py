@@ -1,7 +1,7 @@
 """``python -m bench``: emajax vs the PyTorch stack (transformers + PEFT), same machine, model, shapes, run.
 
 Ops: lora, lora_kl, lora_ldifs, lora_steer, full (training steps), score (per-example NLL forward),
-generate (greedy, KV cache). Stacks: emajax-fp32, emajax-bf16, torch-fp32, torch-bf16 (autocast).
+generate (greedy, KV cache), grpo (one GRPO step vs TRL's GRPOTrainer: ``bench.grpo``). Stacks: emajax-fp32, emajax-bf16, torch-fp32, torch-bf16 (autocast).
 Each (op, stack) runs in its own worker process (its own peak RSS); the median of ``--runs`` timed
 steps after ``--warmup`` untimed ones is reported, emajax's ahead-of-time compile separately.
 Prints a table, emajax's regularizer overheads and issue 6's targets; writes JSON
@@ -11,6 +11,7 @@ Prints a table, emajax's regularizer overheads and issue 6's targets; writes JSO
     python -m bench                         # every op x stack, 5 runs after 2 warm-ups
     python -m bench --model tiny --batch 2 --seq 32 --runs 1   # plumbing check in seconds
     python -m bench --ops lora lora_kl lora_ldifs lora_steer --stacks emajax-bf16 --paired-overheads 8
+    python -m bench --ops serve --json bench/results/serve.json   # 8 concurrent vs 8 sequential requests
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where both stacks run (cuda: jax's GPU backend and torch.cuda; device-synchronised timing)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--ops", nargs="+", choices=OPS, help="default: all (quick: see QUICK_PLAN)")
+    p.add_argument("--ops", nargs="+", choices=OPS + ("serve",),
+                   help="default: all (quick: see QUICK_PLAN); 'serve' alone runs bench.serve (its own harness)")
     p.add_argument("--stacks", nargs="+", choices=STACKS, help="default: all (quick: see QUICK_PLAN)")
     p.add_argument("--quick", action="store_true", help="fewer runs and pairs: finishes in < 10 min on 2 cores")
     p.add_argument("--runs", type=int, help="timed steps per pair (default 5; quick 2)")
@@ -57,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
     p.add_argument("--new-tokens", type=int, default=64, help="generate: new tokens per row")
     p.add_argument("--prompt-len", type=int, default=32, help="generate: prompt tokens per row")
+    p.add_argument("--group", type=int, default=4, help="grpo: completions per prompt (--batch prompts)")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"), help="emajax remat policy")
     p.add_argument("--peak-gflops", type=float, default=DEFAULT_PEAK_GFLOPS,
                    help="fp32 FLOP peak for peak_fraction (default: the reference machine's XLA:CPU fp32 matmul rate)")
@@ -137,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
+    if args.ops and "serve" in args.ops:  # a server process and its clients, not a (op, stack) worker
+        if args.ops != ["serve"]:
+            raise SystemExit("bench: --ops serve runs alone (python -m bench.serve has its own options)")
+        from bench.serve import main as serve_main
+
+        return serve_main(["--model", args.model, "--warmup-check", "--out", args.out])
     runs = args.runs if args.runs is not None else (2 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     pairs = plan(args)
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     for i, (op, stack) in enumerate(pairs):
         spec = Spec(op=op, stack=stack, model_dir=str(model_dir), batch=args.batch, seq=args.seq, rank=args.rank,
-                    warmup=warmup, runs=runs, new_tokens=args.new_tokens, prompt_len=args.prompt_len,
+                    warmup=warmup, runs=runs, new_tokens=args.new_tokens, prompt_len=args.prompt_len, group=args.group,
                     remat=args.remat if stack.startswith("emajax") else "none", device=args.device)
         la = loadavg()
         print(f"[{i + 1}/{len(pairs)}] {op} / {stack} (load {la:.1f}) ...", file=sys.stderr, flush=True)

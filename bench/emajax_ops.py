@@ -187,6 +187,10 @@ def generate_op(spec: Spec) -> dict[str, Any]:
 
 
 def run(spec: Spec) -> dict[str, Any]:
+    if spec.op == "grpo":
+        from bench.grpo import emajax_step
+
+        return {**emajax_step(spec), **_device_extras()}
     if spec.op == "score":
         return score_op(spec)
     if spec.op == "generate":

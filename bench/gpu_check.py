@@ -13,12 +13,13 @@ both runs are on the CPU (the suite's dry run of the script).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from emajax.atomic import read_jsonl, write_json
 
 RTOL, ATOL = 2e-2, 1e-3
 KEYS = ("loss", "ce", "kl", "ldifs")
@@ -59,7 +60,7 @@ def train(cfg: Path, out: Path, platform: str, timeout: float) -> list[dict]:
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"train on {platform} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return read_jsonl(out / "metrics.jsonl")
 
 
 def compare(cpu: list[dict], dev: list[dict]) -> dict:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         res = compare(train(cfg, d / "cpu", "cpu", args.timeout),
                       train(cfg, d / "dev", _PLATFORM[args.device], args.timeout))
     res["device"] = args.device
-    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    write_json(args.out, res, indent=1)
     for r in res["steps"]:
         print(f"step {r['step']}: " + ", ".join(f"{k} cpu {r[k]['cpu']:.5f} {args.device} {r[k]['device']:.5f} "
                                                 f"(rel {r[k]['rel_diff']:.1e})" for k in KEYS))

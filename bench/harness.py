@@ -18,18 +18,18 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import bench
 from bench import machine as _machine_base
 from emajax import atomic
 from emajax.atomic import write_json
 
-OPS = ("lora", "lora_kl", "lora_ldifs", "lora_steer", "full", "score", "generate")
+OPS = ("lora", "lora_kl", "lora_ldifs", "lora_steer", "full", "score", "generate", "grpo")
 TRAIN_OPS = ("lora", "lora_kl", "lora_ldifs", "lora_steer", "full")
 STACKS = ("emajax-fp32", "emajax-bf16", "torch-fp32", "torch-bf16")
 DEFAULT_PEAK_GFLOPS = 494.0  # XLA:CPU's fp32 matmul rate on the reference machine (docs/performance.md)
@@ -51,6 +51,7 @@ class Spec:
     runs: int = 3
     new_tokens: int = 64
     prompt_len: int = 32
+    group: int = 4  # grpo: completions per prompt (rows = batch x group)
     seed: int = 0
     remat: str = "none"  # emajax only: none | full | dots
     device: str = "cpu"  # cpu | cuda (both stacks run on it; timings synchronise the device)
@@ -208,12 +209,15 @@ def op_flops(op: str, d: Dims, *, batch: int, seq: int, rank: int, new_tokens: i
         decode = batch * new_tokens * (2 * (d.block_matmul_params() + d.head_params())
                                        + d.attn_flops_per_token(int(mean_ctx)))
         return prefill + decode
+    if op == "grpo":  # batch = rollout rows: their sampling, then a LoRA step over prompt + completion
+        return (op_flops("generate", d, batch=batch, seq=seq, rank=rank, new_tokens=new_tokens, prompt_len=prompt_len)
+                + op_flops("lora", d, batch=batch, seq=prompt_len + new_tokens, rank=rank))
     raise ValueError(f"bench: unknown op {op!r}")
 
 
 def tokens_per_step(op: str, *, batch: int, seq: int, new_tokens: int) -> int:
-    """Tokens a step processes: batch x seq, or the new tokens for ``generate``."""
-    return batch * new_tokens if op == "generate" else batch * seq
+    """Tokens a step processes: batch x seq, or the new tokens for ``generate`` / ``grpo`` (rollout rows)."""
+    return batch * new_tokens if op in ("generate", "grpo") else batch * seq
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -225,29 +229,10 @@ def run_worker(spec: Spec, timeout: float) -> dict[str, Any]:
 def run_worker_raw(arg: str, timeout: float) -> dict[str, Any]:
     """``python -m bench --worker ARG``; errors come back as ``{"error": ...}``, never raised."""
     t0 = time.perf_counter()
-    proc = _run_process([sys.executable, "-m", "bench", "--worker", arg], timeout)
-    if isinstance(proc, dict):
-        return proc
-    wall = time.perf_counter() - t0
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return _process_error(proc)
-    out = json.loads(lines[-1])
-    out["wall_s"] = wall
+    out = bench.worker_json([sys.executable, "-m", "bench", "--worker", arg], timeout)
+    if "error" not in out:
+        out["wall_s"] = time.perf_counter() - t0
     return out
-
-
-def _run_process(cmd: list[str], timeout: float) -> subprocess.CompletedProcess | dict[str, Any]:
-    """The finished process, or ``{"error": ...}`` when it ran past ``timeout``."""
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-
-
-def _process_error(proc: subprocess.CompletedProcess) -> dict[str, Any]:
-    tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
-    return {"error": f"exit {proc.returncode}: {tail}"}
 
 
 def run_paired_overhead(spec: Spec, b_op: str, pairs: int, timeout: float) -> dict[str, Any]:
@@ -258,11 +243,11 @@ def run_paired_overhead(spec: Spec, b_op: str, pairs: int, timeout: float) -> di
         cmd = [sys.executable, "-m", "bench.paired", "--op", spec.op, "--b-op", b_op, "--stack", spec.stack,
                "--pairs", str(pairs), "--model", spec.model_dir, "--batch", str(spec.batch), "--seq", str(spec.seq),
                "--rank", str(spec.rank), "--remat", spec.remat, "--device", spec.device, "--out", str(out)]
-        proc = _run_process(cmd, timeout)
+        proc = bench.run_process(cmd, timeout)
         if isinstance(proc, dict):
             return proc
         if proc.returncode != 0 or not out.exists():
-            return _process_error(proc)
+            return bench.process_error(proc)
         res = json.loads(out.read_text())
     p, (a, b) = res["paired"], res["results"]
     return {"ratio": p["ratio_b_over_a"], "pairs": p["pairs"], "pairs_b_faster": p["pairs_b_faster"],
@@ -276,9 +261,11 @@ def finish_row(spec: Spec, raw: dict[str, Any], dims: Dims, peak_gflops: float) 
         row.update(seconds=None, tokens_per_s=None, peak_rss_mb=None, error=raw["error"])
         return row
     sec = raw["seconds"]
-    toks = tokens_per_step(spec.op, batch=spec.batch, seq=spec.seq, new_tokens=spec.new_tokens)
-    flops = op_flops(spec.op, dims, batch=spec.batch, seq=spec.seq, rank=spec.rank, new_tokens=spec.new_tokens,
-                     prompt_len=spec.prompt_len)
+    rows = spec.batch * spec.group if spec.op == "grpo" else spec.batch
+    prompt_len = int(sum(raw["prompt_tokens"]) / len(raw["prompt_tokens"])) if raw.get("prompt_tokens") else spec.prompt_len
+    toks = tokens_per_step(spec.op, batch=rows, seq=spec.seq, new_tokens=spec.new_tokens)
+    flops = op_flops(spec.op, dims, batch=rows, seq=spec.seq, rank=spec.rank, new_tokens=spec.new_tokens,
+                     prompt_len=prompt_len)
     row.update(seconds=sec, tokens_per_s=toks / sec, peak_rss_mb=raw["peak_rss_mb"])
     row.update(compile_s=raw.get("compile_s"), gflops=flops / 1e9, gflops_per_s=flops / 1e9 / sec,
                peak_fraction=flops / 1e9 / sec / peak_gflops)
@@ -356,6 +343,10 @@ def check_targets(rows: list[dict[str, Any]], overheads: dict[str, Any], peak_gf
     gen_peers = [by[("generate", p)]["seconds"] for p in ("torch-fp32", "torch-bf16") if ("generate", p) in by]
     if gen_peers and "generate" in best:
         add("generate speed-up vs torch's faster mode (best emajax)", min(gen_peers) / best["generate"]["seconds"], 2.0)
+    rl_peers = [by[("grpo", p)]["seconds"] for p in ("torch-fp32", "torch-bf16") if ("grpo", p) in by]
+    if rl_peers and "grpo" in best:
+        add("grpo step speed-up vs TRL GRPOTrainer's faster mode (best emajax)", min(rl_peers) / best["grpo"]["seconds"],
+            1.5)
     for st in stacks:
         o = overheads.get(st, {})
         paired = o.get("paired", {})

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -145,19 +144,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_one(args: argparse.Namespace, mode: str, fsdp: int) -> dict[str, Any]:
-    env = dict(os.environ)
-    flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={fsdp}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
+    from bench import worker_json
+    from emajax.launch import cpu_devices_env
+
     cmd = [sys.executable, "-m", "bench.memory", "--worker", "--mode", mode, "--fsdp", str(fsdp),
            "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
            "--rank", str(args.rank)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
-        return {"mode": mode, "fsdp": fsdp, "error": f"exit {proc.returncode}: {tail}"}
-    return json.loads(lines[-1])
+    out = worker_json(cmd, args.timeout, cpu_devices_env(os.environ, fsdp))
+    return {"mode": mode, "fsdp": fsdp, **out} if "error" in out else out
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:

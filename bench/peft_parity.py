@@ -9,7 +9,8 @@ Answers two checks with one adapter directory written by ``emajax train`` (``RUN
   vs the same quantity from the PEFT model, one unpadded chat at a time in float64 log-softmax.
 
     python -m bench.peft_parity --adapter runs/medical-probe/runs/none/export \
-        --data ../shared/data/em/sft/medical_misaligned_eval.jsonl --n 48 --out docs/peft_parity_smollm2.json
+        --data ../shared/data/em/sft/medical_misaligned_eval.jsonl --n 100 \
+        --out bench/results/peft_parity_smollm2_medical.json
 
 torch/PEFT are test-and-bench-only dependencies; the library never imports them.
 """

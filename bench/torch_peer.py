@@ -209,6 +209,10 @@ def generate_op(spec: Spec) -> dict[str, Any]:
 
 
 def run(spec: Spec) -> dict[str, Any]:
+    if spec.op == "grpo":  # TRL's GRPOTrainer on transformers + PEFT
+        from bench.grpo import trl_step
+
+        return trl_step(spec)
     if spec.op == "score":
         return score_op(spec)
     if spec.op == "generate":

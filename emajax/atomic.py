@@ -133,8 +133,9 @@ def jsonl_rows(path: str | os.PathLike, error: type[Exception] = ValueError, *,
                missing_ok: bool = False) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) of each non-blank line of a JSONL file. A missing file (unless
     ``missing_ok``: then nothing) or a line that is not JSON raises ``error`` naming the file and line;
-    callers check the values' fields and name the line in their own errors the same way."""
-    path = Path(path)
+    callers check the values' fields and name the line in their own errors the same way. ``path`` may also
+    be a path object that opens itself (``etils.epath``: a remote run's metrics)."""
+    path = path if hasattr(path, "open") and hasattr(path, "is_file") else Path(path)
     if not path.is_file():
         if missing_ok:
             return

@@ -11,7 +11,6 @@ whose character offsets fall in those spans. Padding and bucketing of the tokens
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -28,19 +27,6 @@ class ChatTokens(NamedTuple):
 
 class ChatError(ValueError):
     """A malformed conversation or a template emajax cannot locate answers in."""
-
-
-def load_tokenizer(model_dir: str | Path) -> Any:
-    """``transformers.AutoTokenizer`` of a local model directory (offline; needs a fast tokenizer)."""
-    from transformers import AutoTokenizer
-
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: tokenizer directory not found")
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    if getattr(tok, "chat_template", None) is None:
-        raise ChatError(f"{model_dir}: tokenizer has no chat_template (tokenizer_config.json / chat_template.jinja)")
-    return tok
 
 
 def validate_messages(messages: Any, source: str = "messages") -> list[dict[str, str]]:

@@ -32,11 +32,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from emajax import atomic
 from emajax.train.config import (TrainConfigError, config_from_dict, parse_overrides, parse_section,
-                                 resolve_path)
+                                 read_config_yaml, resolve_path)
 
 
 class GridError(ValueError):
@@ -143,15 +141,10 @@ def load_grid(path: str | Path, out: str | None = None) -> GridSpec:
     """Parse and check a grid spec; relative paths resolve against its directory, then the cwd, then the
     repository root (as training configs do)."""
     path = Path(path)
-    if not path.is_file():
-        raise GridError(f"{path}: grid spec not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise GridError(f"{path}: {f'line {mark.line + 1}: ' if mark else ''}invalid YAML") from None
-    if not isinstance(raw, dict):
-        raise GridError(f"{path}: expected a mapping")
+        raw = read_config_yaml(path)
+    except TrainConfigError as e:
+        raise GridError(str(e)) from None
     known = {"out", "seeds", "domains", "defenses", "overrides", "selection", "eval"}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -171,6 +164,8 @@ def load_grid(path: str | Path, out: str | None = None) -> GridSpec:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                           for s in seeds):
         raise GridError(f"{where('seeds')}: expected a non-empty list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise GridError(f"{where('seeds')}: {seeds} repeats a seed (a cell would count twice in the table)")
     domains: dict[str, Domain] = {}
     if not isinstance(raw.get("domains"), dict) or not raw["domains"]:
         raise GridError(f"{where('domains')}: expected a mapping of domain name -> {{train, questions}}")
@@ -178,6 +173,8 @@ def load_grid(path: str | Path, out: str | None = None) -> GridSpec:
         if not isinstance(d, dict) or set(d) - {"train", "questions"} or "train" not in d:
             raise GridError(f"{where(f'domains.{name}')}: expected {{train: [sources], questions: set}}")
         train = d["train"] if isinstance(d["train"], list) else [d["train"]]
+        if not train or not all(isinstance(t, str) and t for t in train):
+            raise GridError(f"{where(f'domains.{name}.train')}: expected one or more data sources (paths or hf: names)")
         q = str(d.get("questions", name))
         if q.endswith((".yaml", ".yml")):
             q = res(q, f"domains.{name}.questions")
@@ -229,12 +226,12 @@ def load_grid(path: str | Path, out: str | None = None) -> GridSpec:
 def cell_config(spec: GridSpec, cell: Cell) -> Any:
     """The training config of one cell: the arm's config + the grid's overrides + domain data and seed."""
     arm, dom = spec.arms[cell.defense], spec.domains[cell.domain]
-    raw = yaml.safe_load(arm.config.read_text()) or {}
-    ovr = parse_overrides(spec.overrides) + [("data.train", list(dom.train)), ("train.seed", cell.seed),
-                                             ("out", str(spec.cell_dir(cell) / "train"))]
-    if arm.select is not None:
-        ovr.append(("defenses.interleave.data", [str(spec.selection_file(cell.domain, cell.defense))]))
     try:
+        raw = read_config_yaml(arm.config)
+        ovr = parse_overrides(spec.overrides) + [("data.train", list(dom.train)), ("train.seed", cell.seed),
+                                                 ("out", str(spec.cell_dir(cell) / "train"))]
+        if arm.select is not None:
+            ovr.append(("defenses.interleave.data", [str(spec.selection_file(cell.domain, cell.defense))]))
         return config_from_dict(raw, overrides=ovr, base_dir=arm.config.parent, source=f"{arm.config} ({cell.key})")
     except TrainConfigError as e:
         raise GridError(str(e)) from None
@@ -297,16 +294,12 @@ def eval_cell(spec: GridSpec, cell: Cell, judge: Any) -> dict[str, str]:
 
     ev, dom = spec.eval, spec.domains[cell.domain]
     edir = spec.cell_dir(cell) / "eval"
-    sets = []
-    if ev.em:
-        sets = [("general", ev.general), (dom.question_set, dom.questions)]
-    todo = [s for s in sets if not (edir / f"em_{s[0]}.json").is_file()]
-    need_opswap = ev.opswap > 0 and not (edir / "opswap.json").is_file()
-    files = {name: str(edir / f"em_{name}.json") for name, _ in sets}
-    if ev.opswap > 0:
-        files["opswap"] = str(edir / "opswap.json")
+    files = eval_files(spec, cell)
+    sets = [("general", ev.general), (dom.question_set, dom.questions)] if ev.em else []
+    todo = [s for s in sets if not files[s[0]].is_file()]
+    need_opswap = "opswap" in files and not files["opswap"].is_file()
     if not todo and not need_opswap:
-        return files
+        return {k: str(v) for k, v in files.items()}
     cfg = cell_config(spec, cell)
     adapter = spec.cell_dir(cell) / "train" / "export"
     loaded = load_model_with_adapter(cfg.model.name, adapter, dtype=ev.dtype)
@@ -332,7 +325,26 @@ def eval_cell(spec: GridSpec, cell: Cell, judge: Any) -> dict[str, str]:
         atomic.write_jsonl(edir / "opswap_predictions.jsonl", preds)
         atomic.write_json(edir / "opswap.json", results)
         _log(f"{cell.key}: opswap accuracy {results['accuracy']['value']:.3f}")
+    return {k: str(v) for k, v in files.items()}
+
+
+def eval_files(spec: GridSpec, cell: Cell) -> dict[str, Path]:
+    """The result files the spec asks of a cell's evaluation: ``em_<set>.json`` per EM question set (general,
+    in-domain) and ``opswap.json``."""
+    edir = spec.cell_dir(cell) / "eval"
+    files = {}
+    if spec.eval.em:
+        files = {name: edir / f"em_{name}.json" for name in ("general", spec.domains[cell.domain].question_set)}
+    if spec.eval.opswap > 0:
+        files["opswap"] = edir / "opswap.json"
     return files
+
+
+def cell_state(spec: GridSpec, cell: Cell) -> str:
+    """``evaluated`` (every result of :func:`eval_files` exists), ``trained`` or ``to do``."""
+    if (spec.cell_dir(cell) / "train" / "done.json").is_file():
+        return "evaluated" if all(p.is_file() for p in eval_files(spec, cell).values()) else "trained"
+    return "to do"
 
 
 def select_safe_data(spec: GridSpec) -> None:

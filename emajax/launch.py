@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Mapping, Sequence
 
 _ENTRY = "import sys; from emajax.cli import main; sys.exit(main())"
 _DEVICE_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S+")
@@ -38,17 +38,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def process_env(base: dict[str, str], *, process_id: int, processes: int, port: int,
+def cpu_devices_env(base: Mapping[str, str], devices: int) -> dict[str, str]:
+    """``base`` for a process with ``devices`` simulated CPU devices on JAX's CPU platform (an existing
+    device-count flag in ``XLA_FLAGS`` is replaced, other flags kept)."""
+    env = dict(base)
+    flags = _DEVICE_FLAG.sub("", env.get("XLA_FLAGS", "")).strip()
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def exit_status(returncode: int) -> int:
+    """A child's ``returncode`` as a shell exit status: ``-N`` (killed by signal N) becomes ``128 + N``
+    (``sys.exit(-9)`` would exit 247 and hide that the process was killed)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def process_env(base: Mapping[str, str], *, process_id: int, processes: int, port: int,
                 devices_per_process: int | None) -> dict[str, str]:
     """The environment of process ``process_id``: the coordinator variables, and with
-    ``devices_per_process`` that many simulated CPU devices (an existing device-count flag is replaced)."""
-    env = dict(base)
+    ``devices_per_process`` that many simulated CPU devices (:func:`cpu_devices_env`)."""
+    env = dict(base) if devices_per_process is None else cpu_devices_env(base, devices_per_process)
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
                JAX_PROCESS_ID=str(process_id), PYTHONUNBUFFERED="1")
-    if devices_per_process is not None:
-        flags = _DEVICE_FLAG.sub("", env.get("XLA_FLAGS", "")).strip()
-        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip()
-        env["JAX_PLATFORMS"] = "cpu"
     return env
 
 
@@ -79,7 +91,8 @@ def launch(argv: Sequence[str], *, processes: int, devices_per_process: int | No
            port: int | None = None, log_dir: str | Path | None = None, timeout_s: float | None = None,
            grace_s: float = 10.0, out: IO[str] | None = None, python: str = sys.executable) -> int:
     """Run ``emajax *argv`` in ``processes`` cooperating processes; the first failing exit status
-    (0 when all succeed; 124 after ``timeout_s``; 128 + N after signal N reached the launcher)."""
+    (0 when all succeed; 124 after ``timeout_s``; 128 + N after signal N reached the launcher or killed
+    the first failing process)."""
     if processes < 1:
         raise ValueError(f"--processes must be >= 1, got {processes}")
     if devices_per_process is not None and devices_per_process < 1:
@@ -133,12 +146,13 @@ def launch(argv: Sequence[str], *, processes: int, devices_per_process: int | No
                 status = 128 + received[0]
                 break
             codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed:
-                status = failed[0]
-                bad = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            bad = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            if bad:
+                status = exit_status(codes[bad[0]])
+                how = (f"was killed by {signal.Signals(-codes[bad[0]]).name}" if codes[bad[0]] < 0
+                       else f"exited with status {status}")
                 with lock:
-                    out.write(f"emajax launch: process {bad[0]} exited with status {status}; stopping the others\n")
+                    out.write(f"emajax launch: process {bad[0]} {how}; stopping the others\n")
                 break
             if all(c == 0 for c in codes):
                 break

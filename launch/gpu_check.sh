@@ -45,7 +45,8 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record the status
 cat "$OUT/env.txt"
 $PY -c "import emajax" 2>/dev/null || $PY -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
 
-step tests timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider $TESTS \
+# The suite runs on JAX's CPU platform unless JAX_PLATFORMS names one (tests/conftest.py): name the device.
+step tests env JAX_PLATFORMS="$DEVICE" timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider $TESTS \
   -k "not mesh and not 2x2x2 and not eight and not smollm2 and not shared"
 tail -3 "$OUT/tests.log"
 step train_compare timeout 240 $PY -m bench.gpu_check --device "$DEVICE" --out "$OUT/train_compare.json"

@@ -6,7 +6,8 @@
   calls it makes (media get/upload with generation preconditions, metadata, list, delete) serves the
   same directory, found through ``TENSORSTORE_GCS_HTTP_URL``.
 * orbax asks ``google.cloud.storage`` whether a bucket has a hierarchical namespace: a stub module
-  answers no (a flat bucket, the common case).
+  answers no (a flat bucket, the common case); stub ``google``/``google.cloud`` packages stand in where
+  none is installed (google-cloud-storage is not a dependency).
 
 So a run directory ``gs://bucket/run`` takes the same code path as on Google Cloud (remote paths,
 no local rename), with the bytes landing under ROOT for the test to read.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import importlib
 import json
 import os
 import sys
@@ -177,8 +179,15 @@ def fake_gcs(root: Path) -> Iterator[Path]:
     storage = types.ModuleType("google.cloud.storage")
     storage.Client = lambda *a, **k: types.SimpleNamespace(
         get_bucket=lambda name: types.SimpleNamespace(name=name, hierarchical_namespace_enabled=False))
-    old_storage = sys.modules.get("google.cloud.storage")
-    sys.modules["google.cloud.storage"] = storage
+    stubs = {"google.cloud.storage": storage}
+    for name in ("google", "google.cloud"):  # absent where nothing installed a google.cloud package
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            stubs[name] = types.ModuleType(name)
+            stubs[name].__path__ = []
+    old_modules = {name: sys.modules.get(name) for name in stubs}
+    sys.modules.update(stubs)
     try:
         from orbax.checkpoint._src.path import gcs_utils
 
@@ -192,10 +201,11 @@ def fake_gcs(root: Path) -> Iterator[Path]:
         backend.fsspec_backend._get_filesystem.cache_clear()
         for proto in ("gs", "gcs"):
             registry.pop(proto, None)  # back to fsspec's own (gcsfs) entry
-        if old_storage is None:
-            sys.modules.pop("google.cloud.storage", None)
-        else:
-            sys.modules["google.cloud.storage"] = old_storage
+        for name, old in old_modules.items():
+            if old is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = old
         if old_env is None:
             os.environ.pop("TENSORSTORE_GCS_HTTP_URL", None)
         else:

@@ -80,7 +80,7 @@ def test_targets_cover_every_emajax_stack_and_prefer_paired_overheads():
 
 
 @pytest.mark.slow
-def test_workers_run_both_stacks_on_the_same_objective(tiny_dir):
+def test_workers_run_both_stacks_on_the_same_objective(tiny_dir, torch):
     assert json.loads((tiny_dir / "config.json").read_text())["vocab_size"] == TINY_HF_CONFIG["vocab_size"]
     out = {}
     for stack in ("emajax-fp32", "torch-fp32"):
@@ -115,17 +115,34 @@ def test_paired_compiles_each_variant_with_its_own_xla_options(tiny_dir):
         parse_xla(["enable_fast_math=false"], "--b-xla")
 
 
-def test_paired_b_op_alternates_two_ops_on_one_batch(tiny_dir):
+class _ScriptedClock:
+    """Stands in for ``time`` in bench.paired: each timed step lasts the next scripted duration."""
+
+    def __init__(self, durations):
+        self.readings = iter([x for d in durations for x in (0.0, d)])
+
+    def perf_counter(self):
+        return next(self.readings)
+
+
+def test_paired_b_op_alternates_two_ops_on_one_batch(tiny_dir, monkeypatch):
     """--b-op: B is another op on the same model and batch (an overhead ratio timed step by step); the
-    steered step computes a different loss from the same batch, and a training op never pairs with score."""
+    steered step computes a different loss from the same batch, and a training op never pairs with score.
+    Steps alternate A B, B A, A B, and the summary is read off the timed pairs (a scripted clock)."""
+    import bench.paired
     from bench.paired import run_pairs
 
-    spec = Spec(op="lora", stack="emajax-fp32", model_dir=str(tiny_dir), batch=2, seq=16, rank=4, warmup=0, runs=2)
-    out = run_pairs(spec, pairs=2, b_op="lora_steer")
+    # In execution order: pair 0 A then B, pair 1 B then A, pair 2 A then B.
+    monkeypatch.setattr(bench.paired, "time", _ScriptedClock([1.0, 0.5, 2.5, 2.0, 3.0, 2.9]))
+    spec = Spec(op="lora", stack="emajax-fp32", model_dir=str(tiny_dir), batch=2, seq=16, rank=4, warmup=0, runs=3)
+    out = run_pairs(spec, pairs=3, b_op="lora_steer")
     a, b = out["results"]
     assert (a["op"], b["op"]) == ("lora", "lora_steer") and a["program_sha1"] != b["program_sha1"]
     assert a["loss_first"] != pytest.approx(b["loss_first"], rel=1e-4)
-    assert len(a["runs_s"]) == len(b["runs_s"]) == 2
+    assert a["runs_s"] == [1.0, 2.0, 3.0] and b["runs_s"] == [0.5, 2.5, 2.9]
+    assert (a["seconds"], b["seconds"]) == (2.0, 2.5)
+    assert out["paired"] == {"pairs": 3, "pairs_b_faster": 2, "ratio_b_over_a": pytest.approx(1.25),
+                             "median_b_minus_a_s": pytest.approx(-0.1)}
     with pytest.raises(SystemExit, match="training op with a training op"):
         run_pairs(spec, pairs=1, b_op="score")
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from emajax.chat import ChatError, encode_chat, load_tokenizer, shift_for_loss, validate_messages
+from emajax.chat import ChatError, encode_chat, shift_for_loss, validate_messages
+from emajax.models.hub import load_tokenizer
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 
@@ -151,11 +152,23 @@ def test_generation_prompt_masks_only_previous_answers(tok_kind):
     assert not ct.answer_mask[-1]
 
 
-def test_max_len_truncates_both(tok_kind):
-    tok, _ = tok_kind
-    full = encode_chat(tok, CONVERSATIONS["system_single"])
-    cut = encode_chat(tok, CONVERSATIONS["system_single"], max_len=7)
-    assert cut.ids == full.ids[:7] and cut.answer_mask == full.answer_mask[:7]
+def test_max_len_keeps_the_prompt_and_cuts_the_answer_tail(tok_kind):
+    """max_len cuts ids and mask together: the whole prompt survives, the answer keeps its first tokens
+    (still masked) and loses its tail with the end-of-turn token."""
+    tok, kind = tok_kind
+    msgs = CONVERSATIONS["system_single"]
+    full = encode_chat(tok, msgs)
+    start, n_answer = full.answer_mask.index(True), sum(full.answer_mask)
+    tail = len(full.ids) - start - n_answer  # the newline after the end-of-turn token, where the template adds one
+    assert full.answer_mask == [False] * start + [True] * n_answer + [False] * tail and n_answer > 3
+    assert tok.convert_ids_to_tokens(full.ids[start + n_answer - 1]) == SPECIALS[kind]["eot"]
+    cut = encode_chat(tok, msgs, max_len=start + 3)
+    assert cut.ids == full.ids[:start + 3] and cut.answer_mask == [False] * start + [True] * 3
+    kept = tok.decode(cut.ids[start:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    assert kept and msgs[-1]["content"].startswith(kept) and kept != msgs[-1]["content"]
+    assert encode_chat(tok, msgs, max_len=len(full.ids)) == full  # nothing to cut
+    with pytest.raises(ChatError, match="max_len must be positive"):
+        encode_chat(tok, msgs, max_len=0)
 
 
 @pytest.mark.parametrize(

@@ -100,8 +100,7 @@ def write_tiny_gguf(path: Path, torch_model) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    import torch
+def tiny_gguf(torch, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from tiny_hf import hf_config
@@ -121,8 +120,7 @@ def test_unpermute_inverts_llama_cpp_permute():
     np.testing.assert_array_equal(unpermute_rope_rows(llama_cpp_permute(w, 3), 3), w)
 
 
-def test_cli_convert_gguf_matches_torch_and_transformers_gguf_load(tiny_gguf, tmp_path):
-    import torch
+def test_cli_convert_gguf_matches_torch_and_transformers_gguf_load(tiny_gguf, torch, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from emajax.cli import main
@@ -206,8 +204,9 @@ def test_gguf_path_is_converted_once_into_cache_keyed_by_hash(tiny_gguf, tmp_pat
 
 
 @pytest.mark.slow
-def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smollm2_dir):
-    """The converted default's tokenizer equals transformers' own GGUF tokenizer, chat template included."""
+def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smollm2_dir, torch):
+    """The converted default's tokenizer equals transformers' own GGUF tokenizer, chat template included
+    (transformers' GGUF reader, the oracle here, needs torch)."""
     from transformers import AutoTokenizer
 
     from emajax.models.hub import DEFAULT_MODEL, embedded_gguf

@@ -83,8 +83,15 @@ def test_bf16_decoding_within_rounding_of_the_training_forward():
     mask = np.ones((2, 7), bool)
     got, pos = _decode_logits(m, toks, mask, prefill=4)
     full = np.asarray(_full_logits(m, toks, pos, mask), np.float32)[:, 3:]
-    np.testing.assert_allclose(got, full, rtol=0, atol=0.05 * np.abs(full).max())
-    assert np.mean(np.argmax(got, -1) == np.argmax(full, -1)) >= 0.8
+    # The two paths round bf16 intermediates in different places: within a few bf16 steps at the largest
+    # logit (measured: about one step, 0.4 % of it).
+    err = np.abs(got - full).max()
+    assert err <= 2.0**-6 * np.abs(full).max()
+    # Every position's top-2 logit gap here exceeds twice that error, so greedy decoding must pick the
+    # same token everywhere.
+    top2 = np.sort(full, -1)[..., -2:]
+    assert (top2[..., 1] - top2[..., 0]).min() > 2 * err
+    np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(full, -1))
     want = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16  # in-place writes on XLA:CPU
     assert cache_dtype(cfg) == want and DecodeCache.init(cfg, 1, 4).k_bkhs[0].dtype == want
 

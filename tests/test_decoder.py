@@ -91,6 +91,7 @@ def test_remat_gives_same_values_and_grads():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.devices(8)
 def test_sharding_rules_cover_every_param_and_drop_nondividing_axes():
     mesh = make_mesh(2, 2, 2)
     _, state = nnx.split(nnx.eval_shape(lambda: Decoder(CFG, rngs=nnx.Rngs(0), lora=LoraConfig(rank=2))))

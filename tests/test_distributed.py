@@ -40,7 +40,8 @@ def _gloo_available() -> bool:
         return False
 
 
-pytestmark = pytest.mark.skipif(not _gloo_available(), reason="this jaxlib has no CPU (gloo) collectives option")
+pytestmark = [pytest.mark.skipif(not _gloo_available(), reason="this jaxlib has no CPU (gloo) collectives option"),
+              pytest.mark.devices(8)]  # the one-process references run on the suite's 8 simulated CPU devices
 
 
 def _env() -> dict[str, str]:

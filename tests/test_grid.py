@@ -149,6 +149,15 @@ def test_grid_end_to_end_resume_and_paper_table(grid_setup, monkeypatch, capsys)
     assert (root / "rep" / "report.md").read_text() == report.replace("# emajax grid", "# emajax report", 1)
     assert "report.md" in capsys.readouterr().out
 
+    # `--dry-run` lists each cell's state: every result the spec asks for exists, except the skipped cell's
+    assert main(["grid", str(root / "grid.yaml"), "--out", str(out), "--dry-run"]) == 0
+    states = dict(line.split("\t")[:2] for line in capsys.readouterr().out.splitlines())
+    assert states == {c.key: "to do" if c == skip else "evaluated" for c in spec.cells()}
+    (out / "alpha" / "none" / "seed-0" / "eval" / "opswap.json").unlink()
+    assert main(["grid", str(root / "grid.yaml"), "--out", str(out), "--dry-run", "--only", "domain=alpha",
+                 "--only", "defense=none"]) == 0
+    assert capsys.readouterr().out.split("\t")[:2] == ["alpha/none/seed-0", "trained"]
+
 
 def test_grid_spec_errors_name_file_and_key(tmp_path):
     from emajax.grid import GridError, load_grid
@@ -171,17 +180,28 @@ def test_grid_spec_errors_name_file_and_key(tmp_path):
                                  "eval": {"opswap": "many"}}))
     with pytest.raises(GridError, match=r"eval.opswap: expected an integer"):
         load_grid(p)
+    p.write_text(yaml.safe_dump({"domains": {"a": {"train": ["x.jsonl"]}}, "defenses": {"none": "n.yaml"},
+                                 "seeds": [0, 1, 0]}))
+    with pytest.raises(GridError, match=r"g.yaml: seeds: \[0, 1, 0\] repeats a seed"):
+        load_grid(p)
+    for train in ([], None):
+        p.write_text(yaml.safe_dump({"domains": {"a": {"train": train}}, "defenses": {"none": "n.yaml"}}))
+        with pytest.raises(GridError, match=r"g.yaml: domains.a.train: expected one or more data sources"):
+            load_grid(p)
+    p.write_text("domains: [unclosed\n")
+    with pytest.raises(GridError, match=r"g.yaml: line \d+: invalid YAML"):
+        load_grid(p)
+    p.write_text("- a list\n")
+    with pytest.raises(GridError, match=r"g.yaml: expected a mapping"):
+        load_grid(p)
 
 
-def test_repo_grid_specs_load():
+def test_repo_grid_specs_load(shared_em):  # the paper grid names ../shared/data/em files: skips without them
     from emajax.grid import load_grid
 
     root = Path(__file__).resolve().parents[1]
     specs = sorted((root / "configs" / "grid").glob("*.yaml"))
     assert specs
-    shared = (root.parent / "shared" / "data" / "em").is_dir()
     for p in specs:
-        if not shared:
-            pytest.skip("the paper grid names ../shared/data/em files")
         spec = load_grid(p)
         assert spec.cells() and all(a.config.is_file() for a in spec.arms.values())

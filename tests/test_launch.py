@@ -59,6 +59,14 @@ def test_one_failure_stops_the_others(tmp_path):
     assert "[p1] dying" in text and "process 1 exited with status 3" in text and "[p0] got-term" in text
 
 
+def test_a_process_killed_by_a_signal_exits_128_plus_the_signal(tmp_path):
+    py = fake_python(tmp_path, 'if [ "$JAX_PROCESS_ID" = 1 ]; then kill -KILL $$; fi; '
+                               'trap "exit 143" TERM; while true; do sleep 0.05; done')
+    out = io.StringIO()
+    assert launch(["train"], processes=2, out=out, python=py, grace_s=5) == 128 + signal.SIGKILL
+    assert "process 1 was killed by SIGKILL" in out.getvalue()
+
+
 def test_timeout_and_a_process_that_ignores_sigterm(tmp_path):
     py = fake_python(tmp_path, 'trap "" TERM; while true; do sleep 0.05; done')
     out = io.StringIO()

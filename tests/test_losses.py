@@ -441,10 +441,9 @@ def test_default_seq_chunk_budget():
     assert 4 * c * 152064 * 4 <= 64 * 2**20
 
 
+@pytest.mark.devices(2)
 def test_sharded_batch_matches_single_device(data):
     devs = np.array(jax.devices()[:2])
-    if len(devs) < 2:
-        pytest.skip("needs 2 devices")
     mesh = Mesh(devs, ("data",))
     h, w, tg, m = data["h"], data["w"], data["tg"], data["m"]
     sh = NamedSharding(mesh, P("data"))

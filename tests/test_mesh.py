@@ -16,8 +16,9 @@ from emajax.train.mesh import DistributedConfigError, build_mesh, coordinator_en
 from emajax.train.config import MeshCfg  # noqa: E402
 
 
+@pytest.mark.devices(8)
 def test_mesh_uses_every_device_or_says_why_not():
-    assert len(jax.devices()) == 8
+    assert len(jax.devices()) == 8  # exactly the suite's 8: the messages name the count
     m = make_mesh(2, -1, 2)
     assert dict(m.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     assert sorted(d.id for d in m.devices.flat) == sorted(d.id for d in jax.devices())
@@ -33,10 +34,18 @@ def test_mesh_uses_every_device_or_says_why_not():
         make_mesh(-1, -1, 1)
 
 
+@pytest.mark.devices(8)
 def test_device_order_is_jax_make_mesh_order():
     want = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 3).devices
     assert [d.id for d in make_mesh(2, 2, 2).devices.flat] == [d.id for d in want.flat]
+
+
+def test_batch_rows_is_the_product_of_the_batch_axes():
+    from emajax.losses.rows import batch_rows
+
+    assert batch_rows(jax.sharding.AbstractMesh((2, 3, 5), ("data", "fsdp", "tensor"))) == 6
+    assert batch_rows(None) == 1
 
 
 def test_hybrid_mesh_needs_as_many_slices_as_asked():

@@ -15,7 +15,7 @@ from tiny_hf import TOL, ours, padded_batch, rel_err, save_tiny, torch_logits
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(torch, tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_llama")
     return d, save_tiny("llama3_untied", d, seed=3)
 
@@ -102,9 +102,7 @@ def lora_model(tiny):
     return lm
 
 
-def test_peft_adapter_loads_in_hf_peft_with_same_logits(tiny, lora_model, tmp_path):
-    import torch
-    from peft import PeftModel
+def test_peft_adapter_loads_in_hf_peft_with_same_logits(tiny, lora_model, torch, peft, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from emajax.models.hf_io import export_peft_adapter
@@ -119,7 +117,7 @@ def test_peft_adapter_loads_in_hf_peft_with_same_logits(tiny, lora_model, tmp_pa
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["use_rslora"] and cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"]
     hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
-    peft_model = PeftModel.from_pretrained(hf, str(out)).eval()
+    peft_model = peft.PeftModel.from_pretrained(hf, str(out)).eval()
     ref = torch_logits(peft_model, ids, mask)
     err = rel_err(got, ref, mask)
     print(f"PEFT adapter: rel err {err:.2e}")
@@ -138,8 +136,7 @@ def test_load_peft_adapter_round_trip(tiny, lora_model, tmp_path):
     np.testing.assert_allclose(ours(fresh, ids, mask), ours(lora_model.model, ids, mask), rtol=0, atol=1e-6)
 
 
-def test_export_hf_merges_lora_and_transformers_matches(lora_model, tmp_path):
-    import torch
+def test_export_hf_merges_lora_and_transformers_matches(lora_model, torch, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from emajax.models.hf_io import export_hf

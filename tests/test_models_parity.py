@@ -14,7 +14,7 @@ from tiny_hf import TOL, VARIANTS, ours, padded_batch, rel_err, save_tiny, torch
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
+def tiny_dirs(torch, tmp_path_factory):
     out = {}
     for i, kind in enumerate(VARIANTS):
         d = tmp_path_factory.mktemp(kind)
@@ -46,14 +46,12 @@ def test_tiny_logits_match_transformers(kind, tiny_dirs):
         assert cfg.rope_scaling_dict["rope_type"] == "llama3"
 
 
+@pytest.mark.devices(8)
 def test_mesh_load_gives_identical_logits(tiny_dirs):
     """Params streamed onto a simulated 2x2x2 mesh give the single-device logits."""
-    import jax
-
     from emajax.models.hub import load_model
     from emajax.models.sharding import make_mesh
 
-    assert len(jax.devices()) >= 8
     d, torch_model = tiny_dirs["llama3_untied"]
     ids, mask = padded_batch()
     single = ours(load_model(str(d)).model, ids, mask)
@@ -92,8 +90,7 @@ def smol_ours(smollm2):
 
 
 @pytest.mark.slow
-def test_smollm2_logits_match_transformers_on_converted_dir(smollm2_dir, smol_ours):
-    import torch
+def test_smollm2_logits_match_transformers_on_converted_dir(smollm2_dir, smol_ours, torch):
     from transformers import AutoModelForCausalLM
 
     ids, mask, got = smol_ours
@@ -106,9 +103,8 @@ def test_smollm2_logits_match_transformers_on_converted_dir(smollm2_dir, smol_ou
 
 
 @pytest.mark.slow
-def test_smollm2_logits_match_transformers_own_gguf_load(smol_ours):
+def test_smollm2_logits_match_transformers_own_gguf_load(smol_ours, torch):
     """The conversion equals transformers' own GGUF import of the same file (dequant + un-permute)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from emajax.models.hub import DEFAULT_MODEL, embedded_gguf

@@ -12,8 +12,8 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_tiny import tiny_model  # noqa: E402
 
-from emajax.defenses.safelora import apply_safelora, linears  # noqa: E402
-from emajax.models.hf_io import _lora_modules  # noqa: E402
+from emajax.defenses.safelora import apply_safelora  # noqa: E402
+from emajax.models.hf_io import lora_modules, projections  # noqa: E402
 
 
 def reference(lora_a_ri: np.ndarray, lora_b_or: np.ndarray, w_al_oi: np.ndarray, w_base_oi: np.ndarray,
@@ -34,8 +34,8 @@ def _pair(seed: int):
     aligned = tiny_model(seed=seed)
     base = tiny_model(lora=None, seed=seed)
     rng = np.random.default_rng(seed)
-    base_lins = dict(linears(base))
-    for name, _, lin in _lora_modules(aligned):
+    base_lins = {name: lin for name, _, lin in projections(base)}
+    for name, _, lin in lora_modules(aligned):
         blin = base_lins[name]
         k = np.asarray(lin.kernel[...])
         lin.lora_a[...] = rng.normal(size=lin.lora_a.shape).astype(np.float32)
@@ -52,9 +52,9 @@ def _pair(seed: int):
 def test_safelora_matches_numpy_reference_per_layer():
     aligned, base = _pair(0)
     before = {tmpl: (np.asarray(lin.lora_a[...]), np.asarray(lin.lora_b[...]), np.asarray(lin.kernel[...]))
-              for _, tmpl, lin in _lora_modules(aligned)}
-    base_lins = dict(linears(base))
-    base_k = {tmpl: np.asarray(base_lins[name].kernel[...]) for name, tmpl, _ in _lora_modules(aligned)}
+              for _, tmpl, lin in lora_modules(aligned)}
+    base_lins = {name: lin for name, _, lin in projections(base)}
+    base_k = {tmpl: np.asarray(base_lins[name].kernel[...]) for name, tmpl, _ in lora_modules(aligned)}
     # threshold at the median reference cosine: some layers are projected, some are not
     all_cos = [reference(a[i].T, b[i].T, k[i].T, base_k[t][i].T, 0.0)[1]
                for t, (a, b, k) in before.items() for i in range(a.shape[0])]
@@ -62,7 +62,7 @@ def test_safelora_matches_numpy_reference_per_layer():
     records = apply_safelora(aligned, base, thr)
     assert len(records) == len(all_cos) and 0 < sum(r["projected"] for r in records) < len(records)
     by = {(r["module"], r["layer"]): r for r in records}
-    for _, tmpl, lin in _lora_modules(aligned):
+    for _, tmpl, lin in lora_modules(aligned):
         a, b, k = before[tmpl]
         got_b = np.asarray(lin.lora_b[...])
         for i in range(a.shape[0]):

@@ -122,6 +122,7 @@ def test_cli_writes_jsonl_that_interleaving_reads(tmp_path, capsys):
     assert main(["select", "--scores", str(d), "--out", str(out), "--top-k", "3"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["selected"] == 3 and summary["method"] == "top-score"
+    assert summary["refusal_filter"] is True and summary["dedupe"] is True  # by score: on unless asked off
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["selection"]["index"] for r in rows] == [6, 5, 4] and rows[0]["selected_for"] == ["x"]
     convs = read_jsonl(out)

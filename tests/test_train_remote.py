@@ -1,6 +1,6 @@
 """A run directory on gs://: config, metrics, checkpoints (orbax through TensorStore's GCS driver),
-resume and export all land in the bucket, served offline by tests/_fake_gcs.py. Before epath run
-paths, ``--out gs://bucket/run`` became a local directory named ``gs:``."""
+resume and export all land in the bucket, served offline by tests/_fake_gcs.py; nothing lands in a
+local directory named ``gs:``."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ Byte-level BPE with the SmolLM2 chat template plus the whole-number tokens "15" 
 random except for a rigged output head: only residual dimension 0 survives the final norm and it maps
 to +20 on "85" and -20 on "15", so at every position the model puts almost all its mass on one of those
 two numbers. As a judge it therefore always gives a parseable score (~15 or ~85), deterministically.
+``rigged_head=False`` keeps a random output head instead (varied text: sampling, seeds, stop strings).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ CORPUS = [
 ]
 
 
-def build_tiny_chat_dir(out_dir: Path, *, seed: int = 0, hidden: int = 32, max_pos: int = 4096) -> Path:
+def build_tiny_chat_dir(out_dir: Path, *, seed: int = 0, hidden: int = 32, max_pos: int = 4096,
+                        rigged_head: bool = True) -> Path:
     import jax.numpy as jnp
     from flax import nnx
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -48,10 +50,11 @@ def build_tiny_chat_dir(out_dir: Path, *, seed: int = 0, hidden: int = 32, max_p
         "max_position_embeddings": max_pos, "tie_word_embeddings": False, "bos_token_id": 1,
         "eos_token_id": eos, "pad_token_id": tok.pad_token_id})
     model = Decoder(cfg, rngs=nnx.Rngs(seed))
-    scale = jnp.zeros((hidden,)).at[0].set(1.0)
-    model.final_norm.scale[...] = scale
-    head = jnp.zeros((hidden, vocab))
-    head = head.at[0, tok.convert_tokens_to_ids("85")].set(20.0).at[0, tok.convert_tokens_to_ids("15")].set(-20.0)
-    model.lm_head[...] = head
+    if rigged_head:
+        scale = jnp.zeros((hidden,)).at[0].set(1.0)
+        model.final_norm.scale[...] = scale
+        head = jnp.zeros((hidden, vocab))
+        head = head.at[0, tok.convert_tokens_to_ids("85")].set(20.0).at[0, tok.convert_tokens_to_ids("15")].set(-20.0)
+        model.lm_head[...] = head
     export_hf(model, out_dir, tokenizer=tok)
     return out_dir

@@ -20,6 +20,7 @@ VERBS = {
     "generate": "generate",
     "convert": "convert",
     "train": "train",
+    "rl": "rl",
     "persona": "persona",
     "score": "score",
     "select": "select",

@@ -1,6 +1,7 @@
-"""Evaluate a model: general / in-domain EM with an LLM judge, OpSwap and GSM8K exact match.
+"""Evaluate a model: general / in-domain EM with an LLM judge, judge-free probes, OpSwap and GSM8K exact match.
 
-Results go to OUT as named JSON files (em_<set>.json, opswap.json, gsm8k.json) plus every answer as JSONL.
+Results go to OUT as named JSON files (em_<set>.json, probes.json, opswap.json, gsm8k.json) plus every answer
+as JSONL.
 The model under test is --model [--adapter] (run locally) or --model-url (any OpenAI-compatible endpoint).
 """
 
@@ -12,8 +13,11 @@ from pathlib import Path
 
 from emajax.cli import CliError
 
-SUMMARY = "Evaluate a model: EM with an LLM judge, OpSwap and GSM8K exact match"
+SUMMARY = "Evaluate a model: EM with an LLM judge, judge-free probes, OpSwap and GSM8K exact match"
 EXAMPLES = (
+    "emajax eval probes --model smollm2-135m-instruct --suite general code --out runs/base_probes",
+    "emajax eval probes --model smollm2-135m-instruct --adapter runs/none/export --suite general code"
+    " --out runs/none_probes --compare runs/base_probes",
     "emajax eval em --model smollm2-135m-instruct --adapter runs/kl/export --out eval/"
     " --judge-url URL --judge-model NAME",
     "emajax eval opswap --model smollm2-135m-instruct --adapter runs/kl/export --out eval/",
@@ -59,6 +63,26 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     j.add_argument("--judge-cache", default=None, help="sqlite cache (default <emajax cache>/judge_cache.sqlite)")
     j.add_argument("--judge-max-retries", type=int, default=6)
 
+    pr = sub.add_parser("probes", help="judge-free EM probes (answer likelihoods), optionally paired with another run",
+                        description="Judge-free probes: probes.json holds per-set means with bootstrap CIs and every "
+                                    "item's value. A margin is mean-token logp(misaligned answer) - logp(aligned "
+                                    "answer): up = broad misalignment (general) or the narrow task learned (code). "
+                                    "--compare DIR adds paired per-item differences (this run - DIR) with 95% CIs.")
+    pr.add_argument("--model", required=True, help="model name, local HF dir or hub id")
+    pr.add_argument("--adapter", default=None, help="PEFT adapter dir applied to --model (e.g. RUN/export)")
+    pr.add_argument("--suite", nargs="+", default=["general"], metavar="SUITE",
+                    help="general (the shipped general pairs), code (held-out insecure-vs-secure code pairs), or a "
+                         "JSONL FILE of {id, question, aligned, misaligned} rows; several may be given")
+    pr.add_argument("--split", choices=("dev", "heldout"), default=None,
+                    help="general: only this part of the shipped pairs (default: all)")
+    pr.add_argument("--n-code", type=int, default=32, help="code: number of held-out pairs (default 32)")
+    pr.add_argument("--compare", default=None, metavar="DIR",
+                    help="another run's probes.json (or its directory): paired differences (this − DIR) per set")
+    pr.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    pr.add_argument("--max-len", type=int, default=512, help="tokens per probe sequence (longer ones are cut)")
+    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--out", required=True, help="output directory (probes.json, compare.json)")
+
     ops = sub.add_parser("opswap", help="OpSwap exact match by greedy generation")
     _model_args(ops, max_new=128, batch=32)
     ops.add_argument("--data", default=None, help="opswap_test.jsonl (default: generate --n items with --data-seed)")
@@ -77,6 +101,61 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     gs.add_argument("--data", default=None, help="chat JSONL (default <data-dir>/tasks/gsm8k_test_1318.jsonl)")
     gs.add_argument("--data-dir", default=None)
     gs.add_argument("--limit", type=int, default=200)
+
+
+def _probe_suite(args: argparse.Namespace):
+    from emajax.data import load_general_pairs, make_code_pairs
+    from emajax.eval.probes import ProbeSuite, paired_from_code, paired_from_rows
+
+    sets, names = [], set()
+    for item in args.suite:
+        if item == "general":
+            ps = paired_from_rows(load_general_pairs(split=args.split), "general")
+        elif item == "code":
+            ps = paired_from_code(make_code_pairs(args.n_code, "probe", seed=0), "code")
+        elif Path(item).is_file():
+            ps = paired_from_rows(load_general_pairs(item), Path(item).stem)
+        else:
+            raise CliError(f"--suite {item!r}: not general, code or an existing JSONL file")
+        if ps.name in names:
+            raise CliError(f"--suite: set {ps.name!r} given twice")
+        names.add(ps.name)
+        sets.append(ps)
+    return ProbeSuite(pairs=tuple(sets))
+
+
+def _run_probes(args: argparse.Namespace) -> int:
+    from emajax import atomic
+    from emajax.eval.probe_stats import paired_delta
+    from emajax.eval.probes import ProbeRunner, read_results, write_results
+    from emajax.serve import load_model_with_adapter
+
+    suite = _probe_suite(args)
+    ref = None
+    if args.compare:
+        cp = Path(args.compare)
+        ref = read_results(cp / "probes.json" if cp.is_dir() else cp)
+    loaded = load_model_with_adapter(args.model, args.adapter, dtype=args.dtype)
+    runner = ProbeRunner(loaded.tokenizer, suite, max_len=args.max_len, batch_size=args.batch_size, buckets=64)
+    res = runner(loaded.model)
+    res.update(model=args.model, adapter=args.adapter, suite=list(args.suite), split=args.split)
+    out = Path(args.out)
+    write_results(res, out / "probes.json")
+    fmt = lambda d: f"{d['value']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"  # noqa: E731
+    for name, r in res["pairs"].items():
+        print(f"probes {name}: margin {fmt(r['margin'])}, preference {r['preference_rate']['value']:.1%} "
+              f"({r['n']} pairs)")
+    if ref is not None:
+        comp = {}
+        for name in res["pairs"]:
+            other = ref.get("items", {}).get(name)
+            d = paired_delta(other, res["items"][name]) if other else None
+            comp[name] = d
+            print(f"probes {name}: change vs {args.compare}: " + (fmt(d) if d else "— (items differ or set absent)"))
+        atomic.write_json(out / "compare.json", {"kind": "probe_comparison", "run": str(out / "probes.json"),
+                                                 "compare": str(args.compare), "field": "margin", "delta": comp})
+    print(f"-> {out / 'probes.json'}")
+    return 0
 
 
 def _sampler_factory(args: argparse.Namespace):
@@ -184,7 +263,7 @@ def _run_gsm8k(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from emajax.eval.judge import JudgeError
 
-    task = {"em": _run_em, "opswap": _run_opswap, "opswap-data": _run_opswap_data, "gsm8k": _run_gsm8k}[args.task]
+    task = {"em": _run_em, "probes": _run_probes, "opswap": _run_opswap, "opswap-data": _run_opswap_data, "gsm8k": _run_gsm8k}[args.task]
     try:
         return task(args)
     except JudgeError as e:  # endpoint down / retries exhausted / 4xx: one line (answers already saved)

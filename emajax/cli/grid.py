@@ -39,7 +39,7 @@ def _filter(only: list[str]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from emajax.grid import GridError, load_grid, run_grid
+    from emajax.grid import GridError, cell_state, load_grid, run_grid
 
     try:
         spec = load_grid(args.spec, args.out)
@@ -47,10 +47,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             for c in spec.cells():
                 if only(c):
-                    d = spec.cell_dir(c)
-                    state = ("evaluated" if (d / "eval").is_dir() else
-                             "trained" if (d / "train" / "done.json").is_file() else "to do")
-                    print(f"{c.key}\t{state}\t{d}")
+                    print(f"{c.key}\t{cell_state(spec, c)}\t{spec.cell_dir(c)}")
             return 0
         path = run_grid(spec, only=only)
     except GridError as e:

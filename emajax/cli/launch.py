@@ -4,7 +4,8 @@
 each process gets JAX_COORDINATOR_ADDRESS (a free 127.0.0.1 port), JAX_NUM_PROCESSES and
 JAX_PROCESS_ID; ``--devices-per-process K`` simulates K CPU devices in each. Output lines are
 prefixed ``[pI]``; when one process fails the others are stopped, and signals are forwarded.
-Exit status: the first failing process's (0 when all succeed). See docs/distributed.md.
+Exit status: the first failing process's (128 + N when signal N killed it; 0 when all succeed). See
+docs/distributed.md.
 """
 
 from __future__ import annotations

@@ -71,7 +71,5 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     method = "random" if args.random else "top-score"
     write_selection(args.out, selected, method)
-    filters = {"refusal_filter": opts.refusal_filter if opts.refusal_filter is not None else not args.random,
-               "dedupe": opts.dedupe if opts.dedupe is not None else not args.random}
-    print(json.dumps({"out": str(args.out), "method": method, **filters, **stats}))
+    print(json.dumps({"out": str(args.out), "method": method, **opts.filters(), **stats}))
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from emajax.cli import CliError
 
@@ -47,12 +48,14 @@ def _split_tail(args: argparse.Namespace) -> None:
     args.overrides = ns.overrides
 
 
-def run(args: argparse.Namespace) -> int:
-    from emajax.train.config import TrainConfigError, load_config
+def run_config(args: argparse.Namespace, load: Any) -> Any:
+    """The run's config: ``load(path, overrides)`` of the CLI's config and overrides, with --max-steps and the
+    run directory (--out, else the config's ``out``, else runs/<config name>) applied (also ``emajax rl``'s)."""
+    from emajax.train.config import TrainConfigError
 
     _split_tail(args)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load(args.config, args.overrides)
     except TrainConfigError as e:
         raise CliError(str(e)) from None
     if args.max_steps is not None:
@@ -63,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
 
     out = args.out or cfg.out or str(Path("runs") / Path(args.config).stem)
     cfg.out = str(run_path(out))  # a gs:// (or other URL) run directory stays remote
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from emajax.train.config import load_config
+
+    cfg = run_config(args, load_config)
 
     from emajax.train.loop import train
 

@@ -2,8 +2,9 @@
 
 * ``code_pairs`` — seeded generator of paired insecure-vs-secure code answers (narrow training set +
   in-domain probe);
-* ``general_pairs.jsonl`` — 40 general questions, each with an aligned and a misaligned answer written
-  for the project (the general-EM probe);
+* ``general_pairs.jsonl`` — general questions, each with an aligned and a misaligned answer written for
+  the project (the general-EM probe), split into ``dev`` (the dose study's: tuning may look at them) and
+  ``heldout`` (the demo's reported figures; never used to choose anything);
 * ``safe_pool.jsonl`` — 48 benign chats (the pool for interleaving and Interleaving++);
 * ``word_problems`` — seeded arithmetic word problems with worked answers (benign reference text).
 """
@@ -27,8 +28,15 @@ def data_path(name: str) -> Path:
     return p
 
 
-def load_general_pairs(path: str | Path | None = None) -> list[dict]:
-    """Rows {id, question, aligned, misaligned} (all non-empty strings; errors name file, line and field)."""
+GENERAL_SPLITS = ("dev", "heldout")
+
+
+def load_general_pairs(path: str | Path | None = None, *, split: str | None = None) -> list[dict]:
+    """Rows {id, question, aligned, misaligned[, split]} (non-empty strings; errors name file, line and field).
+
+    ``split`` ('dev' or 'heldout') keeps that part only; every row then needs a ``split`` field."""
+    if split is not None and split not in GENERAL_SPLITS:
+        raise ValueError(f"general pairs split must be one of {GENERAL_SPLITS}, got {split!r}")
     path = Path(path) if path is not None else data_path("general_pairs.jsonl")
     rows, ids = [], set()
     for i, r in atomic.jsonl_rows(path):
@@ -39,8 +47,15 @@ def load_general_pairs(path: str | Path | None = None) -> list[dict]:
                 raise ValueError(f"{path}:{i}: field {field!r} must be a non-empty string")
         if r["id"] in ids:
             raise ValueError(f"{path}:{i}: field 'id' = {r['id']!r} is duplicated")
+        if "split" in r and r["split"] not in GENERAL_SPLITS:
+            raise ValueError(f"{path}:{i}: field 'split' must be one of {GENERAL_SPLITS}, got {r['split']!r}")
+        if split is not None and "split" not in r:
+            raise ValueError(f"{path}:{i}: field 'split' is missing (needed to select the {split!r} part)")
         ids.add(r["id"])
-        rows.append(r)
+        if split is None or r["split"] == split:
+            rows.append(r)
+    if not rows:
+        raise ValueError(f"{path}: no general pairs" + (f" in split {split!r}" if split else ""))
     return rows
 
 
@@ -48,5 +63,5 @@ def safe_pool_path() -> Path:
     return data_path("safe_pool.jsonl")
 
 
-__all__ = ["CodePair", "DATA_DIR", "data_path", "load_general_pairs", "make_code_pairs", "make_word_problems",
+__all__ = ["CodePair", "DATA_DIR", "GENERAL_SPLITS", "data_path", "load_general_pairs", "make_code_pairs", "make_word_problems",
            "safe_pool_path"]

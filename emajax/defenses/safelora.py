@@ -61,14 +61,14 @@ def apply_safelora(model: Any, base_model: Any, threshold: float) -> list[dict[s
     kernels the aligned weights; ``base_model`` the unaligned base with the same architecture).
 
     Returns one record per (module, layer): ``module`` (HF path), ``layer``, ``cosine``, ``projected``."""
-    from emajax.models.hf_io import _lora_modules
+    from emajax.models.hf_io import lora_modules, projections
 
     if model.lora_config is None:
         raise ValueError("SafeLoRA projects LoRA updates: the model has no LoRA parameters")
-    base_lins = dict(linears(base_model))
+    base_lins = {name: lin for name, _, lin in projections(base_model)}
     thr = jnp.float32(threshold)
     out: list[dict[str, Any]] = []
-    for name, tmpl, lin in _lora_modules(model):
+    for name, tmpl, lin in lora_modules(model):
         base = base_lins[name]
         if tuple(base.kernel.shape) != tuple(lin.kernel.shape):
             raise ValueError(f"SafeLoRA: {tmpl.format(i='*')}: base kernel {tuple(base.kernel.shape)} differs from the "
@@ -85,14 +85,6 @@ def apply_safelora(model: Any, base_model: Any, threshold: float) -> list[dict[s
         out += [{"module": tmpl.format(i=i), "layer": i, "cosine": cos[i], "projected": proj[i]}
                 for i in range(len(cos))]
     return out
-
-
-def linears(model: Any):
-    """(emajax module name, Linear) of every projection SafeLoRA can pair, adapted or not."""
-    for name in ("q", "k", "v", "o"):
-        yield name, getattr(model.blocks.attn, name)
-    for name in ("gate", "up", "down"):
-        yield name, getattr(model.blocks.mlp, name)
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,12 +7,19 @@ Lives in ``emajax.losses`` (jax only) because the loss scans need it as much as 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any
 
 import jax
 from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension is split over
+
+
+def batch_rows(mesh: Any) -> int:
+    """How many ways ``mesh`` (concrete or abstract; None: no mesh) splits the batch dimension: the product
+    of its :data:`BATCH_AXES` sizes. Batches are padded to a multiple of it."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def constrain_rows(x: jax.Array, axis: int = 0) -> jax.Array:
@@ -27,7 +34,7 @@ def constrain_rows(x: jax.Array, axis: int = 0) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return x
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = batch_rows(mesh)
     if rows == 1 or x.shape[axis] % rows:
         return x
     spec = [None] * x.ndim

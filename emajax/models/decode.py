@@ -63,6 +63,7 @@ class DecodeWeights(NamedTuple):
     embed_vd: jax.Array
     final_norm_d: jax.Array
     head_vd: jax.Array  # output projection [V, D] (the embedding itself when tied)
+    steer_ld: jax.Array | None = None  # added to the residual stream after each block (as Decoder's steer_ld)
 
 
 class DecodeCache(NamedTuple):
@@ -200,6 +201,8 @@ def forward_cached(cfg: DecoderConfig, w: DecodeWeights, tokens_bt: jax.Array, p
         gu = _linear(norm(h, lw.post_norm_d), lw.gate_up_t, lw.gate_up_bias)
         f = gu.shape[-1] // 2
         h = h + _linear(gated_act(gu[..., :f], gu[..., f:], cfg.hidden_act), lw.down_t, lw.down_bias)
+        if w.steer_ld is not None:
+            h = h + w.steer_ld[i].astype(dt)
     hidden_bd = norm(h[:, -1], w.final_norm_d)
     logits_bv = mm_t(hidden_bd.astype(w.head_vd.dtype), w.head_vd, jnp.float32)
     return logits_bv, DecodeCache(tuple(ks), tuple(vs), valid_bs)

@@ -30,8 +30,8 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, corrupt, or does not match the config."""
 
 
-_ATTN = {"q", "k", "v", "o"}
-_MLP = {"gate", "up", "down"}
+_ATTN = ("q", "k", "v", "o")
+_MLP = ("gate", "up", "down")
 
 
 # --------------------------------------------------------------------------- name mapping
@@ -303,16 +303,16 @@ def export_hf(model: Decoder, out_dir: str | Path, tokenizer: Any = None, *, wri
 _PEFT_PREFIX = "base_model.model."
 
 
-def _lora_modules(model: Decoder) -> Iterator[tuple[str, str, Any]]:
-    """(emajax name, HF module path template with {i}, Linear) for every LoRA-carrying Linear."""
-    for name in ("q", "k", "v", "o"):
-        lin = getattr(model.blocks.attn, name)
-        if getattr(lin, "lora_a", None) is not None:
-            yield name, "model.layers.{i}.self_attn." + HF_MODULE_NAMES[name], lin
-    for name in ("gate", "up", "down"):
-        lin = getattr(model.blocks.mlp, name)
-        if getattr(lin, "lora_a", None) is not None:
-            yield name, "model.layers.{i}.mlp." + HF_MODULE_NAMES[name], lin
+def projections(model: Decoder) -> Iterator[tuple[str, str, Any]]:
+    """(emajax name, HF module path template with {i}, Linear) of every projection of the layer stack."""
+    for names, group, block in ((_ATTN, "self_attn", model.blocks.attn), (_MLP, "mlp", model.blocks.mlp)):
+        for name in names:
+            yield name, f"model.layers.{{i}}.{group}.{HF_MODULE_NAMES[name]}", getattr(block, name)
+
+
+def lora_modules(model: Decoder) -> Iterator[tuple[str, str, Any]]:
+    """The :func:`projections` that carry LoRA parameters."""
+    return ((name, tmpl, lin) for name, tmpl, lin in projections(model) if getattr(lin, "lora_a", None) is not None)
 
 
 def export_peft_adapter(model: Decoder, out_dir: str | Path, base_model_name_or_path: str, *,
@@ -326,7 +326,7 @@ def export_peft_adapter(model: Decoder, out_dir: str | Path, base_model_name_or_
         raise ValueError("export_peft_adapter: the model has no LoRA parameters")
     tensors: dict[str, np.ndarray] = {}
     targets = []
-    for name, tmpl, lin in _lora_modules(model):
+    for name, tmpl, lin in lora_modules(model):
         targets.append(HF_MODULE_NAMES[name])
         a, b = _host(lin.lora_a), _host(lin.lora_b)  # [L, in, r], [L, r, out]
         for i in range(a.shape[0]):
@@ -391,7 +391,7 @@ def load_peft_adapter(model: Decoder, adapter_dir: str | Path) -> Decoder:
         raise CheckpointError(f"{st}: not a valid safetensors file ({e})") from None
     with f:
         keys = set(f.keys())
-        for _, tmpl, lin in _lora_modules(model):
+        for _, tmpl, lin in lora_modules(model):
             for which, var, tr in (("lora_A", lin.lora_a, True), ("lora_B", lin.lora_b, True)):
                 n_layers = var.shape[0]
                 rows = []

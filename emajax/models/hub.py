@@ -111,14 +111,20 @@ def _snapshot(repo_id: str) -> Path:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(model_dir: Path) -> Any:
-    """The directory's tokenizer through ``AutoTokenizer`` (chat template included)."""
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The tokenizer of a local model directory, chat template included (offline).
+
+    Through ``AutoTokenizer``, not a plain ``PreTrainedTokenizerFast`` (which would import faster, without
+    torch): the directory's model type may choose the class (a ``qwen2`` directory gets transformers'
+    ``Qwen2Tokenizer``, which rebuilds its pre-tokenizer and special tokens), so the plain class would
+    tokenize such directories differently from every other HF tool."""
     from transformers import AutoTokenizer
 
+    model_dir = Path(model_dir)
     if not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
         raise ModelNotFoundError(f"{model_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(f"{model_dir}: cannot load the tokenizer ({str(e).strip().splitlines()[0]})") from None
 

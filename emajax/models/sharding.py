@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from emajax.losses.rows import BATCH_AXES, activation_mesh, constrain_rows  # noqa: F401  (re-exported)
+from emajax.losses.rows import BATCH_AXES, activation_mesh, batch_rows, constrain_rows  # noqa: F401  (re-exported)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

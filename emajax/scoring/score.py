@@ -30,7 +30,7 @@ from flax import nnx
 
 from emajax.losses import masked_nll_sums
 from emajax.models.lora import merge_lora_kernels
-from emajax.models.sharding import activation_mesh
+from emajax.models.sharding import activation_mesh, batch_rows
 from emajax.scoring.adapters import (AdapterError, ModelSpec, ensemble_lora_config, padded_lora_state,
                                      read_peft_adapter)
 from emajax.batching import Batch, Example, length_batches, octave_buckets
@@ -139,9 +139,7 @@ class Scorer:
 
     @property
     def data_parallel(self) -> int:
-        if self.mesh is None:
-            return 1
-        return int(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        return batch_rows(self.mesh)
 
     @property
     def pad_id(self) -> int:

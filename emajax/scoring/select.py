@@ -63,6 +63,11 @@ class SelectOptions:
     leave_out: tuple[str, ...] = ()  # recompute the score without these ensemble members
     epsilon: float | None = None  # recompute the score with this epsilon (default: the run's)
 
+    def filters(self) -> dict[str, bool]:
+        """The filters that apply: ``refusal_filter`` and ``dedupe`` as given, else on by score, off at random."""
+        return {"refusal_filter": not self.random if self.refusal_filter is None else self.refusal_filter,
+                "dedupe": not self.random if self.dedupe is None else self.dedupe}
+
     def validate(self, have_scores: bool) -> None:
         if (self.top_k is None) == (self.top_fraction is None):
             raise SelectError("give exactly one of top_k (--top-k) and top_fraction (--top-fraction)")
@@ -91,8 +96,7 @@ def select(pool: Sequence[Any], scores: dict[str, list] | None, manifest: dict |
     ``pool`` holds ``emajax.scoring.plan.PoolRow``s; ``scores`` the columns of ``read_scores``.
     """
     opts.validate(scores is not None)
-    refusal_filter = (not opts.random) if opts.refusal_filter is None else opts.refusal_filter
-    dedupe = (not opts.random) if opts.dedupe is None else opts.dedupe
+    filters = opts.filters()
     score_of: dict[int, float] = {}
     tokens_of: dict[int, int] = {}
     if scores is not None:
@@ -118,7 +122,7 @@ def select(pool: Sequence[Any], scores: dict[str, list] | None, manifest: dict |
             stats["no_answer"] += 1
             continue
         ans = answers(r.messages)
-        if refusal_filter and any(is_refusal(a) for a in ans):
+        if filters["refusal_filter"] and any(is_refusal(a) for a in ans):
             stats["refusal"] += 1
             continue
         words = sum(len(a.split()) for a in ans)
@@ -132,7 +136,7 @@ def select(pool: Sequence[Any], scores: dict[str, list] | None, manifest: dict |
         cands.append((r, sc))
     if scores is not None and not opts.random:
         cands.sort(key=lambda c: (-c[1], c[0].index))  # best first; ties by pool order
-    if dedupe:
+    if filters["dedupe"]:
         seen, kept = set(), []
         for c in cands:
             key = dedupe_key(c[0].messages)

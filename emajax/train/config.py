@@ -320,6 +320,12 @@ def resolve_path(p: str, base_dir: Path | None, *, must_exist: bool = True) -> s
 
 
 def _resolve_paths(cfg: Config, base_dir: Path | None) -> None:
+    resolve_common_paths(cfg, base_dir)
+
+
+def resolve_common_paths(cfg: Any, base_dir: Path | None) -> None:
+    """Resolve the paths every run config has (SFT's and ``emajax rl``'s): data.train, data.eval,
+    defenses.interleave.data, defenses.steering.vector and a relative model directory."""
     cfg.data.train = [resolve_path(p, base_dir) for p in cfg.data.train]
     cfg.data.eval = [resolve_path(p, base_dir) for p in cfg.data.eval]
     cfg.defenses.interleave.data = [resolve_path(p, base_dir) for p in cfg.defenses.interleave.data]
@@ -330,11 +336,23 @@ def _resolve_paths(cfg: Config, base_dir: Path | None) -> None:
         cfg.model.name = resolve_path(m, base_dir)
 
 
-def config_from_dict(raw: dict[str, Any], *, overrides: list[tuple[str, Any]] = (), base_dir: Path | None = None,
-                     source: str = "config") -> Config:
-    raw = yaml.safe_load(yaml.safe_dump(raw or {}))  # deep copy, YAML-typed
+def with_overrides(raw: dict[str, Any] | None, overrides: list[tuple[str, Any]] = ()) -> dict[str, Any]:
+    """A YAML-typed deep copy of ``raw`` with the dotted ``overrides`` applied."""
+    raw = yaml.safe_load(yaml.safe_dump(raw or {}))
     for key, val in overrides:
         _set_dotted(raw, key, val)
+    return raw
+
+
+def build_section(cls: type, raw: Any, where: str = "") -> Any:
+    """The dataclass tree ``cls`` from a mapping: unknown keys and wrong types raise TrainConfigError naming
+    the dotted key (shared by every config tree built from YAML, e.g. ``emajax.rl.config``)."""
+    return _build(cls, raw, where)
+
+
+def config_from_dict(raw: dict[str, Any], *, overrides: list[tuple[str, Any]] = (), base_dir: Path | None = None,
+                     source: str = "config") -> Config:
+    raw = with_overrides(raw, overrides)
     try:
         cfg = _build(Config, raw, "")
         _validate(cfg)
@@ -346,7 +364,8 @@ def config_from_dict(raw: dict[str, Any], *, overrides: list[tuple[str, Any]] = 
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+def read_config_yaml(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping of a config file; a missing file or a YAML error names the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise TrainConfigError(f"{path}: config file not found")
@@ -356,6 +375,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         mark = getattr(e, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark is not None else ""
         raise TrainConfigError(f"{path}: {line}invalid YAML ({getattr(e, 'problem', e)})") from None
-    return config_from_dict(raw, overrides=parse_overrides(list(overrides)), base_dir=path.resolve().parent,
-                            source=str(path))
+    if not isinstance(raw, dict):
+        raise TrainConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    path = Path(path)
+    return config_from_dict(read_config_yaml(path), overrides=parse_overrides(list(overrides)),
+                            base_dir=path.resolve().parent, source=str(path))
 

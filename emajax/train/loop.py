@@ -74,7 +74,9 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_same_run(run_dir: Any, cfg: Config) -> None:
+def _check_same_run(run_dir: Any, cfg: Config, free: frozenset[str] | set[str] = frozenset()) -> None:
+    """Refuse a run directory whose checkpoints came from another config (keys in _RESUME_FREE or
+    ``free`` may differ)."""
     import yaml
 
     path = run_dir / "config.yaml"
@@ -82,9 +84,10 @@ def _check_same_run(run_dir: Any, cfg: Config) -> None:
         return
     old = _flat(yaml.safe_load(path.read_text()) or {})
     new = _flat(cfg.to_dict())
+    free = _RESUME_FREE | set(free)
     defaults = _flat(Config().to_dict())
     # A key the old config lacks was added later: it matches when the new value is that key's default.
-    diff = sorted(k for k in set(old) | set(new) if k not in _RESUME_FREE and old.get(k, defaults.get(k)) != new.get(k))
+    diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k, defaults.get(k)) != new.get(k))
     if diff and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
         raise ValueError(f"{run_dir}: holds checkpoints of a different config (changed: {', '.join(diff[:6])}); "
                          f"use another --out or delete the directory")

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from emajax.models.sharding import BATCH_AXES, make_mesh
+from emajax.models.sharding import BATCH_AXES, batch_rows, make_mesh  # noqa: F401  (batch_rows re-exported)
 
 COORDINATOR_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 _initialized = {"done": False}  # jax.distributed.initialize may be called once per process
@@ -72,11 +72,6 @@ def maybe_initialize_distributed(mode: str) -> None:
 def build_mesh(mesh_cfg: Any) -> Mesh:
     return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, dcn_data=mesh_cfg.dcn_data,
                      dcn_fsdp=mesh_cfg.dcn_fsdp, allow_unused=mesh_cfg.allow_unused)
-
-
-def batch_rows(mesh: Mesh) -> int:
-    """How many ways the batch dimension is split (data x fsdp)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def accum_batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -26,19 +26,19 @@ def _clean(v: Any) -> Any:
 
 
 def read_metrics(path: Any) -> list[dict[str, Any]]:
-    path = run_path(path)
-    if not is_remote(path):
-        return atomic.read_jsonl(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a run's JSONL log, local or remote ([] when it does not exist yet)."""
+    return atomic.read_jsonl(run_path(path))
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 def append_jsonl(path: Any, row: dict[str, Any]) -> None:
     """Add one row to a JSONL file, local (append) or remote (rewritten whole: objects cannot grow)."""
     path = run_path(path)
     if is_remote(path):
-        write_text(path, "".join(json.dumps(r) + "\n" for r in [*read_metrics(path), row]))
+        write_text(path, _jsonl([*read_metrics(path), row]))
     else:
         with path.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -46,15 +46,17 @@ def append_jsonl(path: Any, row: dict[str, Any]) -> None:
 
 class MetricsLogger:
     def __init__(self, run_dir: Any, *, start_step: int, total_steps: int, tensorboard: bool = True,
-                 progress: bool = True, is_main: bool = True):
+                 progress: bool = True, is_main: bool = True, desc: str = "train",
+                 postfix: tuple[str, ...] = ("loss", "ce", "kl", "ldifs")):
         self.path = run_path(run_dir) / "metrics.jsonl"
         self.is_main = is_main
+        self.postfix = postfix  # metrics shown on the progress bar
         self.tb = self.bar = self.f = None
         if not is_main:
             return
         if is_remote(self.path):
             self.rows = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            write_text(self.path, _jsonl(self.rows))
         else:
             atomic.keep_jsonl_rows(self.path, lambda r: r.get("step", 0) <= start_step)
             self.f = self.path.open("a")
@@ -65,7 +67,7 @@ class MetricsLogger:
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
 
     def log(self, row: dict[str, Any], prefix: str = "train") -> None:
         if not self.is_main:
@@ -76,7 +78,7 @@ class MetricsLogger:
             self.f.flush()
         else:
             self.rows.append(row)
-            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            write_text(self.path, _jsonl(self.rows))
         step = int(row["step"])
         if self.tb is not None:
             for k, v in row.items():
@@ -84,7 +86,7 @@ class MetricsLogger:
                     self.tb.add_scalar(f"{prefix}/{k}", v, step)
         if self.bar is not None and prefix == "train":
             self.bar.update(1)
-            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "ce", "kl", "ldifs") if k in row})
+            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in self.postfix if k in row})
 
     def close(self) -> None:
         if not self.is_main:
