@@ -115,10 +115,12 @@ def launch(argv: Sequence[str], *, processes: int, devices_per_process: int | No
             if p.poll() is None:
                 p.terminate()
         deadline = time.monotonic() + grace_s
-        for p in procs:
+        for i, p in enumerate(procs):
             try:
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                with lock:
+                    out.write(f"emajax launch: process {i} still running {grace_s:g} s after SIGTERM; killing it\n")
                 p.kill()
         for p in procs:
             p.wait()

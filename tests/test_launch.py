@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -52,11 +51,10 @@ def test_one_failure_stops_the_others(tmp_path):
     py = fake_python(tmp_path, 'if [ "$JAX_PROCESS_ID" = 1 ]; then echo dying; exit 3; fi; '
                                'trap "echo got-term; exit 143" TERM; while true; do sleep 0.05; done')
     out = io.StringIO()
-    t0 = time.monotonic()
-    assert launch(["train"], processes=2, out=out, python=py, grace_s=5) == 3
-    assert time.monotonic() - t0 < 5
+    assert launch(["train"], processes=2, out=out, python=py, grace_s=30) == 3
     text = out.getvalue()
     assert "[p1] dying" in text and "process 1 exited with status 3" in text and "[p0] got-term" in text
+    assert "killing it" not in text  # SIGTERM stopped process 0: no wait for the grace period, no SIGKILL
 
 
 def test_a_process_killed_by_a_signal_exits_128_plus_the_signal(tmp_path):
@@ -70,9 +68,10 @@ def test_a_process_killed_by_a_signal_exits_128_plus_the_signal(tmp_path):
 def test_timeout_and_a_process_that_ignores_sigterm(tmp_path):
     py = fake_python(tmp_path, 'trap "" TERM; while true; do sleep 0.05; done')
     out = io.StringIO()
-    t0 = time.monotonic()
     assert launch(["train"], processes=2, out=out, python=py, timeout_s=0.3, grace_s=0.3) == 124
-    assert time.monotonic() - t0 < 5 and "timed out" in out.getvalue()
+    text = out.getvalue()
+    assert "timed out after 0.3 s" in text
+    assert all(f"process {i} still running 0.3 s after SIGTERM; killing it" in text for i in (0, 1))
 
 
 def test_sigterm_to_the_launcher_is_forwarded(tmp_path):
