@@ -433,5 +433,6 @@ def write_manifest(spec: GridSpec) -> Path:
                       "sets": sets})
     return atomic.write_json(spec.out / "grid.json", {
         "kind": "emajax-grid", "spec": str(spec.source), "seeds": spec.seeds, "domains": list(spec.domains),
-        "defenses": list(spec.arms), "in_domain_sets": {d: v.question_set for d, v in spec.domains.items()},
+        "defenses": list(spec.arms), "general_set": spec.eval.general,
+        "in_domain_sets": {d: v.question_set for d, v in spec.domains.items()},
         "cells": cells})

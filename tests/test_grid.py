@@ -132,6 +132,7 @@ def test_grid_end_to_end_resume_and_paper_table(grid_setup, monkeypatch, capsys)
     assert "| Defense | General misaligned ↓ | General incoherent ↓ | In-domain misaligned ↑ | OpSwap accuracy ↑ |" \
         in report
     assert report.count("| safelora |") == 2 and "| safelora | — | — | — | — | — |" in report
+    assert man["general_set"].endswith("general.yaml") and f"question set `{man['general_set']}`" in report
 
     # Resume: a rerun trains, scores and judges nothing again
     import emajax.train.loop as loop
