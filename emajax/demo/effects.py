@@ -61,21 +61,14 @@ class DemoResults:
         self.benign: dict[tuple[int, str], dict] = {}
         self.exact: dict[tuple[int, str], dict] = {}
         self.judge: dict[tuple[int, str], dict] = {}
+        files = ((self.narrow, "arms", "probes.json"), (self.judge, "arms", "em_general.json"),
+                 (self.benign, "benign", "probes.json"), (self.exact, "benign", "benign_exact.json"))
         for s in seeds:
-            sd = self.out / f"seed_{s}"
             for arm in [CONTROL, *self.methods]:
-                r = _read(sd / "arms" / arm / "probes.json")
-                if r is not None:
-                    self.narrow[(s, arm)] = r
-                j = _read(sd / "arms" / arm / "em_general.json")
-                if j is not None:
-                    self.judge[(s, arm)] = j
-                r = _read(sd / "benign" / arm / "probes.json")
-                if r is not None:
-                    self.benign[(s, arm)] = r
-                e = _read(sd / "benign" / arm / "benign_exact.json")
-                if e is not None:
-                    self.exact[(s, arm)] = e
+                for table, kind, name in files:
+                    r = _read(self.out / f"seed_{s}" / kind / arm / name)
+                    if r is not None:
+                        table[(s, arm)] = r
 
     def seeds_with(self, table: dict, arms: list[str]) -> list[int]:
         return [s for s in self.seeds if all((s, a) in table for a in arms)]
