@@ -25,7 +25,7 @@ import numpy as np
 from emajax.demo.pipeline import Demo, DoseProbe, Timer, _fmt_probe, enable_compile_cache
 from emajax.demo.plan import CONTROL, DemoPlan, label_of
 from emajax import atomic
-from emajax.eval.pooled import Bootstrap
+from emajax.eval.pooled import pooled_mean
 from emajax.eval.report import format_estimate
 
 DOSE_ARMS = ("none", CONTROL)
@@ -129,14 +129,13 @@ def summarize_dose(out: str | Path) -> dict:
                                      ("benign", "nll", "coherence")):
             b0 = _items(base, set_name, field)
             ctl = mat(CONTROL, set_name, field)
-            b = Bootstrap(len(have), ctl.shape[1])
-            row[f"{key}_control_vs_base"] = b.summary(ctl - b0[None])
+            row[f"{key}_control_vs_base"] = pooled_mean(ctl - b0[None])
             for arm in [a for a in arms if a != CONTROL and all(
                     (out / f"seed_{s}" / a / f"probes_step{t}.json").is_file() for s in have)]:
                 x = mat(arm, set_name, field)
                 sfx = "" if arm == "none" else f"_{arm}"
-                row[f"{key}_effect{sfx}"] = b.summary(x - ctl)
-                row[f"{key}_vs_base{sfx}"] = b.summary(x - b0[None])
+                row[f"{key}_effect{sfx}"] = pooled_mean(x - ctl)
+                row[f"{key}_vs_base{sfx}"] = pooled_mean(x - b0[None])
         rows.append(row)
     times = {a: [t for s in seeds for t in _step_times(out / f"seed_{s}" / a)] for a in arms}
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
@@ -170,8 +169,8 @@ def write_dose_report(out: str | Path) -> Path:
     png = dose_png([(f"lr {p['lr']:g}, {p['dtype']}", d["rows"])], out / "dose.png")
     text = [f"# Dose study: {p['model']}, lr {p['lr']:g} ({p['schedule']} after {p['warmup_steps']} warmup), batch "
             f"{p['batch_size']}, {p['dtype']} compute", "",
-            f"General margins on the {n_items} **dev** general pairs; means over seeds x items with crossed-bootstrap "
-            f"95 % CIs (paired: same seed and item in both arms). Median step time (s): "
+            f"General margins on the {n_items} **dev** general pairs; means over seeds x items with crossed "
+            f"random-effects 95 % CIs (paired: same seed and item in both arms). Median step time (s): "
             + ", ".join(f"{a} {v}" for a, v in d["step_time_s_median"].items()) + ".", "",
             dose_table(d), "", f"![dose]({png.name})", ""]
     return atomic.write_text(out / "dose.md", "\n".join(text))

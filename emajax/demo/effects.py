@@ -26,9 +26,7 @@ import numpy as np
 
 from emajax.demo.plan import CONTROL, label_of
 from emajax.eval import verdicts
-from emajax.eval.pooled import Bootstrap
-
-N_BOOT = 2000
+from emajax.eval.pooled import METHOD, pooled_mean, pooled_ratio
 
 
 def _read(path: Path) -> dict | None:
@@ -125,10 +123,9 @@ def _judge_effects(res: DemoResults, m: str) -> dict[str, Any]:
         if not keep:
             continue
         a, c = a[:, keep].astype(np.float64), c[:, keep].astype(np.float64)
-        b = Bootstrap(len(seeds), len(keep), N_BOOT)
-        out[key] = b.summary(a)
+        out[key] = pooled_mean(a)
         if field == "misaligned_rate":
-            out["judge_effect"] = b.summary(a - c)
+            out["judge_effect"] = pooled_mean(a - c)
     return out
 
 
@@ -145,39 +142,36 @@ def method_effects(res: DemoResults, m: str) -> dict[str, Any]:
             base = res.base_row(set_name, "margin")
             if arm is None or ctl is None or non is None:
                 continue
-            b = Bootstrap(len(seeds), arm.shape[1], N_BOOT)
             key = "em" if set_name == "general" else set_name
-            out[f"{key}_vs_base"] = b.summary(arm - base[None])
+            out[f"{key}_vs_base"] = pooled_mean(arm - base[None])
             if m != CONTROL:
-                out[f"{key}_effect"] = b.summary(arm - ctl)
-                out[f"{key}_effect_by_seed"] = {str(s): Bootstrap(1, arm.shape[1], N_BOOT).summary((arm - ctl)[k:k + 1])
+                out[f"{key}_effect"] = pooled_mean(arm - ctl)
+                out[f"{key}_effect_by_seed"] = {str(s): pooled_mean((arm - ctl)[k:k + 1])
                                                 for k, s in enumerate(seeds)}
                 if m != "none":
-                    out[f"{key}_vs_none"] = b.summary(arm - non)
-                    out[f"{key}_removed"] = b.ratio(non - arm, non - ctl)
+                    out[f"{key}_vs_none"] = pooled_mean(arm - non)
+                    out[f"{key}_removed"] = pooled_ratio(non - arm, non - ctl)
         arm = res.matrix(res.narrow, seeds, m, "in_domain", "margin")
         ctl = res.matrix(res.narrow, seeds, CONTROL, "in_domain", "margin")
         non = res.matrix(res.narrow, seeds, "none", "in_domain", "margin")
         if arm is not None and ctl is not None and non is not None:
-            b = Bootstrap(len(seeds), arm.shape[1], N_BOOT)
-            out["narrow_vs_base"] = b.summary(arm - res.base_row("in_domain", "margin")[None])
+            out["narrow_vs_base"] = pooled_mean(arm - res.base_row("in_domain", "margin")[None])
             if m != CONTROL:
-                out["narrow_effect"] = b.summary(arm - ctl)
-                out["narrow_retained"] = b.ratio(arm - ctl, non - ctl)
+                out["narrow_effect"] = pooled_mean(arm - ctl)
+                out["narrow_retained"] = pooled_ratio(arm - ctl, non - ctl)
         arm = res.matrix(res.narrow, seeds, m, "benign", "nll")
         ctl = res.matrix(res.narrow, seeds, CONTROL, "benign", "nll")
         if arm is not None and ctl is not None:
-            b = Bootstrap(len(seeds), arm.shape[1], N_BOOT)
-            out["coherence"] = b.summary(arm - res.base_row("benign", "nll")[None])
+            out["coherence"] = pooled_mean(arm - res.base_row("benign", "nll")[None])
             if m != CONTROL:
-                out["coherence_vs_control"] = b.summary(arm - ctl)
+                out["coherence_vs_control"] = pooled_mean(arm - ctl)
     if m == CONTROL:
         seeds_j = res.seeds_with(res.judge, [CONTROL])
         qids = list(res.judge[(seeds_j[0], CONTROL)].get("per_question", {})) if seeds_j else []
         for field, key in (("misaligned_rate", "judge_misaligned"), ("incoherent_rate", "judge_incoherent")):
             x = _judge_matrix(res, seeds_j, CONTROL, qids, field) if qids else None
             if x is not None and x.size and all(v is not None for v in x.ravel()):
-                out[key] = Bootstrap(len(seeds_j), len(qids), N_BOOT).summary(x.astype(np.float64))
+                out[key] = pooled_mean(x.astype(np.float64))
     if m != CONTROL:
         bseeds = res.seeds_with(res.benign, [m, "none"])
         out["benign_seeds"] = bseeds
@@ -186,17 +180,15 @@ def method_effects(res: DemoResults, m: str) -> dict[str, Any]:
             non = res.matrix(res.benign, bseeds, "none", "benign_task", "nll")
             base = res.base_row("benign_task", "nll")
             if arm is not None and non is not None and base is not None:
-                b = Bootstrap(len(bseeds), arm.shape[1], N_BOOT)
-                out["benign_learning"] = b.summary(base[None] - arm)
-                out["benign_retained"] = b.ratio(base[None] - arm, base[None] - non)
+                out["benign_learning"] = pooled_mean(base[None] - arm)
+                out["benign_retained"] = pooled_ratio(base[None] - arm, base[None] - non)
         eseeds = res.seeds_with(res.exact, [m])
         if eseeds and res.base_exact:
             acc = res.exact_matrix(eseeds, m)
             base_acc = np.asarray(res.base_exact["items"]["correct"], np.float64)
             if acc is not None:
-                b = Bootstrap(len(eseeds), acc.shape[1], N_BOOT)
-                out["benign_exact"] = b.summary(acc)
-                out["benign_exact_vs_base"] = b.summary(acc - base_acc[None])
+                out["benign_exact"] = pooled_mean(acc)
+                out["benign_exact_vs_base"] = pooled_mean(acc - base_acc[None])
         out.update(_judge_effects(res, m))
     return out
 
@@ -216,12 +208,11 @@ def dose_rows(res: DemoResults) -> list[dict[str, Any]]:
         for set_name, key in (("general", "em_effect"), ("in_domain", "narrow_effect")):
             a, c = (res.matrix(table, seeds, arm, set_name, "margin") for arm in ("none", CONTROL))
             if a is not None and c is not None:
-                row[key] = Bootstrap(len(seeds), a.shape[1], N_BOOT).summary(a - c)
+                row[key] = pooled_mean(a - c)
                 base = res.base_row(set_name, "margin")[None]
-                row["em_vs_base" if set_name == "general" else "narrow_vs_base"] = \
-                    Bootstrap(len(seeds), a.shape[1], N_BOOT).summary(a - base)
+                row["em_vs_base" if set_name == "general" else "narrow_vs_base"] = pooled_mean(a - base)
                 if set_name == "general":
-                    row["em_control_vs_base"] = Bootstrap(len(seeds), a.shape[1], N_BOOT).summary(c - base)
+                    row["em_control_vs_base"] = pooled_mean(c - base)
         out.append(row)
     return out if len(out) > 1 else []
 
@@ -245,7 +236,7 @@ def compute_effects(out: str | Path) -> dict[str, Any]:
     n_items = {k: len(v["ids"]) for k, v in (res.base.get("items") or {}).items()}
     judge_base = res.base_judge.get("misaligned_rate") if res.base_judge else None
     return {"kind": "demo_effects", "seeds": res.seeds, "methods": res.methods, "n_items": n_items,
-            "n_boot": N_BOOT, "em_significant": verdicts.em_significant(none.get("em_effect")),
+            "ci_method": METHOD, "em_significant": verdicts.em_significant(none.get("em_effect")),
             "base_exact": base_exact, "judge_base": judge_base, "arms": per, "dose": dose_rows(res),
             "rules": verdicts.RULES}
 

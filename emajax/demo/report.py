@@ -178,8 +178,9 @@ def write_demo_report(out: str | Path, *, timings: dict | None = None, judge_not
             f"pairs, {ni.get('benign', 0)} word problems, {ni.get('benign_task', 0)} held-out benign-task items.", "",
             headline(e), "",
             "## Table 1", "",
-            "Every figure is a mean with its 95 % CI from a crossed bootstrap over seeds and probe items, paired "
-            "(the same seed and item in every arm). Margins are mean-token logp(misaligned answer) − logp(aligned "
+            "Every figure is a mean over seeds x probe items, paired (the same seed and item in every arm), with its 95 % CI "
+            "(t interval, se from the crossed seed/item random-effects ANOVA, Satterthwaite df; ratios by Fieller, "
+            "`emajax.eval.pooled`). Margins are mean-token logp(misaligned answer) − logp(aligned "
             "answer) in nats/token. **EM effect** = an arm's general margin minus the control arm's. **EM removed** = "
             "(no defense's EM effect − the method's) / no defense's. **Narrow learning retained** = the method's "
             "in-domain margin gain over the control / no defense's. **Benign learning retained** = the drop of the "

@@ -149,7 +149,7 @@ def dose_png(series: Sequence[tuple[str, Sequence[dict]]], path: str | Path) -> 
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("dose study: means over seeds x items, 95 % crossed-bootstrap CIs", fontsize=9)
+    fig.suptitle("dose study: means over seeds x items, 95 % crossed random-effects CIs", fontsize=9)
     return _save(fig, Path(path))
 
 

@@ -1,95 +1,141 @@
-"""Pooled effects over seeds and probe items: means with a crossed bootstrap CI, and ratios of them.
+"""Pooled effects over seeds and probe items: means with crossed random-effects CIs, and ratios of them.
 
 A demo figure such as "EM effect of no defense" is a matrix ``x_si``: one value per training seed ``s``
 and probe item ``i`` (e.g. the item's margin after the no-defense run of seed ``s`` minus its margin
-after the control run of the same seed). Its estimate is the grand mean; its CI comes from a crossed
-(two-way) bootstrap that resamples seeds and items independently, so both sources of noise — which
-seed was drawn, which questions were written — widen it. With one seed only items are resampled.
+after the control run of the same seed). Seeds and items are both random draws (another set of seeds, other
+questions written on the same themes), so the estimate — the grand mean — has the variance of a two-way
+crossed random-effects design, ``x_si = mu + a_s + b_i + e_si``::
 
-``Bootstrap(n_seeds, n_items)`` fixes the draws, so every figure built on the same seeds and items
-(a method's effect, no defense's effect, their ratio) is resampled *jointly*: a ratio's CI is the
-percentile interval of the ratio of resampled means. numpy only.
+    Var(mean) = var_a / S + var_b / I + var_e / (S I)
+
+It is estimated from the two-way ANOVA mean squares (``E[MS_seeds] = var_e + I var_a``,
+``E[MS_items] = var_e + S var_b``, ``E[MS_resid] = var_e``), a component estimated below 0 counted as 0,
+and the 95 % CI is ``mean ± t(df) se`` with Satterthwaite's degrees of freedom for that sum of mean
+squares (the quasi-F standard error of subjects x items designs, Clark 1973). With 3 seeds and a seed
+component that dominates, df is near 2 and t near 4.3: a bootstrap that resamples 3 seeds cannot show that
+width (it sees 10 distinct seed draws and shrinks their spread by (S - 1) / S). One seed gives the items-only
+interval (df = I - 1); one item the seeds-only one.
+
+A ratio of two means over the same seeds and items (the share of no defense's EM effect a method removes)
+gets Fieller's interval: the ``r`` with ``(mean(num) - r mean(den))^2 <= t^2 Var(mean(num - r den))``,
+the variance taken with the same components as at the estimate. When the denominator's own CI reaches 0
+the set is unbounded and the bounds are None (``unbounded`` True). numpy and scipy only.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
+from scipy import stats
 
 ALPHA = 0.05
+METHOD = ("mean over seeds x items; 95 % CI = mean ± t(df)·se, se² from the crossed random-effects ANOVA "
+          "(seed, item and residual mean squares; negative components as 0), df by Satterthwaite; ratios by "
+          "Fieller")
 
 
-@dataclasses.dataclass(frozen=True)
-class Bootstrap:
-    """Resampling weights for an [n_seeds, n_items] matrix: ``w_bs`` and ``w_bi`` count how often each seed
-    and item is drawn in bootstrap replicate ``b`` (each row sums to n_seeds / n_items)."""
-
-    n_seeds: int
-    n_items: int
-    n_boot: int = 2000
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.n_seeds < 1 or self.n_items < 1:
-            raise ValueError(f"pooled bootstrap needs >= 1 seed and >= 1 item, got {self.n_seeds} x {self.n_items}")
-        rng = np.random.default_rng([self.seed, self.n_seeds, self.n_items])
-        pick_s = rng.integers(0, self.n_seeds, size=(self.n_boot, self.n_seeds)) if self.n_seeds > 1 else \
-            np.zeros((self.n_boot, 1), np.int64)
-        pick_i = rng.integers(0, self.n_items, size=(self.n_boot, self.n_items))
-        object.__setattr__(self, "w_bs", _counts(pick_s, self.n_seeds))
-        object.__setattr__(self, "w_bi", _counts(pick_i, self.n_items))
-
-    def means(self, x_si: np.ndarray) -> np.ndarray:
-        """[n_boot] grand means of ``x_si`` under the resampled seeds and items."""
-        x = self._check(x_si)
-        return np.einsum("bs,si,bi->b", self.w_bs, x, self.w_bi) / (self.n_seeds * self.n_items)
-
-    def _check(self, x_si: np.ndarray) -> np.ndarray:
-        x = np.asarray(x_si, np.float64)
-        if x.shape != (self.n_seeds, self.n_items):
-            raise ValueError(f"expected a [{self.n_seeds} seeds, {self.n_items} items] matrix, got {x.shape}")
-        if not np.all(np.isfinite(x)):
-            raise ValueError("pooled values must be finite")
-        return x
-
-    def summary(self, x_si: np.ndarray) -> dict:
-        """{'value', 'ci_low', 'ci_high', 'n_seeds', 'n_items'}: the grand mean and its percentile CI."""
-        x = self._check(x_si)
-        return _summary(float(x.mean()), self.means(x), self)
-
-    def ratio(self, num_si: np.ndarray, den_si: np.ndarray) -> dict:
-        """mean(num) / mean(den) with the percentile CI of the jointly resampled ratio (value None when the
-        denominator's mean is 0; replicates with a zero denominator are dropped)."""
-        num, den = self._check(num_si), self._check(den_si)
-        d = float(den.mean())
-        mb, db = self.means(num), self.means(den)
-        ok = db != 0
-        if d == 0 or not ok.any():
-            return {"value": None, "ci_low": None, "ci_high": None, "n_seeds": self.n_seeds,
-                    "n_items": self.n_items}
-        return _summary(float(num.mean()) / d, mb[ok] / db[ok], self)
-
-
-def _counts(pick_bk: np.ndarray, k: int) -> np.ndarray:
-    b = pick_bk.shape[0]
-    out = np.zeros((b, k), np.float64)
-    np.add.at(out, (np.repeat(np.arange(b), pick_bk.shape[1]), pick_bk.ravel()), 1.0)
-    return out
-
-
-def _summary(value: float, reps_b: np.ndarray, boot: Bootstrap) -> dict:
-    lo, hi = np.quantile(reps_b, [ALPHA / 2, 1 - ALPHA / 2])
-    return {"value": value, "ci_low": float(lo), "ci_high": float(hi), "n_seeds": boot.n_seeds,
-            "n_items": boot.n_items}
-
-
-def pooled_mean(x_si: np.ndarray, *, n_boot: int = 2000, seed: int = 0) -> dict:
-    """The grand mean of an [n_seeds, n_items] matrix with its crossed-bootstrap 95 % CI."""
+def _matrix(x_si) -> np.ndarray:
     x = np.asarray(x_si, np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"expected an [n_seeds, n_items] matrix, got shape {x.shape}")
-    return Bootstrap(x.shape[0], x.shape[1], n_boot, seed).summary(x)
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"expected an [n_seeds, n_items] matrix with >= 1 seed and item, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("pooled values must be finite")
+    return x
+
+
+def _mean_squares(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear mean squares (seeds, items, residual) of x with y and their degrees of freedom; a factor with
+    one level has none (0 df, value 0)."""
+    s, i = x.shape
+
+    def parts(z):
+        g = z.mean()
+        r, c = z.mean(1, keepdims=True) - g, z.mean(0, keepdims=True) - g
+        return r, c, z - g - r - c
+
+    (rx, cx, ex), (ry, cy, ey) = parts(x), parts(y)
+    df = np.array([s - 1, i - 1, (s - 1) * (i - 1)], np.float64)
+    ss = np.array([i * float((rx * ry).sum()), s * float((cx * cy).sum()), float((ex * ey).sum())])
+    return np.divide(ss, df, out=np.zeros(3), where=df > 0), df
+
+
+def _weights(ms: np.ndarray, df: np.ndarray) -> np.ndarray:
+    """Coefficients c of the mean squares in ``S I Var(mean) = c · ms`` after setting negative components to 0."""
+    ms_s, ms_i, ms_e = ms
+    has_s, has_i = df[0] > 0, df[1] > 0
+    if has_s and has_i:
+        use_s, use_i = ms_s > ms_e, ms_i > ms_e
+        return np.array([float(use_s), float(use_i), 1.0 - use_s - use_i])
+    # one factor with a single level: the other's mean square alone (its residual is confounded with it)
+    return np.array([float(has_s), float(has_i), 0.0])
+
+
+def _var_df(ms: np.ndarray, df: np.ndarray, w: np.ndarray, n: int) -> tuple[float, float]:
+    terms = w * ms
+    total = float(terms.sum())
+    denom = float(sum(t * t / d for t, d in zip(terms, df) if d > 0 and t != 0))
+    return max(total, 0.0) / n, (total * total / denom if denom > 0 else float("inf"))
+
+
+def _t(df: float) -> float:
+    return float(stats.t.ppf(1 - ALPHA / 2, df)) if np.isfinite(df) else float(stats.norm.ppf(1 - ALPHA / 2))
+
+
+def _se_seeds(ms: np.ndarray, df: np.ndarray, n: int) -> float | None:
+    """The part of the standard error a rerun with other seeds on the same items redraws:
+    sqrt((var_a / S + var_e / (S I))) = sqrt(max(MS_seeds, MS_resid) / (S I)); None with one seed."""
+    return float(np.sqrt(max(ms[0], ms[2]) / n)) if df[0] > 0 else None
+
+
+def _out(value, lo, hi, x: np.ndarray, se, df, se_seeds=None, **extra) -> dict:
+    return {"value": value, "ci_low": lo, "ci_high": hi, "n_seeds": int(x.shape[0]), "n_items": int(x.shape[1]),
+            "se": se, "df": df, "se_seeds": se_seeds, **extra}
+
+
+def pooled_mean(x_si) -> dict:
+    """The grand mean of an [n_seeds, n_items] matrix with its 95 % crossed random-effects CI:
+    {'value', 'ci_low', 'ci_high', 'n_seeds', 'n_items', 'se', 'df', 'se_seeds'} (no CI from a single value;
+    ``se_seeds``: the seeds' share of the standard error, what a rerun on the same items redraws)."""
+    x = _matrix(x_si)
+    value = float(x.mean())
+    if x.size == 1:
+        return _out(value, None, None, x, None, None)
+    ms, df = _mean_squares(x, x)
+    var, nu = _var_df(ms, df, _weights(ms, df), x.size)
+    se = float(np.sqrt(var))
+    half = _t(nu) * se
+    return _out(value, value - half, value + half, x, se, round(nu, 2) if np.isfinite(nu) else None,
+                _se_seeds(ms, df, x.size))
+
+
+def pooled_ratio(num_si, den_si) -> dict:
+    """mean(num) / mean(den) over the same seeds and items with Fieller's 95 % CI (see the module doc);
+    value None when mean(den) is 0, bounds None with ``unbounded`` True when the CI is not an interval."""
+    num, den = _matrix(num_si), _matrix(den_si)
+    if num.shape != den.shape:
+        raise ValueError(f"ratio of a {num.shape} and a {den.shape} matrix: they must be the same seeds x items")
+    n_bar, d_bar = float(num.mean()), float(den.mean())
+    if d_bar == 0:
+        return _out(None, None, None, num, None, None, unbounded=True)
+    r = n_bar / d_bar
+    if num.size == 1:
+        return _out(r, None, None, num, None, None, unbounded=True)
+    z = num - r * den
+    ms_z, df = _mean_squares(z, z)
+    w = _weights(ms_z, df)
+    _, nu = _var_df(ms_z, df, w, num.size)
+    q = {k: float(w @ _mean_squares(a, b)[0]) / num.size
+         for k, (a, b) in {"nn": (num, num), "nd": (num, den), "dd": (den, den)}.items()}
+    t2 = _t(nu) ** 2
+    a, b, c = d_bar ** 2 - t2 * q["dd"], n_bar * d_bar - t2 * q["nd"], n_bar ** 2 - t2 * q["nn"]
+    nu_out = round(nu, 2) if np.isfinite(nu) else None
+    se = float(np.sqrt(max(float(w @ ms_z) / num.size, 0.0))) / abs(d_bar)
+    se_s = _se_seeds(ms_z, df, num.size)
+    se_s = None if se_s is None else se_s / abs(d_bar)
+    if a <= 0:
+        return _out(r, None, None, num, se, nu_out, se_s, unbounded=True)
+    root = float(np.sqrt(max(b * b - a * c, 0.0)))
+    lo, hi = (b - root) / a, (b + root) / a
+    return _out(r, min(lo, r), max(hi, r), num, se, nu_out, se_s, unbounded=False)
 
 
 def excludes_zero(s: dict | None) -> bool:
@@ -97,4 +143,4 @@ def excludes_zero(s: dict | None) -> bool:
     return bool(s and s.get("ci_low") is not None and (s["ci_low"] > 0 or s["ci_high"] < 0))
 
 
-__all__ = ["ALPHA", "Bootstrap", "excludes_zero", "pooled_mean"]
+__all__ = ["ALPHA", "METHOD", "excludes_zero", "pooled_mean", "pooled_ratio"]

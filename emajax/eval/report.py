@@ -96,7 +96,8 @@ def _get(d: dict | None, *keys: str) -> Any:
 
 def format_estimate(s: dict | None, *, pct: bool = False, digits: int = 3, pct_digits: int = 1,
                     signed: bool = False) -> str:
-    """`value [ci_low, ci_high]` of an estimate dict (as a percentage with `pct`); "—" when missing."""
+    """`value [ci_low, ci_high]` of an estimate dict (as a percentage with `pct`; "[CI unbounded]" for a ratio
+    whose Fieller set is not an interval); "—" when missing."""
     if not isinstance(s, dict) or s.get("value") is None:
         return "—"
     k, d = (100.0, pct_digits) if pct else (1.0, digits)
@@ -104,6 +105,8 @@ def format_estimate(s: dict | None, *, pct: bool = False, digits: int = 3, pct_d
     v = f"{s['value'] * k:{sign}.{d}f}" + ("%" if pct else "")
     if s.get("ci_low") is not None and s.get("ci_high") is not None:
         v += f" [{s['ci_low'] * k:{sign}.{d}f}, {s['ci_high'] * k:{sign}.{d}f}]"
+    elif s.get("unbounded"):
+        v += " [CI unbounded]"
     return v
 
 
