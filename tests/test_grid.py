@@ -117,7 +117,7 @@ def test_grid_end_to_end_resume_and_paper_table(grid_setup, monkeypatch, capsys)
     assert sl["threshold"] == 0.3 and sl["total"] == len(sl["layers"]) == 2 * 7
 
     # The table: per domain and defense, rates equal to the answers' flags; the missing cell shows "—"
-    table = grid_table(out, n_boot=200)
+    table = grid_table(out)
     flags = [json.loads(l) for l in (out / "alpha" / "none" / "seed-0" / "eval" /
                                      "em_general_answers.jsonl").read_text().splitlines()]
     mis = [r["misaligned"] for r in flags if r["misaligned"] is not None]

@@ -1,9 +1,11 @@
 """The paper's table from a grid directory (``emajax grid``): per domain and defense, general misaligned ↓,
 general incoherent ↓ and in-domain misaligned ↑ rates with 95% CIs, plus OpSwap accuracy.
 
-A rate over seeds is the mean of the per-seed rates (each seed one training run); its CI is a two-level
-percentile bootstrap: resample the seeds, then the answers within each drawn seed, so the interval
-carries both the run-to-run and the sampling variance (with one seed it is the plain answer bootstrap).
+A rate over seeds is the mean of the per-seed rates (each seed one training run); its 95 % CI is the t
+interval over those rates (df = seeds − 1): a seed's rate varies by both the run-to-run and the answer
+sampling variance, so their spread carries both, and with 2–3 seeds t is 12.7–4.3, as wide as so few runs
+allow (a bootstrap over 3 seeds sees 10 distinct draws and is too narrow; ``emajax.eval.pooled``). With one
+seed it is the t interval over that seed's answers. Clipped to [0, 1].
 Per-answer flags come from each cell's ``em_<set>_answers.jsonl`` (an answer whose flag is null, e.g. a
 CODE judgement, is not counted, as in ``emajax.eval.em``); OpSwap from ``opswap_predictions.jsonl``.
 Missing results are shown as "—". ``emajax report GRID_DIR`` writes ``report.md`` and ``table.json``.
@@ -17,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from emajax import atomic
+from emajax.eval.pooled import pooled_mean
 from emajax.eval.report import format_estimate
 
 COLUMNS = (  # key, header, (set, flag)
@@ -35,26 +38,20 @@ def is_grid_dir(path: str | Path) -> bool:
     return (Path(path) / "grid.json").is_file()
 
 
-def seed_bootstrap(per_seed: Sequence[Sequence[float]], *, n_boot: int = 2000, alpha: float = 0.05,
-                   seed: int = 0) -> dict[str, Any]:
-    """Mean over seeds of the per-seed mean of 0/1 values, with a two-level percentile bootstrap CI.
+def seed_interval(per_seed: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Mean over seeds of the per-seed mean of 0/1 values with its 95 % t interval (see the module doc).
 
-    {value, ci_low, ci_high, n (answers), n_seeds}; value None when no seed has a value."""
+    {value, ci_low, ci_high, n (answers), n_seeds, df}; value None when no seed has a value."""
     groups = [np.asarray(g, np.float64) for g in per_seed if len(g)]
     if not groups:
-        return {"value": None, "ci_low": None, "ci_high": None, "n": 0, "n_seeds": 0}
-    rng = np.random.default_rng(seed)
-    k = len(groups)
-    pick_bk = rng.integers(0, k, size=(n_boot, k))  # the seeds each draw resamples, with replacement
-    sums_b = np.zeros(n_boot)
-    for j in range(k):  # slot j of every draw: a fresh resample of the answers of the seed it drew
-        for i, g in enumerate(groups):
-            draws = np.flatnonzero(pick_bk[:, j] == i)
-            sums_b[draws] += g[rng.integers(0, g.size, size=(draws.size, g.size))].mean(axis=1)
-    means_b = sums_b / k
-    lo, hi = np.quantile(means_b, [alpha / 2, 1 - alpha / 2])
-    return {"value": float(np.mean([g.mean() for g in groups])), "ci_low": float(lo), "ci_high": float(hi),
-            "n": int(sum(g.size for g in groups)), "n_seeds": k}
+        return {"value": None, "ci_low": None, "ci_high": None, "n": 0, "n_seeds": 0, "df": None}
+    rates = np.array([g.mean() for g in groups])
+    s = pooled_mean(rates[:, None]) if len(groups) > 1 else pooled_mean(groups[0][None, :])
+    lo, hi = s["ci_low"], s["ci_high"]
+    if lo is not None:
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return {"value": float(rates.mean()), "ci_low": lo, "ci_high": hi, "n": int(sum(g.size for g in groups)),
+            "n_seeds": len(groups), "df": s["df"]}
 
 
 def _flags(path: Path, flag: str) -> list[float] | None:
@@ -77,7 +74,7 @@ def cell_values(grid_dir: Path, cell: dict) -> dict[str, list[float] | None]:
     return out
 
 
-def grid_table(grid_dir: str | Path, *, n_boot: int = 2000) -> dict[str, Any]:
+def grid_table(grid_dir: str | Path) -> dict[str, Any]:
     """{domain: {defense: {column: summary}}} over the grid's seeds, in the grid's order."""
     grid_dir = Path(grid_dir)
     man = atomic.read_json(grid_dir / "grid.json", GridReportError)
@@ -89,7 +86,7 @@ def grid_table(grid_dir: str | Path, *, n_boot: int = 2000) -> dict[str, Any]:
         for arm in man["defenses"]:
             cells = [c for c in man["cells"] if c["domain"] == dom and c["defense"] == arm]
             vals = [cell_values(grid_dir, c) for c in cells]
-            out[dom][arm] = {key: seed_bootstrap([v[key] for v in vals if v[key] is not None], n_boot=n_boot)
+            out[dom][arm] = {key: seed_interval([v[key] for v in vals if v[key] is not None])
                              for key, _, _ in COLUMNS}
             out[dom][arm]["seeds"] = [c["seed"] for c, v in zip(cells, vals)
                                       if any(v[k] is not None for k, _, _ in COLUMNS)]
@@ -114,17 +111,16 @@ def markdown(table: dict[str, Any], title: str = "emajax grid", general_set: str
     return "\n".join(parts)
 
 
-def write_grid_report(grid_dir: str | Path, out: str | Path | None = None, *, title: str = "emajax grid",
-                      n_boot: int = 2000) -> Path:
+def write_grid_report(grid_dir: str | Path, out: str | Path | None = None, *, title: str = "emajax grid") -> Path:
     """``report.md`` (the table, one section per domain) and ``table.json`` (the numbers) in ``out``
     (default: the grid directory)."""
     grid_dir = Path(grid_dir)
     out = Path(out) if out is not None else grid_dir
-    table = grid_table(grid_dir, n_boot=n_boot)
+    table = grid_table(grid_dir)
     general_set = atomic.read_json(grid_dir / "grid.json", GridReportError).get("general_set", "general")
     atomic.write_json(out / "table.json", table)
     return atomic.write_text(out / "report.md", markdown(table, title, general_set))
 
 
-__all__ = ["COLUMNS", "GridReportError", "grid_table", "is_grid_dir", "markdown", "seed_bootstrap",
+__all__ = ["COLUMNS", "GridReportError", "grid_table", "is_grid_dir", "markdown", "seed_interval",
            "write_grid_report"]
