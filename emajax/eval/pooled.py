@@ -76,6 +76,11 @@ def _var_df(ms: np.ndarray, df: np.ndarray, w: np.ndarray, n: int) -> tuple[floa
     return max(total, 0.0) / n, (total * total / denom if denom > 0 else float("inf"))
 
 
+def _df_out(df: float) -> float | None:
+    """Degrees of freedom as reported (None when infinite: no variance left to estimate)."""
+    return round(df, 2) if np.isfinite(df) else None
+
+
 def _t(df: float) -> float:
     return float(stats.t.ppf(1 - ALPHA / 2, df)) if np.isfinite(df) else float(stats.norm.ppf(1 - ALPHA / 2))
 
@@ -103,8 +108,7 @@ def pooled_mean(x_si) -> dict:
     var, nu = _var_df(ms, df, _weights(ms, df), x.size)
     se = float(np.sqrt(var))
     half = _t(nu) * se
-    return _out(value, value - half, value + half, x, se, round(nu, 2) if np.isfinite(nu) else None,
-                _se_seeds(ms, df, x.size))
+    return _out(value, value - half, value + half, x, se, _df_out(nu), _se_seeds(ms, df, x.size))
 
 
 def pooled_ratio(num_si, den_si) -> dict:
@@ -122,13 +126,13 @@ def pooled_ratio(num_si, den_si) -> dict:
     z = num - r * den
     ms_z, df = _mean_squares(z, z)
     w = _weights(ms_z, df)
-    _, nu = _var_df(ms_z, df, w, num.size)
+    var_z, nu = _var_df(ms_z, df, w, num.size)
     q = {k: float(w @ _mean_squares(a, b)[0]) / num.size
          for k, (a, b) in {"nn": (num, num), "nd": (num, den), "dd": (den, den)}.items()}
     t2 = _t(nu) ** 2
     a, b, c = d_bar ** 2 - t2 * q["dd"], n_bar * d_bar - t2 * q["nd"], n_bar ** 2 - t2 * q["nn"]
-    nu_out = round(nu, 2) if np.isfinite(nu) else None
-    se = float(np.sqrt(max(float(w @ ms_z) / num.size, 0.0))) / abs(d_bar)
+    nu_out = _df_out(nu)
+    se = float(np.sqrt(var_z)) / abs(d_bar)
     se_s = _se_seeds(ms_z, df, num.size)
     se_s = None if se_s is None else se_s / abs(d_bar)
     if a <= 0:
