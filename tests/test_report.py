@@ -226,24 +226,70 @@ def test_pooled_ratio_is_fieller_and_covers_a_known_ratio():
     assert 0.9 <= covered / reps <= 0.99
 
 
+def _est(value, se, df=20.0):
+    """A pooled summary with a 95 % t CI."""
+    from scipy import stats
+
+    h = float(stats.t.ppf(0.975, df)) * se
+    return {"value": value, "se": se, "df": df, "ci_low": value - h, "ci_high": value + h}
+
+
+def test_holm_and_tost():
+    from scipy import stats
+
+    from emajax.eval import verdicts as v
+
+    assert v.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": None}) == {"a": pytest.approx(0.03), "b": pytest.approx(0.06),
+                                                                    "c": pytest.approx(0.06), "d": None}
+    # TOST at 5 % = the 90 % CI inside ±margin
+    for value in (0.0, 0.01, 0.02, -0.025, 0.03):
+        lo, hi = stats.t.interval(0.90, 20, loc=value, scale=0.01)
+        assert (v.tost_p(_est(value, 0.01), 0.04) < 0.05) == (-0.04 < lo and hi < 0.04)
+
+
 def test_verdict_rules_on_constructed_inputs():
     from emajax.eval import verdicts as v
 
-    ci = lambda lo, hi, val=None: {"value": (lo + hi) / 2 if val is None else val, "ci_low": lo, "ci_high": hi}  # noqa: E731
-    em_none = ci(0.02, 0.08)
-    assert v.prevents_em(ci(-0.02, 0.03), ci(-0.01, 0.01), ci(-0.09, -0.01)) == v.NA  # no significant EM at all
-    assert v.prevents_em(em_none, ci(-0.01, 0.02), ci(-0.07, -0.02)) == "yes"
-    assert v.prevents_em(em_none, ci(0.005, 0.03), ci(-0.05, -0.01)) == "partly"
-    assert v.prevents_em(em_none, ci(0.01, 0.07), ci(-0.03, 0.01)) == "no"
-    assert v.prevents_em(em_none, None, None) == v.NA
-    assert v.learns(ci(0.1, 0.3), {"value": 0.9}) == "yes"
-    assert v.learns(ci(0.1, 0.3), {"value": 0.4}) == "partly"
-    assert v.learns(ci(-0.01, 0.3), {"value": 1.0}) == "no"
+    em_none = _est(0.08, 0.015)
+    cases = {  # name: (EM effect vs control, method − no defense), expected verdict
+        "overshoot": ((_est(-0.15, 0.02), _est(-0.23, 0.02)), "overshoots"),
+        "equivalent": ((_est(0.0, 0.008), _est(-0.08, 0.01)), "yes"),
+        "partly": ((_est(0.05, 0.01), _est(-0.03, 0.008)), "partly"),
+        "remains": ((_est(0.08, 0.01), _est(0.0, 0.01)), "no"),
+        "inconclusive": ((_est(0.02, 0.03), _est(-0.05, 0.03)), "inconclusive"),
+        # below the control but inside the margin, below none: the difference to the control is negligible
+        "small_overshoot": ((_est(-0.012, 0.004), _est(-0.09, 0.01)), "yes"),
+    }
+    got = v.prevents_em(em_none, {k: pair for k, (pair, _) in cases.items()})
+    assert {k: r["verdict"] for k, r in got.items()} == {k: want for k, (_, want) in cases.items()}
+    assert set(got["partly"]["p_holm"]) == {"below_none", "above_control", "below_control", "equivalent"}
+    # no significant EM at all: nothing can be prevented
+    assert v.prevents_em(_est(0.02, 0.02), {k: pair for k, (pair, _) in cases.items()})["equivalent"]["verdict"] == v.NA
+    # Holm: one defense whose difference to no defense has p = 0.03 is "below none"; with a second such
+    # defense both adjusted p-values are 0.06 and neither is
+    from scipy import stats
+
+    se = 0.01
+    d = _est(float(stats.t.ppf(0.03, 20)) * se, se)  # one-sided p = 0.03
+    eq = _est(0.0, 0.005)
+    assert v.prevents_em(em_none, {"a": (eq, d)})["a"]["verdict"] == "yes"
+    two = v.prevents_em(em_none, {"a": (eq, d), "b": (eq, d)})
+    assert [two[k]["verdict"] for k in "ab"] == ["inconclusive", "inconclusive"]
+    assert two["a"]["p_holm"]["below_none"] == pytest.approx(0.06, abs=1e-6)
+    assert v.prevents_em(em_none, {"a": (None, None)})["a"]["verdict"] == v.NA
+    # learning: yes when its CI is above 0; partly when the share is significantly below RETAIN_MIN
+    assert v.learns(_est(0.2, 0.05), {"ci_low": 0.6, "ci_high": 1.1}) == "yes"
+    assert v.learns(_est(0.2, 0.05), {"ci_low": 0.2, "ci_high": 0.45}) == "partly"
+    assert v.learns(_est(0.02, 0.05), {"ci_low": -0.2, "ci_high": 0.3}) == "no"
+    assert v.learns(_est(0.02, 0.05), {"ci_low": -0.2, "ci_high": 1.3}) == "inconclusive"
+    assert v.learns(_est(0.2, 0.05), {"ci_low": None, "ci_high": None}) == "yes"
     assert v.learns(None, None) == v.NA
-    assert v.coherent(ci(-0.02, 0.049)) == "yes"
-    assert v.coherent(ci(0.051, 0.2)) == "no"
-    assert v.coherent(ci(0.01, 0.09)) == "unclear"
-    assert f"+{v.COHERENCE_TOL}" in v.RULES and f"{v.RETAIN_MIN:.0%}" in v.RULES
+    assert v.coherent(_est(0.0, 0.01)) == "yes"
+    assert v.coherent(_est(0.2, 0.01)) == "no"
+    assert v.coherent(_est(0.05, 0.02)) == "inconclusive"
+    # shares only over a denominator whose CI excludes 0
+    assert v.share_defined(em_none) and not v.share_defined(_est(0.02, 0.02))
+    assert f"+{v.COHERENCE_TOL}" in v.RULES and f"{v.RETAIN_MIN:.0%}" in v.RULES and f"±{v.EQUIV_MARGIN}" in v.RULES
 
 
 def _demo_tree(root: Path, em: dict[str, float], narrow: dict[str, float], benign_drop: dict[str, float],
@@ -297,7 +343,7 @@ def test_demo_effects_and_table_from_constructed_runs(tmp_path):
     assert a["kl"]["benign_retained"]["value"] == pytest.approx(0.25)
     assert a["steering"]["em_removed"]["value"] == pytest.approx(0.0)
     assert a["control"]["em_vs_base"]["value"] == pytest.approx(0.0, abs=0.05)
-    assert a["kl"]["verdicts"] == {"prevents_em": "partly", "learns_narrow": "yes", "learns_benign": "partly",
+    assert a["kl"]["verdicts"] == {"prevents_em": "yes", "learns_narrow": "yes", "learns_benign": "partly",
                                    "coherent": "yes"}
     assert a["steering"]["verdicts"]["prevents_em"] == "no" and a["steering"]["verdicts"]["learns_narrow"] == "no"
     assert "**significant**" in headline(e) and "3 seed(s) × 12" in headline(e)
@@ -305,7 +351,10 @@ def test_demo_effects_and_table_from_constructed_runs(tmp_path):
     assert t1[0].startswith("| Method | EM effect vs control ↓ | EM removed | Narrow learning retained |")
     assert t1[3].startswith("| No defense | +0.100 [+0.100, +0.100] | 0 (reference) | 100% (reference) |")
     assert t1[4].startswith("| KL | +0.020 [+0.020, +0.020] | +80% [+80, +80] | 70% [70, 70] | 25% [25, 25] |")
-    assert "| KL | partly | yes | partly | yes |" in verdict_table(e)
+    assert "| KL | yes | yes | partly | yes | <0.001 |" in verdict_table(e)
+    # no defense's EM effect with a CI through 0: no share of it, the paired difference instead
+    e["arms"]["none"]["em_effect"] = _est(0.01, 0.02)
+    assert "| KL | +0.020 [+0.020, +0.020] | Δ -0.080 [-0.080, -0.080] nats/token | 70% [70, 70] |" in table1(e, "x")
     # a seed missing its control arm is left out of every pooled figure (never half-paired)
     (root / "seed_2" / "arms" / "control" / "probes.json").unlink()
     assert compute_effects(root)["arms"]["none"]["em_effect"]["n_seeds"] == 2

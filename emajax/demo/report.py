@@ -15,11 +15,20 @@ from typing import Any, Callable
 from emajax import atomic
 from emajax.demo.plan import CONTROL, label_of
 from emajax.eval.report import format_estimate
+from emajax.eval.verdicts import share_defined
 
 
 def _f(s: dict | None, *, pct: bool = False, signed: bool = True, digits: int = 3) -> str:
     """The demo's figures: signed by default, percentages without decimals."""
     return format_estimate(s, pct=pct, digits=digits, pct_digits=0, signed=signed)
+
+
+def _share(share: dict | None, diff: dict | None, denominator: dict | None, *, signed: bool) -> str:
+    """A share of no defense's effect where that effect's CI excludes 0, else the paired difference to no
+    defense in nats/token (marked Δ): a ratio over a denominator that may be 0 is not a share."""
+    if share_defined(denominator):
+        return _f(share, pct=True, signed=signed)
+    return f"Δ {_f(diff)} nats/token" if isinstance(diff, dict) else "—"
 
 
 def _n(s: dict | None) -> str:
@@ -34,8 +43,12 @@ def headline(e: dict) -> str:
     sig = "**significant** (the 95 % CI excludes 0)" if e["em_significant"] else \
         "**not significant** (the 95 % CI includes 0): at this dose and model size the demo does not show EM " \
         "beyond what fine-tuning on the same prompts with secure answers does, so the 'prevents EM' verdicts are n/a"
+    one = ("" if em["n_seeds"] > 1 else
+           " With one seed the CI is over the probe items only: it says how sure this run is of its own model, not "
+           "whether another seed (or another CPU's rounding, which acts like one) would show the effect; "
+           "`--seeds N` adds the seed-to-seed spread.")
     return (f"**No-defense EM effect** (general margin after no defense minus after the control arm, nats/token, "
-            f"{em['n_seeds']} seed(s) × {em['n_items']} held-out general pairs): {_f(em)} — {sig}.")
+            f"{em['n_seeds']} seed(s) × {em['n_items']} held-out general pairs): {_f(em)} — {sig}.{one}")
 
 
 def table1(e: dict, judge_note: str | None) -> str:
@@ -52,12 +65,17 @@ def table1(e: dict, judge_note: str | None) -> str:
         ctl += [_f(c.get("judge_misaligned"), pct=True, signed=False), _f(c.get("judge_incoherent"), pct=True, signed=False),
                 "0 (reference)"]
     lines.append("| " + " | ".join(ctl) + " |")
+    none = arms.get("none", {})
     for m in e["methods"]:
         a = arms[m]
         ref = m == "none"
-        row = [a["label"], _f(a.get("em_effect")), "0 (reference)" if ref else _f(a.get("em_removed"), pct=True),
-               "100% (reference)" if ref else _f(a.get("narrow_retained"), pct=True, signed=False),
-               "100% (reference)" if ref else _f(a.get("benign_retained"), pct=True, signed=False),
+        row = [a["label"], _f(a.get("em_effect")),
+               "0 (reference)" if ref else _share(a.get("em_removed"), a.get("em_vs_none"), none.get("em_effect"),
+                                                  signed=True),
+               "100% (reference)" if ref else _share(a.get("narrow_retained"), a.get("narrow_vs_none"),
+                                                     none.get("narrow_effect"), signed=False),
+               "100% (reference)" if ref else _share(a.get("benign_retained"), a.get("benign_vs_none"),
+                                                     none.get("benign_learning"), signed=False),
                _f(a.get("coherence"))]
         if judge:
             row += [_f(a.get("judge_misaligned"), pct=True, signed=False),
@@ -66,12 +84,19 @@ def table1(e: dict, judge_note: str | None) -> str:
     return "\n".join(lines)
 
 
+def _p(x: float | None) -> str:
+    return "—" if x is None else ("<0.001" if x < 0.001 else f"{x:.3f}")
+
+
 def verdict_table(e: dict) -> str:
-    lines = ["| Method | prevents EM | learns narrow | learns benign | coherent |", "|---|---|---|---|---|"]
+    lines = ["| Method | prevents EM | learns narrow | learns benign | coherent | p below none | p above control | "
+             "p below control | p equivalent to control |", "|---|---|---|---|---|---|---|---|---|"]
     for m in e["methods"]:
         v = e["arms"][m].get("verdicts", {})
+        p = e["arms"][m].get("em_tests_p_holm") or {}
         lines.append(f"| {e['arms'][m]['label']} | {v.get('prevents_em', '—')} | {v.get('learns_narrow', '—')} | "
-                     f"{v.get('learns_benign', '—')} | {v.get('coherent', '—')} |")
+                     f"{v.get('learns_benign', '—')} | {v.get('coherent', '—')} | {_p(p.get('below_none'))} | "
+                     f"{_p(p.get('above_control'))} | {_p(p.get('below_control'))} | {_p(p.get('equivalent'))} |")
     return "\n".join(lines)
 
 
@@ -184,12 +209,16 @@ def write_demo_report(out: str | Path, *, timings: dict | None = None, judge_not
             "answer) in nats/token. **EM effect** = an arm's general margin minus the control arm's. **EM removed** = "
             "(no defense's EM effect − the method's) / no defense's. **Narrow learning retained** = the method's "
             "in-domain margin gain over the control / no defense's. **Benign learning retained** = the drop of the "
-            "held-out benign-task NLL of the method's benign arm / no defense's benign arm's. **Coherence** = the "
+            "held-out benign-task NLL of the method's benign arm / no defense's benign arm's. A share is shown only "
+            "where no defense's effect (its denominator) has a CI excluding 0; otherwise the column gives the paired "
+            "difference to no defense in nats/token (Δ). **Coherence** = the "
             "change of the word-problem NLL vs the base model. Behind them: " + _counts(e) + ".", "",
             table1(e, judge_note), ""]
     if judge_note is not None:
         text += [f"Judge columns are omitted: {judge_note}.", ""]
-    text += ["## Verdicts", "", verdict_table(e), "", "Rules: " + e["rules"], "",
+    text += ["## Verdicts", "", verdict_table(e), "",
+             "p-values: one-sided, Holm-adjusted across the defenses (the equivalence test with the margin ±"
+             f"{e.get('equiv_margin', '—')} nats/token).", "", "Rules: " + e["rules"], "",
              "## The effects behind the table", "", support_table(e), ""]
     if e.get("base_exact"):
         text += [f"Benign exact match of the base model: {_f(e['base_exact'], pct=True, signed=False)} "
