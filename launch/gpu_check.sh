@@ -9,13 +9,17 @@
 # PEFT on the same device: lora_kl, full, score; tokens/s and MFU against PEAK (GFLOP/s, default 790000:
 # the dense bf16 rate measured on H200-class cards). Each step's status is in $OUT/status.txt; the
 # script goes on after a failed step and exits non-zero if any failed.
-# Overrides: BATCH SEQ REMAT OPS MODEL PEAK RUNS TESTS TEST_TIMEOUT BENCH_TIMEOUT PY.
+# Overrides: BATCH SEQ REMAT OPS MODEL PEAK RUNS TESTS TEST_TIMEOUT BENCH_TIMEOUT PY (default: .venv/bin/python
+# when the repository has one, else python3).
 set -u
 OUT=${OUT:-gpu_check}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-PY=${PY:-python3}
+# the interpreter that has jax: PY, else the repository's .venv (make install), else python3 on PATH
+if [[ -z "${PY:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PY=$PWD/.venv/bin/python; else PY=python3; fi
+fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   export JAX_PLATFORMS=cpu

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     pytest.importorskip("torch", reason="the check benches against transformers + PEFT (torch)")
     pytest.importorskip("peft", reason="the check benches against transformers + PEFT")
-    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"),
+    # PY: this interpreter (the one with jax), not whatever python3 comes first on PATH
+    env = {**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path / "out"), "PY": sys.executable,
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(["bash", str(REPO / "launch" / "gpu_check.sh")], env=env, capture_output=True, text=True,
