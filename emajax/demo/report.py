@@ -157,6 +157,16 @@ def _counts(e: dict) -> str:
     return "; ".join(parts)
 
 
+def _power(plan: dict, e: dict) -> list[str]:
+    """The design's power for the no-defense EM effect (``emajax.demo.power``), when the recipe is the measured one."""
+    from emajax.demo.power import power_sentence
+
+    em = e["arms"].get("none", {}).get("em_effect")
+    if not em:
+        return []
+    return [power_sentence(plan, em["n_seeds"], em["n_items"]), ""]
+
+
 def _plots(out: Path, e: dict) -> list[Path]:
     from emajax.eval.plots import curves_png, dose_png, effects_png
 
@@ -201,7 +211,7 @@ def write_demo_report(out: str | Path, *, timings: dict | None = None, judge_not
             f"{plan['dtype']} compute), and one benign-task arm per method ({plan['benign_train']} OpSwap puzzles). "
             f"Probes: {ni.get('general', 0)} held-out general pairs, {ni.get('in_domain', 0)} held-out in-domain "
             f"pairs, {ni.get('benign', 0)} word problems, {ni.get('benign_task', 0)} held-out benign-task items.", "",
-            headline(e), "",
+            headline(e), "", *_power(plan, e),
             "## Table 1", "",
             "Every figure is a mean over seeds x probe items, paired (the same seed and item in every arm), with its 95 % CI "
             "(t interval, se from the crossed seed/item random-effects ANOVA, Satterthwaite df; ratios by Fieller, "

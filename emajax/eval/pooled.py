@@ -164,6 +164,19 @@ def excludes_zero(s: dict | None) -> bool:
     return bool(s and s.get("ci_low") is not None and (s["ci_low"] > 0 or s["ci_high"] < 0))
 
 
+def variance_components(x_si) -> dict:
+    """The crossed model's components of an [n_seeds, n_items] matrix, unbiased (a negative estimate is kept:
+    a power simulation floors it itself): {'mean', 'var_seed', 'var_item', 'var_resid', 'n_seeds', 'n_items'};
+    a factor with one level gets None."""
+    x = _matrix(x_si)
+    s, i = x.shape
+    if s < 2 or i < 2:
+        raise ValueError(f"variance components need >= 2 seeds and >= 2 items, got shape {x.shape}")
+    (ms_s, ms_i, ms_e), _ = _mean_squares(x, x)
+    return {"mean": float(x.mean()), "var_seed": float((ms_s - ms_e) / i), "var_item": float((ms_i - ms_e) / s),
+            "var_resid": float(ms_e), "n_seeds": s, "n_items": i}
+
+
 def p_below(s: dict | None, bound: float = 0.0) -> float | None:
     """One-sided p-value of "the true value is below ``bound``" (H0: value >= bound) from a summary's se and df
     (t, or normal when df is None); None without a standard error. A zero se gives 0 or 1."""
@@ -186,4 +199,5 @@ def p_above(s: dict | None, bound: float = 0.0) -> float | None:
     return 1.0 - p
 
 
-__all__ = ["ALPHA", "METHOD", "excludes_zero", "p_above", "p_below", "pooled_mean", "pooled_ratio"]
+__all__ = ["ALPHA", "METHOD", "excludes_zero", "p_above", "p_below", "pooled_mean", "pooled_ratio",
+           "variance_components"]
