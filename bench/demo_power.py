@@ -8,6 +8,9 @@ crossed model of ``emajax.eval.pooled``) of the no-defense EM effect (general ma
   3-seed run alone, to show how poorly 3 seeds pin the seed component down);
 * **dev**: the dose study's lr 1e-3 runs on the 40 dev pairs at 8, 16, 32 and 64 steps (3 seeds each).
 
+and, for the verdicts, how often six defenses that truly remove all EM are shown *equivalent* to the
+control (``emajax.demo.power.equivalence_power``).
+
 Then ``emajax.demo.power.simulate`` gives, per design (seeds S x items I, and dose on dev), the chance that the
 run's pooled 95 % CI lies above 0 — at the measured effect and at the lower end of its CI — with the wall
 time of such a run on the 2-core CPU from the committed run's ``timings.json`` (shared stages once, then
@@ -147,6 +150,17 @@ def main(argv: list[str] | None = None) -> int:
               "heldout": {"components": held, "per_run": per_run,
                           "grid": grid(held, HELDOUT_SEEDS, HELDOUT_ITEMS, True)},
               "dev": {}}
+    from emajax.demo.power import equivalence_power
+    from emajax.eval.verdicts import EQUIV_MARGIN
+
+    eq = []
+    for s_, i_ in ((3, 96), (12, 96), (20, 96), (12, 192), (20, 192)):
+        share = equivalence_power(held["var_seed"], held["var_item"], held["var_resid"], s_, i_, seed=s_ * 1000 + i_)
+        eq.append({"n_seeds": s_, "n_items": i_, "share_shown_equivalent": round(share, 3)})
+        print(f"  equivalence: {s_:2d} seeds x {i_:3d} items: {share:.2f} of 6 perfect defenses shown equivalent", flush=True)
+    result["heldout"]["equivalence"] = {
+        "what": f"share of 6 defenses with true EM effect 0 (no defense's components) shown equivalent to the control "
+                f"within ±{EQUIV_MARGIN} (TOST, Holm across the 6)", "grid": eq}
     for t, c in dev.items():
         print(f"dev, {t} steps: {c}")
         result["dev"][str(t)] = {"components": c, "grid": grid(c, DEV_SEEDS, DEV_ITEMS, False)}

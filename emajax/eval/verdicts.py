@@ -130,5 +130,5 @@ def coherent(nll_change: dict | None) -> str:
     return INCONCLUSIVE
 
 
-__all__ = ["COHERENCE_TOL", "EQUIV_MARGIN", "INCONCLUSIVE", "NA", "RETAIN_MIN", "RULES", "coherent", "em_significant",
+__all__ = ["ALPHA", "COHERENCE_TOL", "EQUIV_MARGIN", "INCONCLUSIVE", "NA", "RETAIN_MIN", "RULES", "coherent", "em_significant",
            "holm", "learns", "prevents_em", "share_defined", "tost_p"]
