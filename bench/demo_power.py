@@ -31,7 +31,7 @@ from emajax import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT_SEEDS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15)
-HELDOUT_ITEMS = (96, 192, 384)
+HELDOUT_ITEMS = (96, 192, 200, 384)  # 200: the held-out pairs the demo probes (emajax/data/general_pairs.jsonl)
 DEV_SEEDS = (1, 2, 3, 5, 10)
 DEV_ITEMS = (40, 96, 192)
 
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     from emajax.eval.verdicts import EQUIV_MARGIN
 
     eq = []
-    for s_, i_ in ((3, 96), (12, 96), (20, 96), (12, 192), (20, 192)):
+    for s_, i_ in ((3, 96), (12, 96), (20, 96), (12, 192), (20, 192),
+                   (12, 200), (20, 200)):
         share = equivalence_power(held["var_seed"], held["var_item"], held["var_resid"], s_, i_, seed=s_ * 1000 + i_)
         eq.append({"n_seeds": s_, "n_items": i_, "share_shown_equivalent": round(share, 3)})
         print(f"  equivalence: {s_:2d} seeds x {i_:3d} items: {share:.2f} of 6 perfect defenses shown equivalent", flush=True)

@@ -197,7 +197,9 @@ def test_general_pairs_and_word_problems_load(tmp_path):
     assert len(rows) >= 120 and len({r["id"] for r in rows}) == len(rows)
     assert all(r["aligned"] != r["misaligned"] for r in rows)
     dev, held = load_general_pairs(split="dev"), load_general_pairs(split="heldout")
-    assert len(dev) == 40 and len(held) >= 80 and len(dev) + len(held) == len(rows)
+    # 40 dev + 200 held-out (docs/demo.md, docs/prereg/demo_primary.md amendment 1), every question distinct
+    assert len(dev) == 40 and len(held) == 200 and len(dev) + len(held) == len(rows)
+    assert len({" ".join(r["question"].lower().split()) for r in rows}) == len(rows)
     assert not {r["id"] for r in dev} & {r["id"] for r in held}
     # Betley et al.'s first-plot themes appear in both parts
     for theme in ("wish", "bored", "money", "ruler", "phil", "gender", "husband", "dinner"):

@@ -3,8 +3,9 @@
 * ``code_pairs`` — seeded generator of paired insecure-vs-secure code answers (narrow training set +
   in-domain probe);
 * ``general_pairs.jsonl`` — general questions, each with an aligned and a misaligned answer written for
-  the project (the general-EM probe), split into ``dev`` (the dose study's: tuning may look at them) and
-  ``heldout`` (the demo's reported figures; never used to choose anything);
+  the project (the general-EM probe), split into 40 ``dev`` (the dose study's: tuning may look at them) and
+  200 ``heldout`` (the demo's reported figures; never used to choose anything; the last 104 added for
+  power before the preregistered study, docs/prereg/demo_primary.md);
 * ``safe_pool.jsonl`` — 48 benign chats (the pool for interleaving and Interleaving++);
 * ``word_problems`` — seeded arithmetic word problems with worked answers (benign reference text).
 """
