@@ -178,7 +178,7 @@ def train_rl(cfg: RlConfig, run_dir: str | Path, *, loaded: Any = None) -> RlRes
         total_r, per, errors = rewards.score([p.text for p in batch_prompts for _ in range(G)], texts,
                                              [p.example for p in batch_prompts for _ in range(G)])
         adv, std_p = group_advantages(total_r, G, cfg.grpo.scale_rewards)
-        cut = truncated(completions, eos_ids + [pad_id], cfg.rollout.max_new_tokens)
+        cut = truncated(completions, [*eos_ids, pad_id], cfg.rollout.max_new_tokens)
         hb = update_batch([p.inputs for p in batch_prompts], completions, G, cfg.grpo.micro_batch,
                           min_bucket=cfg.data.min_bucket, max_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
                           pad_id=pad_id, no_loss=cut if cfg.grpo.mask_truncated_completions else None)
