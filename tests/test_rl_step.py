@@ -146,3 +146,20 @@ def test_nucleus_sampling_keeps_the_top_p_set_with_its_probabilities():
     # top_p = 1 keeps everything (categorical over the whole vocabulary)
     toks = np.asarray(jax.jit(_pick_token)(logits, jnp.float32(1.0), jnp.float32(1.0), jax.random.key(1)))
     np.testing.assert_allclose(np.bincount(toks, minlength=5) / len(toks), p, atol=0.015)
+
+
+def test_mask_truncated_completions_leaves_them_no_loss_tokens():
+    """TRL's mask_truncated_completions: a completion that hit max_new_tokens without a stop token keeps
+    its row (it counts in its group's advantage) but has no loss tokens; `grpo` then averages over all rows."""
+    from emajax.rl.loss import loss_weights
+    from emajax.rl.rollout import truncated
+
+    comps = [[5, 6, 257], [5, 6, 7], [5], [8, 9, 10]]  # max_new_tokens 3, stop 257: rows 1 and 3 are cut off
+    cut = truncated(comps, [257], 3)
+    assert cut.tolist() == [False, True, False, True]
+    prompts = [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32)]
+    hb = update_batch(prompts, comps, group_size=2, micro_batch=2, min_bucket=16, max_len=64, pad_id=257, no_loss=cut)
+    per_row = np.asarray(hb.loss_mask).reshape(4, -1).sum(1)
+    assert per_row.tolist() == [3, 0, 1, 0]
+    w = np.asarray(loss_weights(jnp.asarray(hb.loss_mask), "grpo")).reshape(4, -1)
+    np.testing.assert_allclose(w.sum(1), [0.25, 0.0, 0.25, 0.0], rtol=1e-6)  # each kept row 1/4 of all rows
