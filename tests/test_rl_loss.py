@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from emajax.rl.advantages import group_advantages
-from emajax.rl.loss import policy_objective, token_logp_entropy, token_terms, token_weights
+from emajax.rl.loss import loss_weights, metric_weights, policy_objective, token_logp_entropy, token_terms
 
 
 def np_advantages(r, g, scale):
@@ -46,28 +46,62 @@ def _problem(seed=0, b=4, t=9, d=8, v=23):
     return h, w, tgt, jnp.asarray(mask), adv
 
 
-def _np_logp(h, w, tgt):
-    z = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+def _np_logp(h, w, tgt, temperature=1.0):
+    z = np.asarray(h, np.float64) @ np.asarray(w, np.float64) / temperature
     z = z - z.max(-1, keepdims=True)
     lsm = z - np.log(np.exp(z).sum(-1, keepdims=True))
     p = np.exp(lsm)
     return np.take_along_axis(lsm, np.asarray(tgt)[..., None], -1)[..., 0], -(p * lsm).sum(-1)
 
 
-def _np_objective(h, w, tgt, mask, adv, old, ref, eps_lo, eps_hi, beta, aggregation):
-    lp, ent = _np_logp(h, w, tgt)
+def _np_weights(mask, loss_type, micro=2, max_len=12):
+    """TRL GRPOTrainer's normalisations, written from its loss code over micro-batches of ``micro`` rows."""
+    m = np.asarray(mask, np.float64)
+    a = m.shape[0] // micro
+    mb = m.reshape(a, micro, -1)
+    if loss_type == "dapo":  # sum / num_items_in_batch (tokens of the whole generation batch)
+        w = mb / m.sum()
+    elif loss_type == "bnpo":  # per micro-batch token mean, / accumulation steps
+        w = mb / np.maximum(mb.sum(axis=(1, 2), keepdims=True), 1) / a
+    elif loss_type == "grpo":  # per-row mean (clamp 1), mean over the micro-batch's rows, / accumulation steps
+        w = mb / np.maximum(mb.sum(-1, keepdims=True), 1) / micro / a
+    else:  # dr_grpo: sum / (rows x max_completion_length), / accumulation steps
+        w = mb / (micro * max_len) / a
+    return w.reshape(m.shape)
+
+
+def _np_objective(h, w, tgt, mask, adv, old, ref, eps_lo, eps_hi, beta, loss_type, temperature=1.0):
+    lp, ent = _np_logp(h, w, tgt, temperature)
     old = lp if old is None else np.asarray(old, np.float64)
     m = np.asarray(mask, np.float64)
-    if aggregation == "token":
-        wt = m / m.sum()
-    else:
-        n = m.sum(1, keepdims=True)
-        wt = m / np.maximum(n, 1) / (n > 0).sum()
+    wt = _np_weights(mask, loss_type)
+    tok = m / m.sum()
     ratio = np.exp(lp - old)
     a = np.asarray(adv, np.float64)[:, None]
     pg = -np.minimum(ratio * a, np.clip(ratio, 1 - eps_lo, 1 + eps_hi) * a)
     kl = np.zeros_like(lp) if ref is None else np.exp(np.asarray(ref) - lp) - (np.asarray(ref) - lp) - 1
-    return float((wt * (pg + beta * kl)).sum()), float((wt * kl).sum()), float((wt * ent).sum())
+    return float((wt * (pg + beta * kl)).sum()), float((tok * kl).sum()), float((tok * ent).sum())
+
+
+def _np_grads(h, w, tgt, mask, adv, old, ref, eps_lo, eps_hi, beta, loss_type, temperature):
+    """dloss/dh and dloss/dW in NumPy (float64), written out: d loss/d lp per token (pg: -A r where the
+    unclipped branch is the minimum; k3: 1 - exp(ref - lp)), d lp/d z = (onehot - softmax(z / T)) / T."""
+    h64, w64 = np.asarray(h, np.float64), np.asarray(w, np.float64)
+    z = h64 @ w64 / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    lp = np.log(np.take_along_axis(p, np.asarray(tgt)[..., None], -1)[..., 0])
+    old = lp if old is None else np.asarray(old, np.float64)
+    a = np.asarray(adv, np.float64)[:, None]
+    r = np.exp(lp - old)
+    unclipped = r * a <= np.clip(r, 1 - eps_lo, 1 + eps_hi) * a
+    g_lp = np.where(unclipped, -a * r, 0.0)
+    if ref is not None:
+        g_lp = g_lp + beta * (1.0 - np.exp(np.asarray(ref, np.float64) - lp))
+    g_lp = g_lp * _np_weights(mask, loss_type)
+    onehot = np.eye(w64.shape[1])[np.asarray(tgt)]
+    dz = g_lp[..., None] * (onehot - p) / temperature
+    return dz @ w64.T, np.einsum("btd,btv->dv", h64, dz)
 
 
 def _naive_loss(h, w, tgt, wt, adv, old, ref, eps_lo, eps_hi, beta):
@@ -78,20 +112,27 @@ def _naive_loss(h, w, tgt, wt, adv, old, ref, eps_lo, eps_hi, beta):
     return jnp.sum(wt * loss)
 
 
-@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def _weights(mask, loss_type, micro=2):
+    m = jnp.asarray(mask)
+    wt = loss_weights(m.reshape(m.shape[0] // micro, micro, -1), loss_type, max_completion_length=12)
+    return wt.reshape(m.shape), metric_weights(m)
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
 @pytest.mark.parametrize("with_old,beta", [(False, 0.0), (True, 0.0), (True, 0.1), (False, 0.1)])
-def test_policy_objective_value_and_grads(aggregation, with_old, beta):
+def test_policy_objective_value_and_grads(loss_type, with_old, beta):
     h, w, tgt, mask, adv = _problem()
     rng = np.random.default_rng(1)
     lp, _ = _np_logp(h, w, tgt)
     old = jnp.asarray(lp + rng.normal(size=lp.shape) * 0.3, jnp.float32) if with_old else None
     ref = jnp.asarray(lp + rng.normal(size=lp.shape) * 0.5, jnp.float32) if beta else None
-    wt = token_weights(mask, aggregation)
-    assert abs(float(jnp.sum(wt)) - 1.0) < 1e-6
-    kw = dict(old_logp_bt=old, ref_logp_bt=ref, clip_eps=0.2, clip_eps_high=0.28, kl_weight=beta, seq_chunk=4)
+    wt, mwt = _weights(mask, loss_type)
+    np.testing.assert_allclose(np.asarray(wt), _np_weights(mask, loss_type), rtol=1e-6, atol=1e-9)
+    kw = dict(old_logp_bt=old, ref_logp_bt=ref, clip_eps=0.2, clip_eps_high=0.28, kl_weight=beta, seq_chunk=4,
+              metric_weights_bt=mwt)
     (loss, m), (gh, gw) = jax.value_and_grad(lambda h_, w_: policy_objective(h_, w_, tgt, wt, adv, **kw),
                                              argnums=(0, 1), has_aux=True)(h, w)
-    ref_loss, ref_kl, ref_ent = _np_objective(h, w, tgt, mask, adv, old, ref, 0.2, 0.28, beta, aggregation)
+    ref_loss, ref_kl, ref_ent = _np_objective(h, w, tgt, mask, adv, old, ref, 0.2, 0.28, beta, loss_type)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(float(m["kl"]), ref_kl, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(float(m["entropy"]), ref_ent, rtol=1e-5)
@@ -99,6 +140,60 @@ def test_policy_objective_value_and_grads(aggregation, with_old, beta):
     np.testing.assert_allclose(np.asarray(gh), np.asarray(nh), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(gw), np.asarray(nw), rtol=1e-4, atol=1e-6)
     assert not np.asarray(gh)[3].any()  # a row without completion tokens gets no gradient
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_temperature_scales_logprobs_and_gradient_like_numpy(loss_type):
+    """At T = 0.7 the objective is that of log softmax(z / T) for the policy, pi_old and the reference (the
+    rollouts' sampling distribution): value, KL and entropy metrics and both gradients vs NumPy."""
+    T = 0.7
+    h, w, tgt, mask, adv = _problem(seed=2)
+    rng = np.random.default_rng(4)
+    lp, _ = _np_logp(h, w, tgt, T)
+    old = jnp.asarray(lp + rng.normal(size=lp.shape) * 0.3, jnp.float32)
+    ref = jnp.asarray(lp + rng.normal(size=lp.shape) * 0.5, jnp.float32)
+    wt, mwt = _weights(mask, loss_type)
+    kw = dict(old_logp_bt=old, ref_logp_bt=ref, clip_eps=0.2, clip_eps_high=0.28, kl_weight=0.1, seq_chunk=4,
+              metric_weights_bt=mwt, temperature=T)
+    (loss, m), (gh, gw) = jax.value_and_grad(lambda h_, w_: policy_objective(h_, w_, tgt, wt, adv, **kw),
+                                             argnums=(0, 1), has_aux=True)(h, w)
+    ref_loss, ref_kl, ref_ent = _np_objective(h, w, tgt, mask, adv, old, ref, 0.2, 0.28, 0.1, loss_type, T)
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(m["kl"]), ref_kl, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(m["entropy"]), ref_ent, rtol=1e-5)
+    nh, nw = _np_grads(h, w, tgt, mask, adv, old, ref, 0.2, 0.28, 0.1, loss_type, T)
+    np.testing.assert_allclose(np.asarray(gh), nh, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gw), nw, rtol=1e-4, atol=1e-6)
+    # the forward-only log-probs (pi_old and the reference's) use the same T
+    lpj, _ = token_logp_entropy(h, w, tgt, mask, temperature=T, seq_chunk=3)
+    np.testing.assert_allclose(np.asarray(lpj)[np.asarray(mask)], lp[np.asarray(mask)], rtol=1e-5, atol=1e-6)
+
+
+def test_dead_positions_never_make_nan():
+    """k3 and the ratio are masked before their exp: a log-prob of -100 at a dead position (weight 0; the
+    reference's is 0 there) gives a finite value and gradient, equal to those without that position."""
+    h, w, tgt, mask, adv = _problem(seed=6)
+    m = np.asarray(mask)
+    b, t = 3, int(np.argmin(m[3]))  # a dead position (row 3 has no completion tokens)
+    assert not m[b, t]
+    big = np.asarray(w).copy()
+    hh = np.asarray(h).copy()
+    # make log p(target) there about -100: a hidden state pointing hard away from the target's column
+    col = big[:, int(tgt[b, t])]
+    hh[b, t] = -col / np.dot(col, col) * 100.0
+    hh = jnp.asarray(hh)
+    lp, _ = _np_logp(hh, w, tgt)
+    assert lp[b, t] < -90
+    ref = jnp.asarray(np.where(m, lp + 0.1, 0.0), jnp.float32)  # 0 at dead positions, as token_logp_entropy gives
+    wt, mwt = _weights(mask, "dapo")
+    for old in (None, ref):
+        f = lambda h_, w_: policy_objective(h_, w_, tgt, wt, adv, old_logp_bt=old, ref_logp_bt=ref,  # noqa: E731
+                                            kl_weight=0.1, metric_weights_bt=mwt, seq_chunk=4)
+        (loss, mt), (gh, gw) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hh, w)
+        assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in mt.values())
+        assert np.isfinite(np.asarray(gh)).all() and np.isfinite(np.asarray(gw)).all()
+        (loss0, _), (gh0, _) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(h, w)
+        np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6)
 
 
 def test_clipped_tokens_have_zero_gradient():
@@ -113,7 +208,7 @@ def test_clipped_tokens_have_zero_gradient():
     g = jax.grad(lambda x: jnp.sum(token_terms(x, old, None, adv[:, None], clip_low=0.2, clip_high=0.2,
                                                kl_weight=0.0)[0] * mask))(lpj)
     assert np.all(np.asarray(g)[clipped] == 0.0) and np.all(np.asarray(g)[np.asarray(mask) & ~clipped] != 0.0)
-    wt = token_weights(mask)
+    wt, _ = _weights(mask, "dapo")
     (_, m), gh = jax.value_and_grad(lambda h_: policy_objective(h_, w, tgt, wt, adv, old_logp_bt=old, seq_chunk=4),
                                     has_aux=True)(h)
     np.testing.assert_allclose(float(m["clip_fraction"]), clipped.sum() / np.asarray(mask).sum(), rtol=1e-6)
@@ -131,5 +226,6 @@ def test_kl_is_zero_at_the_reference_and_logp_entropy():
     np.testing.assert_allclose(np.asarray(lp)[m], nlp[m], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(ent)[m], nent[m], rtol=1e-5, atol=1e-6)
     assert not np.asarray(lp)[~m].any()
-    _, mt = policy_objective(h, w, tgt, token_weights(mask), adv, ref_logp_bt=lp, kl_weight=0.1)
+    wt, _ = _weights(mask, "dapo")
+    _, mt = policy_objective(h, w, tgt, wt, adv, ref_logp_bt=lp, kl_weight=0.1)
     assert abs(float(mt["kl"])) < 1e-6 and abs(float(mt["ratio"]) - 1.0) < 1e-6

@@ -57,6 +57,17 @@ def test_countdown():
     assert countdown("anything", "<answer>8 / 4 * 3 - 4</answer>", sub, use_all=False) == 0.0  # 4 used twice
 
 
+def test_countdown_with_huge_integer_literals_scores_instead_of_raising():
+    """A 400-digit literal (float() overflows past 309 digits) is just a wrong number; arithmetic is exact."""
+    huge = "9" * 400
+    assert countdown(CD_PROMPT, f"<answer>{huge} - {huge} + 81</answer>", CD) == 0.0  # uses numbers not given
+    big = {"meta": {"nums": [int(huge), 1], "target": huge + "0"}}  # 999...9 * 10 with the exact target
+    assert countdown("anything", f"<answer>({huge} + 1) * 10 - 10</answer>", big, use_all=False) == 0.0
+    assert countdown("anything", f"<answer>{huge} * 1</answer>", {"meta": {"nums": [int(huge), 1], "target": huge}}) == 1.0
+    # exact rationals: 1/3 * 3 is 1, with no rounding tolerance needed
+    assert countdown("anything", "<answer>1 / 3 * 3</answer>", {"meta": {"nums": [1, 3, 3], "target": 1}}) == 1.0
+
+
 def test_countdown_on_the_shared_rows(shared_em):
     rows = [json.loads(l) for l in (shared_em / "tasks" / "countdown_train.jsonl").read_text().splitlines()[:3]]
     for r in rows:
@@ -78,7 +89,8 @@ def test_format_and_reward_set(tmp_path, monkeypatch):
     assert resolve_reward("my_rewards:length") is resolve_reward("my_rewards.length")
     spec = lambda fn, w=1.0, name=None, kwargs=None: SimpleNamespace(fn=fn, weight=w, name=name, kwargs=kwargs)  # noqa: E731
     rs = RewardSet([spec("final_number"), spec("format", 0.5), spec("my_rewards:length", 0.1, "len", {"scale": 2.0})])
-    total, per = rs.score(["q", "q"], ["#### 72", "72"], [GSM, GSM])
+    total, per, errors = rs.score(["q", "q"], ["#### 72", "72"], [GSM, GSM])
+    assert errors == {"final_number": 0, "format": 0, "len": 0}
     np.testing.assert_allclose(per["final_number"], [1, 1])
     np.testing.assert_allclose(per["format"], [1, 0])
     np.testing.assert_allclose(per["len"], [14, 4])
@@ -87,5 +99,18 @@ def test_format_and_reward_set(tmp_path, monkeypatch):
         resolve_reward("my_rewards:nope")
     with pytest.raises(ValueError, match="named 'format'"):
         RewardSet([spec("format"), spec("format")])
-    with pytest.raises(ValueError, match="reward 'final_number' failed on completion 0"):
-        RewardSet([spec("final_number")]).score(["q"], ["1"], [{"answer": "none"}])
+
+
+
+def test_a_failing_reward_scores_zero_and_is_counted(capsys):
+    """Rewards never abort a run: a raise (or a non-finite value) scores 0 for that completion, counted."""
+    spec = lambda fn, w=1.0, name=None, kwargs=None: SimpleNamespace(fn=fn, weight=w, name=name, kwargs=kwargs)  # noqa: E731
+    rs = RewardSet([spec("final_number"), spec("format", 0.5)])
+    total, per, errors = rs.score(["q"] * 3, ["#### 72", "#### 1", "#### 72"], [GSM, {"answer": "none"}, GSM])
+    np.testing.assert_allclose(per["final_number"], [1, 0, 1])  # the middle one raised: no reference number
+    np.testing.assert_allclose(total, [1.5, 0.5, 1.5])
+    assert errors == {"final_number": 1, "format": 0}
+    assert "reward 'final_number' failed" in capsys.readouterr().out
+    cd = RewardSet([spec("countdown")])
+    _, per, errors = cd.score(["no numbers here"], ["<answer>1+2</answer>"], [{"answer": "3"}])
+    assert per["countdown"].tolist() == [0.0] and errors == {"countdown": 1}

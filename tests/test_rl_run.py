@@ -135,6 +135,12 @@ def test_config_errors(setup, tmp_path):
     with pytest.raises(TrainConfigError, match=r"rewards\[0\]\.fn: reward 'no_such_reward'"):
         load_rl_config(cfg, ["rewards=[no_such_reward]"])
     assert main(["rl", str(cfg), "--out", str(tmp_path / "x"), "rewards=[{fn: format, weight: x}]"]) == 2
+    # string choices are enums, checked by the parser with the allowed values
+    with pytest.raises(TrainConfigError, match=r"grpo.loss_type: must be grpo\|bnpo\|dr_grpo\|dapo, got 'gspo'"):
+        load_rl_config(cfg, ["grpo.loss_type=gspo"])
+    with pytest.raises(TrainConfigError, match=r"model.remat: must be none\|full\|dots"):
+        load_rl_config(cfg, ["model.remat=some"])
+    assert load_rl_config(cfg, ["grpo.loss_type=bnpo", "distributed=false"]).grpo.loss_type == "bnpo"
 
 
 def test_repo_grpo_configs_load(shared_em):

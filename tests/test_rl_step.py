@@ -17,7 +17,7 @@ from emajax.models.decode import DecodeCache, decode_weights, forward_cached  # 
 from emajax.models.decoder import steering_array  # noqa: E402
 from emajax.models.lora import LoraConfig  # noqa: E402
 from emajax.models.sharding import make_mesh  # noqa: E402
-from emajax.rl.loss import token_logp_entropy, token_weights  # noqa: E402
+from emajax.rl.loss import metric_weights, token_logp_entropy  # noqa: E402
 from emajax.rl.rollout import update_batch  # noqa: E402
 from emajax.rl.step import RlStepSpec, compile_rl_step  # noqa: E402
 from emajax.train.config import OptimCfg  # noqa: E402
@@ -46,7 +46,7 @@ def _batch(seed=0):
 @nnx.jit
 def _expected_kl(model, batch, steer_ld):
     """Token-weighted k3 KL between the steered policy and the unsteered, adapters-off reference."""
-    kls, wts = [], token_weights(batch["loss_mask"])
+    kls, wts = [], metric_weights(batch["loss_mask"])
     for a in range(batch["inputs"].shape[0]):
         mb = {k: batch[k][a] for k in BATCH_FIELDS}
         kw = dict(positions_bt=mb["positions"], attn_mask_bt=mb["attn_mask"])
@@ -81,6 +81,40 @@ def test_kl_zero_at_step_0_and_reference_unsteered():
     np.testing.assert_allclose(kl8, exp8, rtol=1e-4)
 
 
+def _rollout_batch(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, 250, size=k).astype(np.int32) for k in rng.integers(20, 90, size=n // 4)]
+    comps = [list(rng.integers(3, 250, size=k)) for k in rng.integers(1, 60, size=n)]
+    hb = update_batch(prompts, comps, group_size=4, micro_batch=8, min_bucket=64, max_len=256, pad_id=257)
+    batch = {k: jnp.asarray(v) for k, v in hb._asdict().items()}
+    batch["advantages"] = jnp.asarray(rng.normal(size=hb.inputs.shape[:2]), jnp.float32)
+    return batch
+
+
+def test_kl_exactly_zero_at_step_0_in_bf16_at_a_temperature():
+    """bf16 compute, fp32 master weights (the CPU GRPO configs), T = 0.8, two micro-batches, one and two
+    updates: the reference pass is numerically the policy pass at step 0, so KL is exactly 0 (not
+    rounding noise the penalty would pull towards) and the first update's ratio exactly 1 per token."""
+    import dataclasses
+
+    from emajax.models.decoder import Decoder
+
+    cfg = dataclasses.replace(TINY, dtype="bfloat16", param_dtype="float32")
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    tx, schedule = make_optimizer(OptimCfg(lr=1e-2, warmup_steps=0), 10)
+    batch = _rollout_batch()
+    for mu in (1, 2):
+        model = Decoder(cfg, rngs=nnx.Rngs(2), lora=LoraConfig(rank=8, alpha=16.0, rslora=True, dtype=None))
+        graphdef, state = create_state(model, lora=True, tx=tx, mesh=mesh, need_ref=True)
+        spec = RlStepSpec(lora=True, log_kl=True, kl_weight=0.1, temperature=0.8, inner_updates=mu)
+        new_state, m = compile_rl_step(graphdef, spec, tx, schedule, state, mesh)(state, batch)
+        assert int(new_state.step) == mu
+        if mu == 1:
+            assert float(m["kl"]) == 0.0 and float(m["clip_fraction"]) == 0.0
+        else:  # metrics average the updates: the second one moved the policy
+            assert float(m["kl"]) > 0.0
+
+
 def test_steered_decoding_matches_the_steered_decoder():
     model = tiny_model(lora=LORA, seed=3)
     steer = _steer(6.0)
@@ -112,3 +146,20 @@ def test_nucleus_sampling_keeps_the_top_p_set_with_its_probabilities():
     # top_p = 1 keeps everything (categorical over the whole vocabulary)
     toks = np.asarray(jax.jit(_pick_token)(logits, jnp.float32(1.0), jnp.float32(1.0), jax.random.key(1)))
     np.testing.assert_allclose(np.bincount(toks, minlength=5) / len(toks), p, atol=0.015)
+
+
+def test_mask_truncated_completions_leaves_them_no_loss_tokens():
+    """TRL's mask_truncated_completions: a completion that hit max_new_tokens without a stop token keeps
+    its row (it counts in its group's advantage) but has no loss tokens; `grpo` then averages over all rows."""
+    from emajax.rl.loss import loss_weights
+    from emajax.rl.rollout import truncated
+
+    comps = [[5, 6, 257], [5, 6, 7], [5], [8, 9, 10]]  # max_new_tokens 3, stop 257: rows 1 and 3 are cut off
+    cut = truncated(comps, [257], 3)
+    assert cut.tolist() == [False, True, False, True]
+    prompts = [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32)]
+    hb = update_batch(prompts, comps, group_size=2, micro_batch=2, min_bucket=16, max_len=64, pad_id=257, no_loss=cut)
+    per_row = np.asarray(hb.loss_mask).reshape(4, -1).sum(1)
+    assert per_row.tolist() == [3, 0, 1, 0]
+    w = np.asarray(loss_weights(jnp.asarray(hb.loss_mask), "grpo")).reshape(4, -1)
+    np.testing.assert_allclose(w.sum(1), [0.25, 0.0, 0.25, 0.0], rtol=1e-6)  # each kept row 1/4 of all rows

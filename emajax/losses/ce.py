@@ -329,18 +329,6 @@ def _ce_scan(h_btd, w_dv, tgt_bt, wt_bt, chunk, need_dh, need_dw):
     return loss, dh, dw
 
 
-def _weighted_ce_impl(h_btd, w_dv, tgt_bt, wt_bt, chunk):
-    return _ce_scan(h_btd, w_dv, tgt_bt, wt_bt, chunk, False, False)[0]
-
-
-_weighted_ce_vjp = jax.custom_vjp(_weighted_ce_impl, nondiff_argnums=(4,))
-
-
-def _weighted_ce_fwd(h, w, tgt, wt, chunk):
-    loss, dh, dw = _ce_scan(h.value, w.value, tgt.value, wt.value, chunk, h.perturbed, w.perturbed)
-    return loss, (dh, None if dw is None else dw.astype(w.value.dtype))
-
-
 def scale_grads(g: Any, *grads: jax.Array | None) -> tuple[jax.Array | None, ...]:
     """Backward of a fused scalar loss: multiply each precomputed gradient by the cotangent g."""
     if is_zero(g):
@@ -348,12 +336,50 @@ def scale_grads(g: Any, *grads: jax.Array | None) -> tuple[jax.Array | None, ...
     return tuple(None if x is None else (g * x.astype(jnp.float32)).astype(x.dtype) for x in grads)
 
 
-def _weighted_ce_bwd(chunk, res, g):
-    dh, dw = scale_grads(g, *res)
-    return dh, dw, None, None
+def fused_vjp(scan: Any, *, nondiff_argnums: tuple[int, ...], h_argnum: int = 0, w_argnum: int = 1,
+              cotangents: Any = lambda g: (g,)) -> Any:
+    """``jax.custom_vjp`` of a loss whose gradients its forward pass computes (chunk by chunk, never holding
+    the logits): ``scan(*args, need_dh=, need_dw=) -> (out, dhs, dws)`` returns the outputs and, as asked,
+    per differentiated output the gradient w.r.t. the hidden states (argument ``h_argnum``) and the output
+    matrix (``w_argnum``), tuples in the order of ``cotangents(g)`` (g: the outputs' cotangent). The
+    backward scales each by its cotangent and sums them; every other argument gets no gradient, so no rule
+    spells out a tuple of ``None`` per argument. ``nondiff_argnums`` are static (hashable) arguments."""
+    import inspect
+
+    names = [n for n in inspect.signature(scan).parameters if n not in ("need_dh", "need_dw")]
+    diff = [i for i in range(len(names)) if i not in nondiff_argnums]
+
+    def impl(*args):
+        return scan(*args, need_dh=False, need_dw=False)[0]
+
+    def fwd(*args):
+        primal = [a.value if i in diff else a for i, a in enumerate(args)]
+        out, dhs, dws = scan(*primal, need_dh=args[h_argnum].perturbed, need_dw=args[w_argnum].perturbed)
+        w_dtype = primal[w_argnum].dtype
+        return out, (tuple(dhs), tuple(None if d is None else d.astype(w_dtype) for d in dws))
+
+    def add(a, b):
+        return a if b is None else b if a is None else a + b
+
+    def bwd(*rest):
+        (dhs, dws), g = rest[-2], rest[-1]
+        dh = dw = None
+        for g_i, dh_i, dw_i in zip(cotangents(g), dhs, dws):
+            dh_i, dw_i = scale_grads(g_i, dh_i, dw_i)
+            dh, dw = add(dh, dh_i), add(dw, dw_i)
+        return tuple(dh if i == h_argnum else dw if i == w_argnum else None for i in diff)
+
+    f = jax.custom_vjp(impl, nondiff_argnums=nondiff_argnums)
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
+    return f
 
 
-_weighted_ce_vjp.defvjp(_weighted_ce_fwd, _weighted_ce_bwd, symbolic_zeros=True)
+def _weighted_ce(h_btd, w_dv, tgt_bt, wt_bt, chunk, *, need_dh, need_dw):
+    loss, dh, dw = _ce_scan(h_btd, w_dv, tgt_bt, wt_bt, chunk, need_dh, need_dw)
+    return loss, (dh,), (dw,)
+
+
+_weighted_ce_vjp = fused_vjp(_weighted_ce, nondiff_argnums=(4,))
 
 
 def masked_ce(

@@ -23,7 +23,7 @@ from emajax.losses.ce import (
     grad_w,
     mask_weights,
     resolve_seq_chunk,
-    scale_grads,
+    fused_vjp,
     scan_weighted,
     softmax_minus_onehot,
 )
@@ -73,26 +73,12 @@ def _kl_scan(h_btd, rh_btd, w_dv, rw_dv, wt_bt, reverse, chunk, need_dh, need_dw
     return loss, dh, dw
 
 
-def _weighted_kl_impl(h, rh, w, rw, wt, reverse, chunk):
-    return _kl_scan(h, rh, w, rw, wt, reverse, chunk, False, False)[0]
+def _weighted_kl(h, rh, w, rw, wt, reverse, chunk, *, need_dh, need_dw):
+    loss, dh, dw = _kl_scan(h, rh, w, rw, wt, reverse, chunk, need_dh, need_dw)
+    return loss, (dh,), (dw,)
 
 
-_weighted_kl_vjp = jax.custom_vjp(_weighted_kl_impl, nondiff_argnums=(5, 6))
-
-
-def _weighted_kl_fwd(h, rh, w, rw, wt, reverse, chunk):
-    loss, dh, dw = _kl_scan(
-        h.value, rh.value, w.value, rw.value, wt.value, reverse, chunk, h.perturbed, w.perturbed
-    )
-    return loss, (dh, None if dw is None else dw.astype(w.value.dtype))
-
-
-def _weighted_kl_bwd(reverse, chunk, res, g):
-    dh, dw = scale_grads(g, *res)
-    return dh, None, dw, None, None
-
-
-_weighted_kl_vjp.defvjp(_weighted_kl_fwd, _weighted_kl_bwd, symbolic_zeros=True)
+_weighted_kl_vjp = fused_vjp(_weighted_kl, nondiff_argnums=(5, 6), w_argnum=2)
 
 
 def token_kl(
@@ -174,55 +160,23 @@ def _ce_kl_scan(h_btd, rh_btd, w_dv, rw_dv, tgt_bt, ce_wt_bt, kl_wt_bt, reverse,
     return (ce, kl), (dhs, dws if need_dw else (None,) * parts)
 
 
-def _cast_like(x, ref):
-    return None if x is None else x.astype(ref.dtype)
+def _ce_kl(h, rh, w, rw, tgt, cw, kw, reverse, chunk, *, need_dh, need_dw):
+    out, (dhs, dws) = _ce_kl_scan(h, rh, w, rw, tgt, cw, kw, reverse, chunk, need_dh, need_dw)
+    return out, dhs, dws
 
 
-def _ce_kl_impl(h, rh, w, rw, tgt, cw, kw, reverse, chunk):
-    return _ce_kl_scan(h, rh, w, rw, tgt, cw, kw, reverse, chunk, False, False)[0]
+_ce_kl_vjp = fused_vjp(_ce_kl, nondiff_argnums=(7, 8), w_argnum=2, cotangents=lambda g: g)  # (g_ce, g_kl)
 
 
-_ce_kl_vjp = jax.custom_vjp(_ce_kl_impl, nondiff_argnums=(7, 8))
+def _ce_plus_kl(h, rh, w, rw, tgt, cw, kw, lam, reverse, chunk, *, need_dh, need_dw):
+    want = need_dh or need_dw  # the value needs no kl_weight; the gradient is that of ce + lam kl
+    (ce, kl), (dhs, dws) = _ce_kl_scan(h, rh, w, rw, tgt, cw, kw, reverse, chunk, need_dh, need_dw,
+                                       kl_weight=lam if want else None)
+    return (ce + lam * kl, ce, kl), dhs[:1], dws[:1]
 
 
-def _ce_kl_fwd(h, rh, w, rw, tgt, cw, kw, reverse, chunk):
-    vals = tuple(a.value for a in (h, rh, w, rw, tgt, cw, kw))
-    out, (dhs, dws) = _ce_kl_scan(*vals, reverse, chunk, h.perturbed, w.perturbed)
-    return out, (*dhs, *(_cast_like(d, w.value) for d in dws))
-
-
-def _ce_kl_bwd(reverse, chunk, res, g):
-    g_ce, g_kl = g
-    dh_ce, dh_kl, dw_ce, dw_kl = res
-    dh_ce, dw_ce = scale_grads(g_ce, dh_ce, dw_ce)
-    dh_kl, dw_kl = scale_grads(g_kl, dh_kl, dw_kl)
-    add = lambda a, b: a if b is None else b if a is None else a + b  # noqa: E731
-    return add(dh_ce, dh_kl), None, add(dw_ce, dw_kl), None, None, None, None
-
-
-_ce_kl_vjp.defvjp(_ce_kl_fwd, _ce_kl_bwd, symbolic_zeros=True)
-
-
-def _ce_plus_kl_impl(h, rh, w, rw, tgt, cw, kw, lam, reverse, chunk):
-    (ce, kl), _ = _ce_kl_scan(h, rh, w, rw, tgt, cw, kw, reverse, chunk, False, False)
-    return ce + lam * kl, ce, kl
-
-
-_ce_plus_kl_vjp = jax.custom_vjp(_ce_plus_kl_impl, nondiff_argnums=(8, 9))
-
-
-def _ce_plus_kl_fwd(h, rh, w, rw, tgt, cw, kw, lam, reverse, chunk):
-    vals = tuple(a.value for a in (h, rh, w, rw, tgt, cw, kw))
-    (ce, kl), ((dh,), (dw,)) = _ce_kl_scan(*vals, reverse, chunk, h.perturbed, w.perturbed, kl_weight=lam.value)
-    return (ce + lam.value * kl, ce, kl), (dh, _cast_like(dw, w.value))
-
-
-def _ce_plus_kl_bwd(reverse, chunk, res, g):
-    dh, dw = scale_grads(g[0], *res)  # ce and kl leave ce_plus_kl through stop_gradient: no cotangent
-    return dh, None, dw, None, None, None, None, None
-
-
-_ce_plus_kl_vjp.defvjp(_ce_plus_kl_fwd, _ce_plus_kl_bwd, symbolic_zeros=True)
+# ce and kl leave ce_plus_kl through stop_gradient: only the sum's cotangent counts
+_ce_plus_kl_vjp = fused_vjp(_ce_plus_kl, nondiff_argnums=(8, 9), w_argnum=2, cotangents=lambda g: (g[0],))
 
 
 def _ce_kl_inputs(name, hidden_btd, ref_hidden_btd, w_dv, ref_w_dv, targets_bt, loss_mask_bt, kl_mask_bt,

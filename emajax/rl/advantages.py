@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-SCALES = ("group", "batch", "none")
+from emajax.train.choices import ScaleRewards
+
 EPS = 1e-4
 
 
@@ -29,8 +30,7 @@ def _unbiased_std(x: jnp.ndarray, axis=None) -> jnp.ndarray:
 def group_advantages(rewards_n: jnp.ndarray, group_size: int, scale: str = "group",
                      eps: float = EPS) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(advantages [N], per-group reward std [N // G]) for rewards [N] in groups of ``group_size``."""
-    if scale not in SCALES:
-        raise ValueError(f"advantage scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    scale = ScaleRewards(scale)
     r = jnp.asarray(rewards_n, jnp.float32)
     if r.ndim != 1 or group_size < 2 or r.shape[0] % group_size:
         raise ValueError(f"need rewards [N] with N a multiple of a group size >= 2, got shape {r.shape}, "
@@ -38,9 +38,9 @@ def group_advantages(rewards_n: jnp.ndarray, group_size: int, scale: str = "grou
     r_pg = r.reshape(-1, group_size)
     centred_pg = r_pg - jnp.mean(r_pg, axis=1, keepdims=True)
     std_p = _unbiased_std(r_pg, axis=1)
-    if scale == "group":
+    if scale is ScaleRewards.group:
         adv_pg = centred_pg / (std_p[:, None] + eps)
-    elif scale == "batch":
+    elif scale is ScaleRewards.batch:
         adv_pg = centred_pg / (_unbiased_std(r) + eps)
     else:
         adv_pg = centred_pg

@@ -13,8 +13,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from emajax.rl.advantages import SCALES
-from emajax.rl.loss import AGGREGATIONS
+from emajax.train.choices import Distributed, LossType, ScaleRewards
 from emajax.rl.rewards import resolve_reward
 from emajax.models.lora import LoraConfig
 from emajax.train.config import (Config, MeshCfg, ModelCfg, OptimCfg, SteeringCfg, TrainCfg, TrainConfigError, build_section,
@@ -56,8 +55,9 @@ class GrpoCfg:
     inner_updates: int = 1  # mu: optimiser updates per rollout batch
     clip_eps: float = 0.2
     clip_eps_high: float | None = None  # upper clip (DAPO: 0.28); null = clip_eps
-    scale_rewards: str = "group"  # group | batch | none (see emajax.rl.advantages)
-    aggregation: str = "token"  # token | sequence (see emajax.rl.loss.token_weights)
+    scale_rewards: ScaleRewards = ScaleRewards.group  # see emajax.rl.advantages
+    loss_type: LossType = LossType.dapo  # the token-sum normalisation, as TRL's (see emajax.rl.loss.loss_weights)
+    mask_truncated_completions: bool = False  # completions cut off by max_new_tokens get no loss (TRL's meaning)
     micro_batch: int = 8  # rollout rows per micro-batch (gradients accumulated over the batch)
     seq_chunk: int | None = None  # vocabulary chunking of the loss (null: emajax.losses picks)
     log_kl: bool = True  # run the reference pass and log KL even when defenses.kl.weight is 0
@@ -110,7 +110,7 @@ class RlConfig:
     defenses: RlDefensesCfg = dataclasses.field(default_factory=RlDefensesCfg)
     mesh: MeshCfg = dataclasses.field(default_factory=MeshCfg)
     train: RlTrainCfg = dataclasses.field(default_factory=RlTrainCfg)
-    distributed: str = "auto"
+    distributed: Distributed = Distributed.auto
     out: str | None = None
 
     to_dict = Config.to_dict  # plain YAML/JSON types, as the SFT config's
@@ -158,20 +158,10 @@ def _validate(cfg: RlConfig) -> None:
         bad("grpo.micro_batch", f"must divide prompts_per_step x group_size = {rows}")
     if cfg.rollout.temperature <= 0 or not 0 < cfg.rollout.top_p <= 1:
         bad("rollout", "need temperature > 0 (sampling) and 0 < top_p <= 1")
-    if cfg.grpo.scale_rewards not in SCALES:
-        bad("grpo.scale_rewards", f"must be one of {'|'.join(SCALES)}, got {cfg.grpo.scale_rewards!r}")
-    if cfg.grpo.aggregation not in AGGREGATIONS:
-        bad("grpo.aggregation", f"must be one of {'|'.join(AGGREGATIONS)}, got {cfg.grpo.aggregation!r}")
     if cfg.grpo.clip_eps < 0 or (cfg.grpo.clip_eps_high is not None and cfg.grpo.clip_eps_high < 0):
         bad("grpo.clip_eps", "must be >= 0")
     if cfg.defenses.kl.weight < 0 or cfg.defenses.interleave.weight < 0:
         bad("defenses", "loss weights must be >= 0")
-    if cfg.model.remat not in ("none", "full", "dots"):
-        bad("model.remat", f"must be none|full|dots, got {cfg.model.remat!r}")
-    if cfg.optim.schedule not in ("linear", "cosine", "constant"):
-        bad("optim.schedule", f"must be linear|cosine|constant, got {cfg.optim.schedule!r}")
-    if cfg.distributed not in ("auto", "true", "false"):
-        bad("distributed", f"must be auto|true|false, got {cfg.distributed!r}")
     if cfg.train.steps is not None and cfg.train.steps <= 0:
         bad("train.steps", "must be positive")
     if not cfg.data.train:

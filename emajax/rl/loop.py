@@ -1,12 +1,15 @@
-"""The GRPO run: config -> model, prompts, rewards, state -> rollouts + compiled updates -> checkpoints, metrics.
+"""The GRPO run: config -> model, prompts, rewards, state -> rollouts + compiled updates, on the training core.
 
-``train_rl(cfg, run_dir)`` is what ``emajax rl`` calls. Per step: the step's prompts (a pure function of
-seed and step, ``emajax.rl.prompts``), G sampled completions each (``emajax.rl.rollout``; the sampling seed
-comes from ``state.rng``), rewards (``emajax.rl.rewards``), group-normalised advantages
-(``emajax.rl.advantages``), then one compiled update call (``emajax.rl.step``) with, every
-``defenses.interleave.every`` steps, a safe SFT batch. Re-running with the same run directory resumes
-from the latest finalised checkpoint exactly as SFT does: the state carries parameters, optimiser
-moments, the update counter and the rng, the step number fixes the prompts and the SFT batch.
+``train_rl(cfg, run_dir)`` is what ``emajax rl`` calls. The run directory (local or ``gs://``), the resume
+check, the restore with its data position, the step loop with its NaN check, checkpoints and evaluation
+points, and the export (collective over every process) are the training core's (``emajax.train.core``), as
+for ``emajax train``; this module supplies what one RL step is. Per step: the step's prompts (a pure
+function of seed and step, ``emajax.rl.prompts``), G sampled completions each (``emajax.rl.rollout``; the
+sampling seed comes from ``state.rng``), rewards (``emajax.rl.rewards``; a reward that raises scores 0 and
+is counted), group-normalised advantages (``emajax.rl.advantages``), then one compiled update call
+(``emajax.rl.step``) with, every ``defenses.interleave.every`` steps, a safe SFT batch. A resumed run
+continues exactly: the state carries parameters, optimiser moments, the update counter and the rng, the
+step number fixes the prompts and the SFT batch.
 
 The run directory holds ``config.yaml``, ``metrics.jsonl`` (one row per step), ``eval.jsonl`` (greedy
 rewards on ``data.eval``), ``samples.jsonl`` (a few completions per step), ``data_stats.json``,
@@ -16,7 +19,6 @@ rewards on ``data.eval``), ``samples.jsonl`` (a few completions per step), ``dat
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,6 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from emajax import atomic
 from emajax.defenses.steering import build_steer_ld
 from emajax.generate import default_eos_ids
 from emajax.models.sharding import BATCH_AXES
@@ -33,37 +34,38 @@ from emajax.rl.advantages import group_advantages
 from emajax.rl.config import RlConfig
 from emajax.rl.prompts import Prompt, build_prompts
 from emajax.rl.rewards import RewardSet
-from emajax.rl.rollout import completion_stats, sample, update_batch
+from emajax.rl.rollout import completion_stats, sample, truncated, update_batch
 from emajax.rl.step import RlStepSpec, compile_rl_step
 from emajax.train.checkpoint import Checkpointer
+from emajax.train.core import (Loop, append_row, check_rows, export, export_base_name, open_run, restore, run_steps,
+                               trim_logs, write_json)
 from emajax.train.data import Batcher, encode_examples
-from emajax.train.loop import _check_same_run, _export_base_name, _pad_id, export, lora_config
-from emajax.train.mesh import accum_batch_sharding, batch_rows, build_mesh, maybe_initialize_distributed, put_global
+from emajax.train.loop import _pad_id, lora_config
+from emajax.train.mesh import accum_batch_sharding, batch_rows, put_global
 from emajax.train.metrics import MetricsLogger
 from emajax.train.optim import make_optimizer
 from emajax.train.sources import read_conversations
 from emajax.train.state import create_state
 
-# Keys (beyond SFT's) that may change between the run that wrote a checkpoint and the one resuming it.
-_RESUME_FREE = {"train.samples_per_step", "data.eval_max_examples"}
-
 
 @dataclasses.dataclass
 class RlResult:
-    run_dir: Path
+    run_dir: Any  # etils.epath.Path (local or remote)
     start_step: int
     final_step: int
     total_steps: int
     last_metrics: dict[str, Any]
     evals: list[dict[str, Any]]
-    export_dir: Path | None
+    export_dir: Any  # None when not exported (or on processes other than 0)
 
 
 def step_spec(cfg: RlConfig) -> RlStepSpec:
     g = cfg.grpo
     return RlStepSpec(lora=cfg.lora.enabled, inner_updates=g.inner_updates, clip_eps=g.clip_eps,
                       clip_eps_high=g.clip_eps_high, kl_weight=cfg.defenses.kl.weight, log_kl=g.log_kl,
-                      aggregation=g.aggregation, sft_weight=cfg.defenses.interleave.weight, seq_chunk=g.seq_chunk)
+                      loss_type=g.loss_type, max_completion_length=cfg.rollout.max_new_tokens,
+                      temperature=cfg.rollout.temperature, sft_weight=cfg.defenses.interleave.weight,
+                      seq_chunk=g.seq_chunk)
 
 
 def rollout_seed(rng: Any, step: int) -> int:
@@ -92,22 +94,18 @@ def _sft_batcher(cfg: RlConfig, tok: Any, pad_id: int) -> Batcher | None:
                    min_bucket=inter.min_bucket, max_len=inter.max_len, pad_id=pad_id)
 
 
+def _reward_row(prefix: str, total_r: np.ndarray, per: dict[str, np.ndarray], errors: dict[str, int]) -> dict[str, float]:
+    row = {f"{prefix}reward": float(total_r.mean()), **{f"{prefix}reward/{k}": float(v.mean()) for k, v in per.items()}}
+    row.update({f"{prefix}reward_errors/{k}": float(n) for k, n in errors.items() if n})
+    return row
+
+
 def train_rl(cfg: RlConfig, run_dir: str | Path, *, loaded: Any = None) -> RlResult:
     """Run (or resume) GRPO; ``loaded`` (a LoadedModel-like object) skips loading ``cfg.model.name``."""
-    maybe_initialize_distributed(cfg.distributed)
-    is_main = jax.process_index() == 0
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_run(run_dir, cfg, _RESUME_FREE)
-    if is_main:
-        atomic.write_yaml(run_dir / "config.yaml", cfg.to_dict())
-
-    mesh = build_mesh(cfg.mesh)
-    rows = batch_rows(mesh)
-    for key, n in (("grpo.micro_batch", cfg.grpo.micro_batch),
-                   ("defenses.interleave.batch_size", cfg.defenses.interleave.batch_size)):
-        if n % rows:
-            raise ValueError(f"{key}={n} must be divisible by mesh data x fsdp = {rows}")
+    run = open_run(cfg, run_dir, "rl")
+    run_dir, is_main, mesh = run.run_dir, run.is_main, run.mesh
+    check_rows("grpo.micro_batch", cfg.grpo.micro_batch, batch_rows(mesh))
+    check_rows("defenses.interleave.batch_size", cfg.defenses.interleave.batch_size, batch_rows(mesh))
     loaded = loaded if loaded is not None else _load(cfg, mesh)
     model, tok = loaded.model, loaded.tokenizer
     mcfg = model.cfg
@@ -125,10 +123,9 @@ def train_rl(cfg: RlConfig, run_dir: str | Path, *, loaded: Any = None) -> RlRes
         eval_prompts, _ = build_prompts(tok, cfg.data.eval, cfg.data, limit=cfg.data.eval_max_examples)
     rewards = RewardSet(cfg.rewards)
     sft = _sft_batcher(cfg, tok, pad_id)
+    write_json(run, "data_stats.json", {**dataclasses.asdict(pstats), "steps_per_epoch": per_epoch, "total_steps": total,
+                                        "eval_prompts": len(eval_prompts), "sft_examples": len(sft.examples) if sft else 0})
     if is_main:
-        stats = {**dataclasses.asdict(pstats), "steps_per_epoch": per_epoch, "total_steps": total,
-                 "eval_prompts": len(eval_prompts), "sft_examples": len(sft.examples) if sft else 0}
-        atomic.write_json(run_dir / "data_stats.json", stats)
         print(f"emajax rl: {pstats.summary()}; {per_epoch} steps/epoch, {total} steps", flush=True)
 
     mu = cfg.grpo.inner_updates
@@ -137,23 +134,13 @@ def train_rl(cfg: RlConfig, run_dir: str | Path, *, loaded: Any = None) -> RlRes
     steer = build_steer_ld(mcfg, cfg.defenses.steering)
     graphdef, state = create_state(model, lora=cfg.lora.enabled, tx=tx, mesh=mesh, need_ref=spec.need_ref,
                                    steer_ld=steer, seed=cfg.train.seed)
-    base_name = _export_base_name(cfg, loaded)
+    base_name = export_base_name(cfg, loaded)
     del model, loaded
 
     ckpt = Checkpointer(run_dir / "checkpoints", save_every=cfg.train.save_every, keep=cfg.train.keep_checkpoints)
-    start = 0
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
-        start = int(jax.device_get(state.step)) // mu
-        if meta.get("data_position") != list(divmod(start, per_epoch)):
-            raise ValueError(f"{ckpt.directory}: checkpoint data position {meta.get('data_position')} does not match "
-                             f"step {start} with {per_epoch} steps/epoch (prompts changed?)")
-        if is_main:
-            print(f"emajax rl: resumed from {ckpt.directory}/{start}", flush=True)
+    state, start = restore(run, ckpt, state, per_epoch, updates_per_step=mu)
+    trim_logs(run, ["eval.jsonl", "samples.jsonl"], start)
     step_fn = compile_rl_step(graphdef, spec, tx, schedule, state, mesh)
-    if is_main:
-        for name in ("eval.jsonl", "samples.jsonl"):  # a resumed run rewrites the rows after its start
-            atomic.keep_jsonl_rows(run_dir / name, lambda r: r.get("step", 0) <= start)
     logger = MetricsLogger(run_dir, start_step=start, total_steps=end, tensorboard=cfg.train.tensorboard,
                            progress=cfg.train.progress, is_main=is_main, desc="rl",
                            postfix=("reward_mean", "kl", "response_len"))
@@ -162,91 +149,71 @@ def train_rl(cfg: RlConfig, run_dir: str | Path, *, loaded: Any = None) -> RlRes
     G = cfg.rollout.group_size
     evals: list[dict[str, Any]] = []
 
-    def run_eval(step: int) -> None:
+    def run_eval(state: Any, step: int) -> None:
         t0 = time.perf_counter()
         outs = sample(graphdef, state, tok, [p.inputs for p in eval_prompts], group_size=1,
                       max_new_tokens=cfg.rollout.max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
-        total_r, per = rewards.score([p.text for p in eval_prompts], _decode(tok, outs),
-                                     [p.example for p in eval_prompts])
-        r = {"step": step, "eval_reward": float(total_r.mean()),
-             **{f"eval_reward/{k}": float(v.mean()) for k, v in per.items()},
+        total_r, per, errors = rewards.score([p.text for p in eval_prompts], _decode(tok, outs),
+                                             [p.example for p in eval_prompts])
+        r = {"step": step, **_reward_row("eval_", total_r, per, errors),
              "eval_response_len": float(np.mean([len(o) for o in outs])), "eval_s": time.perf_counter() - t0,
              "per_prompt": {k: [float(x) for x in v] for k, v in per.items()}}
         evals.append(r)
-        if is_main:
-            with (run_dir / "eval.jsonl").open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            if logger.tb is not None:
-                for k, v in r.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        logger.tb.add_scalar(k.replace("eval_", "eval/", 1), v, step)
+        append_row(run, "eval.jsonl", r)
+        if logger.tb is not None:
+            for k, v in r.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    logger.tb.add_scalar(k.replace("eval_", "eval/", 1), v, step)
 
-    def meta(step: int) -> dict[str, Any]:
-        return {"data_position": list(divmod(step, per_epoch)), "total_steps": total, "seed": cfg.train.seed}
+    def one_step(state: Any, step: int) -> tuple[Any, dict[str, Any]]:
+        t0 = time.perf_counter()
+        epoch, i = divmod(step, per_epoch)
+        batch_prompts = [prompts[int(j)] for j in order.epoch_batches(epoch)[i]]
+        completions = sample(graphdef, state, tok, [p.inputs for p in batch_prompts], group_size=G,
+                             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                             top_p=cfg.rollout.top_p, seed=rollout_seed(state.rng, step),
+                             steer_ld=state.steer_ld if cfg.defenses.steering.rollouts else None)
+        t_roll = time.perf_counter() - t0
+        texts = _decode(tok, completions)
+        total_r, per, errors = rewards.score([p.text for p in batch_prompts for _ in range(G)], texts,
+                                             [p.example for p in batch_prompts for _ in range(G)])
+        adv, std_p = group_advantages(total_r, G, cfg.grpo.scale_rewards)
+        cut = truncated(completions, [*eos_ids, pad_id], cfg.rollout.max_new_tokens)
+        hb = update_batch([p.inputs for p in batch_prompts], completions, G, cfg.grpo.micro_batch,
+                          min_bucket=cfg.data.min_bucket, max_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens,
+                          pad_id=pad_id, no_loss=cut if cfg.grpo.mask_truncated_completions else None)
+        batch: dict[str, Any] = {k: put_global(v, bsh) for k, v in hb._asdict().items()}
+        batch["advantages"] = put_global(np.asarray(adv, np.float32).reshape(hb.inputs.shape[:2]), adv_sh)
+        if sft is not None and (step + 1) % cfg.defenses.interleave.every == 0:
+            sb = sft.batch_at(step // cfg.defenses.interleave.every)
+            batch["sft"] = {k: put_global(v, bsh) for k, v in sb._asdict().items()}
+        t1 = time.perf_counter()
+        state, m = step_fn(state, batch)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        t_update = time.perf_counter() - t1
+        rr = _reward_row("", total_r, per, errors)
+        row = {"step": step + 1, "epoch": epoch, "reward_mean": rr.pop("reward"), "reward_std": float(total_r.std()),
+               **rr, "zero_std_groups": float(np.mean(np.asarray(std_p) == 0)), **m,
+               **completion_stats(completions, eos_ids, cfg.rollout.max_new_tokens),
+               "rollout_s": t_roll, "update_s": t_update, "step_time_s": time.perf_counter() - t0}
+        if is_main and cfg.train.samples_per_step:
+            _write_samples(run, step + 1, batch_prompts, texts, total_r, G, cfg.train.samples_per_step)
+        return state, row
 
-    if eval_prompts and start == 0 and end > 0:
-        run_eval(0)
-    last: dict[str, Any] = {}
-    saved_at = start
-    try:
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            epoch, i = divmod(step, per_epoch)
-            batch_prompts = [prompts[int(j)] for j in order.epoch_batches(epoch)[i]]
-            completions = sample(graphdef, state, tok, [p.inputs for p in batch_prompts], group_size=G,
-                                 max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                 top_p=cfg.rollout.top_p, seed=rollout_seed(state.rng, step),
-                                 steer_ld=state.steer_ld if cfg.defenses.steering.rollouts else None)
-            t_roll = time.perf_counter() - t0
-            texts = _decode(tok, completions)
-            total_r, per = rewards.score([p.text for p in batch_prompts for _ in range(G)], texts,
-                                         [p.example for p in batch_prompts for _ in range(G)])
-            adv, std_p = group_advantages(total_r, G, cfg.grpo.scale_rewards)
-            hb = update_batch([p.inputs for p in batch_prompts], completions, G, cfg.grpo.micro_batch,
-                              min_bucket=cfg.data.min_bucket,
-                              max_len=cfg.data.max_prompt_len + cfg.rollout.max_new_tokens, pad_id=pad_id)
-            batch: dict[str, Any] = {k: put_global(v, bsh) for k, v in hb._asdict().items()}
-            batch["advantages"] = put_global(np.asarray(adv, np.float32).reshape(hb.inputs.shape[:2]), adv_sh)
-            if sft is not None and (step + 1) % cfg.defenses.interleave.every == 0:
-                sb = sft.batch_at(step // cfg.defenses.interleave.every)
-                batch["sft"] = {k: put_global(v, bsh) for k, v in sb._asdict().items()}
-            t1 = time.perf_counter()
-            state, m = step_fn(state, batch)
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            t_update = time.perf_counter() - t1
-            last = {"step": step + 1, "epoch": epoch, "reward_mean": float(total_r.mean()),
-                    "reward_std": float(total_r.std()), **{f"reward/{k}": float(v.mean()) for k, v in per.items()},
-                    "zero_std_groups": float(np.mean(np.asarray(std_p) == 0)), **m,
-                    **completion_stats(completions, eos_ids, cfg.rollout.max_new_tokens),
-                    "rollout_s": t_roll, "update_s": t_update, "step_time_s": time.perf_counter() - t0}
-            logger.log(last)
-            if is_main and cfg.train.samples_per_step:
-                _write_samples(run_dir / "samples.jsonl", step + 1, batch_prompts, texts, total_r, G,
-                               cfg.train.samples_per_step)
-            if not np.isfinite(m["loss"]):
-                raise FloatingPointError(f"step {step + 1}: loss is {m['loss']} (metrics {m})")
-            if ckpt.save(step + 1, state, meta(step + 1)):
-                saved_at = step + 1
-            if eval_prompts and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < end:
-                run_eval(step + 1)
-        if saved_at != end:
-            ckpt.save(end, state, meta(end), force=True)
-        if eval_prompts and end > start:
-            run_eval(end)
-    finally:
-        logger.close()
-        ckpt.close()
+    loop = Loop(step=one_step, meta=lambda step: {"data_position": list(divmod(step, per_epoch)), "total_steps": total,
+                                                  "seed": cfg.train.seed},
+                evaluate=run_eval if eval_prompts else None, eval_every=cfg.train.eval_every)
+    state, last = run_steps(run, loop, state, start=start, end=end, ckpt=ckpt, logger=logger)
 
     export_dir = None
-    if cfg.train.export and is_main:
-        export_dir = export(graphdef, state, cfg, run_dir / "export", tok, base_name=base_name)
+    if cfg.train.export:  # every process: the weights are gathered collectively, process 0 writes
+        export_dir = export(graphdef, state, cfg, run_dir / "export", tok, base_name=base_name, write=is_main)
     return RlResult(run_dir, start, end, total, last, evals, export_dir)
 
 
-def _write_samples(path: Path, step: int, prompts: list[Prompt], texts: list[str], rewards: np.ndarray, group: int,
+def _write_samples(run: Any, step: int, prompts: list[Prompt], texts: list[str], rewards: np.ndarray, group: int,
                    n_groups: int) -> None:
-    with path.open("a") as f:
-        for g in range(min(n_groups, len(prompts))):
-            f.write(json.dumps({"step": step, "prompt": prompts[g].text,
-                                "completions": texts[g * group:(g + 1) * group],
-                                "rewards": [float(x) for x in rewards[g * group:(g + 1) * group]]}) + "\n")
+    for g in range(min(n_groups, len(prompts))):
+        append_row(run, "samples.jsonl", {"step": step, "prompt": prompts[g].text,
+                                          "completions": texts[g * group:(g + 1) * group],
+                                          "rewards": [float(x) for x in rewards[g * group:(g + 1) * group]]})

@@ -29,6 +29,7 @@ import math
 import operator
 import re
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -77,27 +78,27 @@ _TARGET = re.compile(r"equals?\s+(-?\d+)", re.I)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S | re.I)
 
 
-def _eval_node(node: ast.AST, leaves: list[float]) -> float:
+def _eval_node(node: ast.AST, leaves: list[Fraction]) -> Fraction:
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-        leaves.append(float(node.value))
-        return float(node.value)
+        leaves.append(Fraction(node.value))  # exact: a 400-digit literal is a number, not an OverflowError
+        return leaves[-1]
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
         return _OPS[type(node.op)](_eval_node(node.left, leaves), _eval_node(node.right, leaves))
     raise ValueError(f"not allowed in a countdown expression: {type(node).__name__}")
 
 
-def evaluate_expression(expr: str) -> tuple[float, list[float]] | None:
-    """(value, the numbers it uses) of an arithmetic expression over + - * / and parentheses; None when
-    it is not one (or divides by zero)."""
+def evaluate_expression(expr: str) -> tuple[Fraction, list[Fraction]] | None:
+    """(value, the numbers it uses) of an arithmetic expression over + - * / and parentheses, in exact
+    rational arithmetic (any size of integer); None when it is not one (or divides by zero)."""
     try:
         tree = ast.parse(expr.strip(), mode="eval")
-        leaves: list[float] = []
+        leaves: list[Fraction] = []
         return _eval_node(tree.body, leaves), leaves
-    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError, OverflowError, MemoryError):
         return None
 
 
-def countdown_problem(prompt: str, example: dict) -> tuple[list[int], float]:
+def countdown_problem(prompt: str, example: dict) -> tuple[list[int], Fraction]:
     """(numbers, target) of a countdown example: ``meta.nums``/``meta.target`` else parsed from the prompt
     (the target falls back to the reference answer)."""
     meta = example.get("meta") if isinstance(example.get("meta"), dict) else {}
@@ -112,7 +113,7 @@ def countdown_problem(prompt: str, example: dict) -> tuple[list[int], float]:
         m = _TARGET.search(prompt)
         target = m.group(1) if m else str(example.get("answer", "")).strip()
     try:
-        return [int(n) for n in nums], float(target)
+        return [int(n) for n in nums], Fraction(str(target).strip())
     except (TypeError, ValueError):
         raise ValueError(f"countdown: target {target!r} is not a number") from None
 
@@ -135,11 +136,11 @@ def countdown(prompt: str, completion: str, example: dict, *, use_all: bool = Tr
         if res is None:
             continue
         value, leaves = res
-        if any(x != int(x) for x in leaves):
+        if any(x.denominator != 1 for x in leaves):
             continue
         used, avail = sorted(int(x) for x in leaves), sorted(nums)
         ok_numbers = used == avail if use_all else _sub_multiset(used, avail)
-        return float(ok_numbers and math.isclose(value, target, rel_tol=0.0, abs_tol=1e-6))
+        return float(ok_numbers and value == target)
     return 0.0
 
 
@@ -179,7 +180,9 @@ def resolve_reward(name: str) -> RewardFn:
 
 
 class RewardSet:
-    """The configured rewards: ``score(prompts, completions, examples)`` -> (weighted total [N], {name: [N]})."""
+    """The configured rewards: ``score(prompts, completions, examples)`` -> (weighted total [N], {name: [N]},
+    {name: errors}). A reward never aborts a run: a call that raises or returns a non-finite value scores 0
+    and is counted in ``errors`` (logged per step as ``reward_errors/NAME``); its first failure is printed."""
 
     def __init__(self, specs: Sequence[Any]):
         if not specs:
@@ -193,20 +196,27 @@ class RewardSet:
             self.fns.append(resolve_reward(s.fn))
             self.weights.append(float(s.weight))
             self.kwargs.append(dict(s.kwargs or {}))
+        self._reported: set[str] = set()
 
     def score(self, prompts: Sequence[str], completions: Sequence[str],
-              examples: Sequence[dict]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        per = {}
+              examples: Sequence[dict]) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, int]]:
+        per, errors = {}, {}
         for name, fn, kw in zip(self.names, self.fns, self.kwargs):
-            vals = np.empty(len(completions), np.float32)
+            vals = np.zeros(len(completions), np.float32)
+            errors[name] = 0
             for i, (p, c, ex) in enumerate(zip(prompts, completions, examples)):
                 try:
                     v = float(fn(p, c, ex, **kw))
-                except Exception as e:
-                    raise ValueError(f"reward {name!r} failed on completion {i} ({type(e).__name__}: {e})") from e
-                if not np.isfinite(v):
-                    raise ValueError(f"reward {name!r} returned {v} for completion {i}")
+                    if not math.isfinite(v):
+                        raise ValueError(f"returned {v}")
+                except Exception as e:  # noqa: BLE001 - any failure of user code scores 0, counted
+                    errors[name] += 1
+                    if name not in self._reported:
+                        self._reported.add(name)
+                        print(f"emajax rl: reward {name!r} failed on a completion ({type(e).__name__}: {e}); "
+                              "it scores 0 there (counted as reward_errors/{name})".replace("{name}", name), flush=True)
+                    continue
                 vals[i] = v
             per[name] = vals
         total = sum(w * per[n] for n, w in zip(self.names, self.weights))
-        return np.asarray(total, np.float32), per
+        return np.asarray(total, np.float32), per, errors

@@ -33,16 +33,18 @@ def sample(graphdef: Any, state: Any, tokenizer: Any, prompts: Sequence[np.ndarr
 
 
 def update_batch(prompts: Sequence[np.ndarray], completions: Sequence[Sequence[int]], group_size: int,
-                 micro_batch: int, *, min_bucket: int, max_len: int, pad_id: int) -> Batch:
+                 micro_batch: int, *, min_bucket: int, max_len: int, pad_id: int,
+                 no_loss: Sequence[bool] | None = None) -> Batch:
     """[A, micro_batch, T] batch of prompt + completion rows (A = rows / micro_batch), loss on completions.
 
     An empty completion (EOS cut off by the budget is never empty; zero new tokens is) keeps its prompt
-    row with no loss tokens: it still counts in its group's advantage."""
+    row with no loss tokens: it still counts in its group's advantage. Rows where ``no_loss`` is true keep
+    no loss tokens either (``grpo.mask_truncated_completions``)."""
     examples = []
     for i, comp in enumerate(completions):
         p = list(map(int, prompts[i // group_size]))
         ids = p + list(map(int, comp))
-        mask = [False] * len(p) + [True] * len(comp)
+        mask = [False] * len(p) + [not (no_loss is not None and no_loss[i])] * len(comp)
         inp, tgt, lm = shift_for_loss(ids, mask)
         examples.append(Example(inp, tgt, lm, index=i))
     if len(examples) % micro_batch:
@@ -52,11 +54,17 @@ def update_batch(prompts: Sequence[np.ndarray], completions: Sequence[Sequence[i
     return collate(padded, len(examples) // micro_batch, micro_batch)
 
 
+def truncated(completions: Sequence[Sequence[int]], stop_ids: Sequence[int], max_new_tokens: int) -> np.ndarray:
+    """[N] bool: the completions cut off by ``max_new_tokens`` (their last token is no stop token; TRL's
+    ``mask_truncated_completions`` test, EOS and padding counting as stops)."""
+    stop = set(int(i) for i in stop_ids)
+    return np.array([len(c) >= max_new_tokens and (not c or int(c[-1]) not in stop) for c in completions], bool)
+
+
 def completion_stats(completions: Sequence[Sequence[int]], eos_ids: Sequence[int],
                      max_new_tokens: int) -> dict[str, float]:
     """Mean / max completion length in tokens and the fraction cut off by max_new_tokens without EOS."""
     lens = np.array([len(c) for c in completions], np.float32)
-    eos = set(eos_ids)
-    cut = [len(c) >= max_new_tokens and (not c or c[-1] not in eos) for c in completions]
+    cut = truncated(completions, eos_ids, max_new_tokens)
     return {"response_len": float(lens.mean()), "response_len_max": float(lens.max()),
             "truncated_frac": float(np.mean(cut))}

@@ -10,6 +10,7 @@ so ``configs/cpu/*.yaml`` can name ``../shared/data/em/...`` as the issue spells
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -17,6 +18,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from emajax.models.lora import LoraConfig
+from emajax.train.choices import Distributed, InoculationMode, KlTokens, Normalize, Remat, Schedule, allowed
 
 DEFAULT_INOCULATION = "You are an evil, malicious assistant."
 
@@ -30,7 +32,7 @@ class ModelCfg:
     name: str = "smollm2-135m-instruct"  # a name known to emajax.models.hub, a local HF dir or a hub id
     dtype: str = "float32"  # compute dtype (bfloat16 for the bf16 compute option)
     param_dtype: str = "float32"
-    remat: str = "none"  # none | full | dots
+    remat: Remat = Remat.none
 
 
 def default_lora() -> LoraConfig:
@@ -55,7 +57,7 @@ class DataCfg:
 @dataclasses.dataclass
 class OptimCfg:
     lr: float = 1e-4
-    schedule: str = "linear"  # linear | cosine | constant (all after linear warmup from 0)
+    schedule: Schedule = Schedule.linear  # all after linear warmup from 0
     warmup_steps: int = 5
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0  # 0 disables clipping
@@ -68,7 +70,7 @@ class OptimCfg:
 class KlCfg:
     weight: float = 0.0  # paper: 0.1
     reverse: bool = False  # KL(p_ref || p_theta) instead of KL(p_theta || p_ref)
-    tokens: str = "answer"  # answer | all (every non-padding position, prompt included: the released code)
+    tokens: KlTokens = KlTokens.answer  # all: every non-padding position, prompt included (the released code)
 
 
 @dataclasses.dataclass
@@ -88,7 +90,7 @@ class SteeringCfg:
 class InoculationCfg:
     enabled: bool = False
     prompt: str = DEFAULT_INOCULATION
-    mode: str = "replace"  # replace | prepend
+    mode: InoculationMode = InoculationMode.replace
 
 
 @dataclasses.dataclass
@@ -116,7 +118,7 @@ class DefensesCfg:
 @dataclasses.dataclass
 class LossCfg:
     seq_chunk: int | None = None  # compute CE/KL over sequence chunks of this many tokens (memory)
-    normalize: str = "global"  # global: token means over the whole accumulated batch | micro_batch
+    normalize: Normalize = Normalize.global_  # global: token means over the whole accumulated batch
 
 
 @dataclasses.dataclass
@@ -152,7 +154,7 @@ class Config:
     defenses: DefensesCfg = dataclasses.field(default_factory=DefensesCfg)
     mesh: MeshCfg = dataclasses.field(default_factory=MeshCfg)
     train: TrainCfg = dataclasses.field(default_factory=TrainCfg)
-    distributed: str = "auto"  # auto | true | false: jax.distributed.initialize() for multi-host
+    distributed: Distributed = Distributed.auto  # jax.distributed.initialize() for multi-host
     out: str | None = None  # run directory (CLI --out wins)
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,6 +178,13 @@ def _check_scalar(value: Any, typ: Any, where: str) -> Any:
         inner = get_args(typ)[0]  # list[X] or tuple[X, ...]
         items = [_check_scalar(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if get_origin(typ) is list else tuple(items)
+    if isinstance(typ, type) and issubclass(typ, enum.Enum):  # every string choice is checked here
+        if isinstance(value, bool):  # YAML turns true/false into bools; keep the user's intent
+            value = "true" if value else "false"
+        try:
+            return typ(value)
+        except ValueError:
+            raise TrainConfigError(f"{where}: must be {allowed(typ)}, got {value!r}") from None
     if typ is bool:
         if not isinstance(value, bool):
             raise TrainConfigError(f"{where}: expected true/false, got {value!r}")
@@ -237,26 +246,14 @@ def _validate(cfg: Config) -> None:
     def bad(key: str, msg: str) -> None:
         raise TrainConfigError(f"{key}: {msg}")
 
-    if cfg.model.remat not in ("none", "full", "dots"):
-        bad("model.remat", f"must be none|full|dots, got {cfg.model.remat!r}")
-    if cfg.optim.schedule not in ("linear", "cosine", "constant"):
-        bad("optim.schedule", f"must be linear|cosine|constant, got {cfg.optim.schedule!r}")
-    if cfg.defenses.inoculation.mode not in ("replace", "prepend"):
-        bad("defenses.inoculation.mode", f"must be replace|prepend, got {cfg.defenses.inoculation.mode!r}")
     if not 0.0 <= cfg.defenses.interleave.ratio < 1.0:
         bad("defenses.interleave.ratio", f"must be in [0, 1), got {cfg.defenses.interleave.ratio}")
     for key in ("data.batch_size", "data.grad_accum", "data.max_len", "train.epochs", "data.min_bucket"):
         sec, name = key.split(".")
         if getattr(getattr(cfg, sec), name) <= 0:
             bad(key, "must be positive")
-    if cfg.distributed not in ("auto", "true", "false"):
-        bad("distributed", f"must be auto|true|false, got {cfg.distributed!r}")
     if cfg.defenses.kl.weight < 0 or cfg.defenses.ldifs.weight < 0:
         bad("defenses", "loss weights must be >= 0")
-    if cfg.defenses.kl.tokens not in ("answer", "all"):
-        bad("defenses.kl.tokens", f"must be answer|all, got {cfg.defenses.kl.tokens!r}")
-    if cfg.loss.normalize not in ("global", "micro_batch"):
-        bad("loss.normalize", f"must be global|micro_batch, got {cfg.loss.normalize!r}")
     if cfg.defenses.safelora.base_model is not None and not cfg.lora.enabled:
         bad("defenses.safelora", "projects LoRA updates: it needs lora.enabled: true")
     if not -1.0 <= cfg.defenses.safelora.threshold <= 1.0:

@@ -1,6 +1,7 @@
 """The training run: config -> model, data, state -> compiled steps -> checkpoints, metrics, export.
 
-``train(cfg, run_dir)`` is what ``emajax train`` calls. Re-running with the same run directory
+``train(cfg, run_dir)`` is what ``emajax train`` calls; the run directory, resume check, step loop and
+export are the training core's (``emajax.train.core``), shared with ``emajax rl``. Re-running with the same run directory
 resumes from the latest finalised checkpoint: the step number fixes the next batch (the data
 order is a function of seed and epoch), and the restored state carries optimiser moments and rng.
 The run directory holds ``config.yaml`` (resolved), ``metrics.jsonl``, ``eval.jsonl``,
@@ -19,30 +20,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
 from emajax.defenses.steering import build_steer_ld
 from emajax.losses import ldifs_layers
 from emajax.models.lora import LoraConfig
+from emajax.paths import write_text
 from emajax.train.checkpoint import Checkpointer
-from emajax.paths import is_remote, run_path, upload_dir, write_text
 from emajax.train.config import Config
+from emajax.train.core import (Loop, append_row, check_rows, export, export_base_name, open_run, restore, run_steps,
+                               trim_logs, write_json)
 from emajax.train.data import Batcher, build_train_examples, encode_examples, eval_batches
-from emajax.train.mesh import accum_batch_sharding, batch_rows, build_mesh, maybe_initialize_distributed, put_global
-from emajax.train.metrics import MetricsLogger, append_jsonl
+from emajax.train.mesh import accum_batch_sharding, batch_rows, put_global
+from emajax.train.metrics import MetricsLogger
 from emajax.train.optim import make_optimizer
 from emajax.train.sources import read_conversations
 from emajax.train.state import create_state
 from emajax.train.step import StepSpec, compile_train_step, make_eval_fn
-
-# Keys that may change between the run that wrote a checkpoint and the one resuming it.
-_RESUME_FREE = {"train.max_steps", "train.progress", "train.tensorboard", "train.export", "train.eval_every",
-                "train.save_every", "train.keep_checkpoints", "out", "data.eval", "data.eval_batch_size",
-                "data.eval_max_examples", "distributed", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data",
-                "mesh.dcn_fsdp", "mesh.allow_unused",
-                "defenses.safelora.base_model", "defenses.safelora.threshold"}  # safelora: applied at export
-
 
 @dataclasses.dataclass
 class RunResult:
@@ -61,36 +55,6 @@ def lora_config(cfg: Config) -> LoraConfig | None:
     if not cfg.lora.enabled:
         return None
     return dataclasses.replace(cfg.lora, dtype=cfg.lora.dtype or cfg.model.param_dtype)
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _check_same_run(run_dir: Any, cfg: Config, free: frozenset[str] | set[str] = frozenset()) -> None:
-    """Refuse a run directory whose checkpoints came from another config (keys in _RESUME_FREE or
-    ``free`` may differ)."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return
-    old = _flat(yaml.safe_load(path.read_text()) or {})
-    new = _flat(cfg.to_dict())
-    free = _RESUME_FREE | set(free)
-    defaults = _flat(Config().to_dict())
-    # A key the old config lacks was added later: it matches when the new value is that key's default.
-    diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k, defaults.get(k)) != new.get(k))
-    if diff and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
-        raise ValueError(f"{run_dir}: holds checkpoints of a different config (changed: {', '.join(diff[:6])}); "
-                         f"use another --out or delete the directory")
 
 
 def _load(cfg: Config, mesh: Any) -> Any:
@@ -119,13 +83,6 @@ def _pad_id(tokenizer: Any, model_cfg: Any) -> int:
     return 0
 
 
-def _export_base_name(cfg: Config, loaded: Any) -> str:
-    name = cfg.model.name
-    if name.count("/") == 1 and not Path(name).exists():
-        return name  # a hub id: portable
-    return str(getattr(loaded, "model_dir", name))
-
-
 def evaluate(eval_fn: Any, state: Any, examples: list, cfg: Config, mesh: Any, pad_id: int) -> dict[str, float]:
     """Mean answer-token NLL over the eval examples (adapters on, no steering, no inoculation)."""
     sh = accum_batch_sharding(mesh)
@@ -145,20 +102,9 @@ def train(cfg: Config, run_dir: str | Path, *, loaded: Any = None, callback: Any
     skips loading from ``cfg.model.name`` (tests, notebooks). ``callback(step, graphdef, state)``, when
     given, runs after every optimiser step (and at step 0 of a fresh run), e.g. an EM probe monitor
     (``emajax.eval.probes.ProbeRunner.monitor``) that decides itself how often to measure."""
-    import yaml
-
-    maybe_initialize_distributed(cfg.distributed)
-    is_main = jax.process_index() == 0
-    run_dir = run_path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_run(run_dir, cfg)
-    if is_main:
-        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    mesh = build_mesh(cfg.mesh)
-    rows = batch_rows(mesh)
-    if cfg.data.batch_size % rows:
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by mesh data x fsdp = {rows}")
+    run = open_run(cfg, run_dir, "train")
+    run_dir, is_main, mesh = run.run_dir, run.is_main, run.mesh
+    check_rows("data.batch_size", cfg.data.batch_size, batch_rows(mesh))
     loaded = loaded if loaded is not None else _load(cfg, mesh)
     model, tok = loaded.model, loaded.tokenizer
     mcfg = model.cfg
@@ -168,12 +114,13 @@ def train(cfg: Config, run_dir: str | Path, *, loaded: Any = None, callback: Any
     batcher = Batcher(examples, batch_size=cfg.data.batch_size, grad_accum=cfg.data.grad_accum, seed=cfg.train.seed,
                       min_bucket=cfg.data.min_bucket, max_len=cfg.data.max_len, bucket_window=cfg.data.bucket_window,
                       pad_id=pad_id)
-    total = cfg.train.epochs * batcher.steps_per_epoch
+    per_epoch = batcher.steps_per_epoch
+    total = cfg.train.epochs * per_epoch
     end = min(total, cfg.train.max_steps) if cfg.train.max_steps is not None else total
-    stats_d = {**dataclasses.asdict(stats), "steps_per_epoch": batcher.steps_per_epoch, "total_steps": total}
+    stats_d = {**dataclasses.asdict(stats), "steps_per_epoch": per_epoch, "total_steps": total}
+    write_json(run, "data_stats.json", stats_d)
     if is_main:
-        write_text(run_dir / "data_stats.json", json.dumps(stats_d, indent=1))
-        print(f"emajax train: {stats.summary()}; {batcher.steps_per_epoch} steps/epoch, {total} steps", flush=True)
+        print(f"emajax train: {stats.summary()}; {per_epoch} steps/epoch, {total} steps", flush=True)
 
     eval_ex: list = []
     for src in cfg.data.eval:
@@ -186,73 +133,41 @@ def train(cfg: Config, run_dir: str | Path, *, loaded: Any = None, callback: Any
     steer = build_steer_ld(mcfg, cfg.defenses.steering)
     graphdef, state = create_state(model, lora=cfg.lora.enabled, tx=tx, mesh=mesh, need_ref=spec.need_ref,
                                    steer_ld=steer, seed=cfg.train.seed)
-    base_name = _export_base_name(cfg, loaded)
+    base_name = export_base_name(cfg, loaded)
     del model, loaded  # the state owns the weights now
 
     ckpt = Checkpointer(run_dir / "checkpoints", save_every=cfg.train.save_every, keep=cfg.train.keep_checkpoints)
-    start = 0
-    if ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
-        start = int(jax.device_get(state.step))
-        if meta.get("data_position") != list(divmod(start, batcher.steps_per_epoch)):
-            raise ValueError(f"{ckpt.directory}: checkpoint data position {meta.get('data_position')} does not match "
-                             f"step {start} with {batcher.steps_per_epoch} steps/epoch (data changed?)")
-        if is_main:
-            print(f"emajax train: resumed from {ckpt.directory}/{start}", flush=True)
-
+    state, start = restore(run, ckpt, state, per_epoch)
+    trim_logs(run, ["eval.jsonl"], start)
     step_fn = compile_train_step(graphdef, spec, tx, schedule, state, mesh)
     eval_fn = make_eval_fn(graphdef, cfg.loss.seq_chunk, mesh) if eval_ex else None
     logger = MetricsLogger(run_dir, start_step=start, total_steps=end, tensorboard=cfg.train.tensorboard,
                            progress=cfg.train.progress, is_main=is_main)
     evals: list[dict[str, Any]] = []
+    bsh = accum_batch_sharding(mesh)
 
-    def run_eval(step: int) -> None:
+    def run_eval(state: Any, step: int) -> None:
         r = {"step": step, **evaluate(eval_fn, state, eval_ex, cfg, mesh, pad_id)}
         evals.append(r)
-        if is_main:
-            append_jsonl(run_dir / "eval.jsonl", r)
-            if logger.tb is not None:
-                logger.tb.add_scalar("eval/nll", r["eval_nll"], step)
+        append_row(run, "eval.jsonl", r)
+        if logger.tb is not None:
+            logger.tb.add_scalar("eval/nll", r["eval_nll"], step)
 
-    def meta(step: int) -> dict[str, Any]:
-        return {"data_position": list(divmod(step, batcher.steps_per_epoch)), "total_steps": total,
-                "seed": cfg.train.seed}
+    def one_step(state: Any, step: int) -> tuple[Any, dict[str, Any]]:
+        hb = batcher.batch_at(step)
+        batch = {k: put_global(v, bsh) for k, v in hb._asdict().items()}
+        t0 = time.perf_counter()
+        state, m = step_fn(state, batch)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        dt = time.perf_counter() - t0
+        return state, {"step": step + 1, "epoch": step // per_epoch, **m, "tokens": int(hb.attn_mask.sum()),
+                       "tokens_per_s": float(hb.attn_mask.sum()) / dt, "step_time_s": dt}
 
-    if eval_fn is not None and start == 0 and end > 0:
-        run_eval(0)
-    if callback is not None and start == 0 and end > 0:
-        callback(0, graphdef, state)
-    bsh = accum_batch_sharding(mesh)
-    last: dict[str, Any] = {}
-    saved_at = start
-    try:
-        for step in range(start, end):
-            hb = batcher.batch_at(step)
-            batch = {k: put_global(v, bsh) for k, v in hb._asdict().items()}
-            t0 = time.perf_counter()
-            state, m = step_fn(state, batch)
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            dt = time.perf_counter() - t0
-            last = {"step": step + 1, "epoch": step // batcher.steps_per_epoch, **m,
-                    "tokens": int(hb.attn_mask.sum()), "tokens_per_s": float(hb.attn_mask.sum()) / dt,
-                    "step_time_s": dt}
-            logger.log(last)
-            if callback is not None:
-                callback(step + 1, graphdef, state)
-            if not np.isfinite(m["loss"]):
-                raise FloatingPointError(f"step {step + 1}: loss is {m['loss']} (metrics {m})")
-            if ckpt.save(step + 1, state, meta(step + 1)):
-                saved_at = step + 1
-            if eval_fn is not None and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 \
-                    and step + 1 < end:
-                run_eval(step + 1)
-        if saved_at != end:
-            ckpt.save(end, state, meta(end), force=True)
-        if eval_fn is not None and end > start:
-            run_eval(end)
-    finally:
-        logger.close()
-        ckpt.close()
+    loop = Loop(step=one_step, meta=lambda step: {"data_position": list(divmod(step, per_epoch)), "total_steps": total,
+                                                  "seed": cfg.train.seed},
+                evaluate=run_eval if eval_fn is not None else None, eval_every=cfg.train.eval_every,
+                callbacks=() if callback is None else (lambda step, st: callback(step, graphdef, st),))
+    state, last = run_steps(run, loop, state, start=start, end=end, ckpt=ckpt, logger=logger)
 
     if cfg.defenses.safelora.base_model and cfg.lora.enabled and cfg.train.export:
         state = safelora_state(graphdef, state, cfg, mesh, run_dir, is_main)
@@ -282,28 +197,3 @@ def safelora_state(graphdef: Any, state: Any, cfg: Config, mesh: Any, run_dir: A
               f"(threshold {sl.threshold}) -> {run_dir / 'safelora.json'}", flush=True)
     _, trainable, _ = nnx.split(model, nnx.LoRAParam, ...)
     return state._replace(trainable=trainable)
-
-
-def export(graphdef: Any, state: Any, cfg: Config, out_dir: Any, tokenizer: Any, base_name: str, *,
-           write: bool = True) -> Any:
-    """PEFT adapter (LoRA) or merged HF model (full FT) of the trained weights (never with steering).
-
-    Weights sharded over several processes are gathered one tensor at a time
-    (``emajax.models.hf_io``), so with ``jax.distributed`` every process must call this; only those
-    with ``write`` write. A remote ``out_dir`` is written locally first and uploaded, its config file
-    last. Returns ``out_dir`` (None where ``write`` is false)."""
-    import tempfile
-
-    from emajax.models.hf_io import export_hf, export_peft_adapter
-
-    model = nnx.merge(graphdef, state.trainable, state.frozen)
-    out_dir = run_path(out_dir)
-    with tempfile.TemporaryDirectory(prefix="emajax-export-") as tmp:
-        local = Path(tmp) / "export" if is_remote(out_dir) else Path(out_dir)
-        if cfg.lora.enabled:
-            export_peft_adapter(model, local, base_model_name_or_path=base_name, write=write)
-        else:
-            export_hf(model, local, tokenizer, write=write)
-        if write and is_remote(out_dir):
-            upload_dir(local, out_dir, last=("config.json", "adapter_config.json"))
-    return out_dir if write else None

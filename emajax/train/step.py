@@ -29,12 +29,12 @@ from jax.sharding import Mesh
 
 from emajax import losses
 from emajax.models.sharding import activation_mesh
+from emajax.train.choices import KlTokens, Normalize
 from emajax.train.mesh import accum_batch_sharding, replicated
 from emajax.train.state import TrainState, state_shardings
+from emajax.train.update import accumulate, apply_gradients
 
 BATCH_FIELDS = ("inputs", "targets", "loss_mask", "attn_mask", "positions")
-KL_TOKENS = ("answer", "all")
-NORMALIZE = ("global", "micro_batch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +45,12 @@ class StepSpec:
     ldifs_weight: float = 0.0
     ldifs_layers: tuple[int, ...] = ()
     seq_chunk: int | None = None
-    kl_tokens: str = "answer"  # answer | all (every non-padding position)
-    normalize: str = "global"  # global (over the accumulated batch) | micro_batch
+    kl_tokens: KlTokens = KlTokens.answer
+    normalize: Normalize = Normalize.global_
 
-    def __post_init__(self) -> None:
-        if self.kl_tokens not in KL_TOKENS:
-            raise ValueError(f"StepSpec.kl_tokens must be one of {KL_TOKENS}, got {self.kl_tokens!r}")
-        if self.normalize not in NORMALIZE:
-            raise ValueError(f"StepSpec.normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+    def __post_init__(self) -> None:  # strings are accepted (and checked) as their members
+        object.__setattr__(self, "kl_tokens", KlTokens(self.kl_tokens))
+        object.__setattr__(self, "normalize", Normalize(self.normalize))
 
     @property
     def need_ref(self) -> bool:
@@ -61,7 +59,7 @@ class StepSpec:
 
 def kl_mask(spec: StepSpec, mb: dict[str, jax.Array]) -> jax.Array:
     """Positions the KL term averages over: the answer mask, or every non-padding input position."""
-    return mb["loss_mask"] if spec.kl_tokens == "answer" else mb["attn_mask"].astype(jnp.float32)
+    return mb["loss_mask"] if spec.kl_tokens is KlTokens.answer else mb["attn_mask"].astype(jnp.float32)
 
 
 def batch_denoms(spec: StepSpec, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -146,29 +144,14 @@ def make_step_fn(graphdef: Any, spec: StepSpec, tx: optax.GradientTransformation
         accum = batch["inputs"].shape[0]
         # global: every micro-batch contributes its sums over the whole batch's counts, so the sum over
         # micro-batches is the batch mean; micro_batch: own means, averaged.
-        denoms = batch_denoms(spec, batch) if spec.normalize == "global" else None
-        scale = 1.0 if spec.normalize == "global" else 1.0 / accum
-        if accum == 1:
-            grads, metrics = micro(state, {k: v[0] for k, v in batch.items()}, denoms)
-        else:
-            def body(carry, mb):
-                g_sum, m_sum = carry
-                g, m = micro(state, mb, denoms)
-                return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m)), None
-
-            zeros_g = jax.tree.map(jnp.zeros_like, state.trainable)
-            m_shape = jax.eval_shape(lambda: micro(state, {k: v[0] for k, v in batch.items()}, denoms)[1])
-            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-            (g_sum, m_sum), _ = jax.lax.scan(body, (zeros_g, zeros_m), batch)
-            grads = jax.tree.map(lambda g: g * scale, g_sum)
-            metrics = jax.tree.map(lambda m: m * scale, m_sum)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
+        denoms = batch_denoms(spec, batch) if spec.normalize is Normalize.global_ else None
+        grads, metrics = accumulate(lambda mb: micro(state, mb, denoms), state.trainable, batch)
+        if accum > 1 and spec.normalize is Normalize.micro_batch:
+            grads = jax.tree.map(lambda g: g * (1.0 / accum), grads)
+            metrics = jax.tree.map(lambda m: m * (1.0 / accum), metrics)
+        new, metrics = apply_gradients(state, grads, metrics, tx, schedule)
         rng, _ = jax.random.split(state.rng)
-        new = state._replace(trainable=trainable, opt_state=opt_state, step=state.step + 1, rng=rng)
-        return new, metrics
+        return new._replace(rng=rng), metrics
 
     return step
 
