@@ -9,6 +9,15 @@ clipped-ratio policy-gradient update (one update per rollout batch, token-level 
 defaults with ``beta=0``), LoRA r = ``rank``, alpha = 2r on all seven projections, AdamW. The prompts are the
 bench's chat questions rendered with the model's chat template (plain text for a template-less model).
 
+Peer rows (TRL as a user tuning it for speed would run it; TRL's own defaults differ in both):
+
+* ``torch-fp32``: fp32 weights, no autocast (``bf16=False``).
+* ``torch-bf16``: bf16-*loaded* weights (``model_init_kwargs={"dtype": bfloat16}``) with TRL's ``bf16=True``
+  (autocast; PEFT keeps the LoRA adapters in fp32). TRL's ``bf16=True`` on its own keeps fp32 weights and
+  re-casts them under autocast in every forward: slower, and not what emajax-bf16's frozen base amounts to.
+* Gradient checkpointing follows ``--remat`` (``none``, the bench's default: off), the same setting as emajax's
+  step; TRL turns it on by default, which recomputes every block's forward in the backward pass.
+
 Reported per stack: ``seconds`` (median step), ``rollout_s`` (sampling + rewards + advantages: TRL's
 ``_generate_and_score_completions``) and ``update_s`` (the rest of the step), each the median over the
 timed steps; emajax's first step (compiles) is ``first_s``.
@@ -101,6 +110,23 @@ def emajax_step(spec: Spec) -> dict[str, Any]:
             "rows": rows, "prompt_tokens": [len(p) for p in prompts], "rss_after_load_mb": rss_loaded}
 
 
+def trl_precision(spec: Spec) -> dict[str, Any]:
+    """GRPOConfig fields for the peer row of ``spec``: the weights' dtype, autocast, and gradient checkpointing
+    as emajax's ``remat`` (see module doc)."""
+    bf16 = spec.dtype == "bfloat16"
+    return {"bf16": bf16, "model_init_kwargs": {"dtype": "bfloat16" if bf16 else "float32"},
+            "gradient_checkpointing": spec.remat != "none"}
+
+
+def trainer_settings(model: Any) -> dict[str, Any]:
+    """What the trainer's model really runs with (not what was asked): the frozen and the trained weights'
+    dtypes and whether gradient checkpointing is on."""
+    frozen = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad}
+    trained = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
+    return {"frozen_dtype": ",".join(sorted(frozen)), "trained_dtype": ",".join(sorted(trained)),
+            "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False))}
+
+
 def trl_step(spec: Spec) -> dict[str, Any]:
     import tempfile
 
@@ -131,7 +157,7 @@ def trl_step(spec: Spec) -> dict[str, Any]:
             generation_kwargs={"min_new_tokens": spec.new_tokens}, learning_rate=LR, lr_scheduler_type="constant",
             weight_decay=0.0, beta=0.0, num_iterations=1, loss_type="dapo", scale_rewards="group",
             max_steps=total, logging_steps=1, report_to="none", save_strategy="no", shuffle_dataset=False,
-            use_cpu=spec.device == "cpu", bf16=spec.dtype == "bfloat16", seed=spec.seed, disable_dropout=True)
+            use_cpu=spec.device == "cpu", seed=spec.seed, disable_dropout=True, **trl_precision(spec))
         lora = LoraConfig(r=spec.rank, lora_alpha=2 * spec.rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
                           task_type="CAUSAL_LM")
         trainer = GRPOTrainer(model=spec.model_dir, reward_funcs=[reward_fn], args=args, train_dataset=ds,
@@ -161,7 +187,8 @@ def trl_step(spec: Spec) -> dict[str, Any]:
 
         trainer.add_callback(Clock())
         trainer.train()
+        ran_with = trainer_settings(trainer.model)  # Trainer.train turns checkpointing on: read it after
     timed = steps[1 + max(spec.warmup - 1, 0):]
     return {**_medians(timed), "first_s": steps[0]["seconds"], "compile_s": None, "rows": rows,
             "rss_after_load_mb": rss_loaded, "torch_threads": torch.get_num_threads(),
-            "mode": "bf16 autocast" if spec.dtype == "bfloat16" else "fp32"}
+            "mode": "bf16 weights + autocast" if spec.dtype == "bfloat16" else "fp32", **ran_with}
