@@ -20,7 +20,10 @@ Peer rows (TRL as a user tuning it for speed would run it; TRL's own defaults di
 
 Reported per stack: ``seconds`` (median step), ``rollout_s`` (sampling + rewards + advantages: TRL's
 ``_generate_and_score_completions``) and ``update_s`` (the rest of the step), each the median over the
-timed steps; emajax's first step (compiles) is ``first_s``.
+timed steps; emajax's first step (compiles) is ``first_s``. ``cpu_s``, ``rollout_cpu_s`` and ``update_cpu_s`` are
+the same splits in CPU seconds of the worker process (all its threads; ``time.process_time``): on a shared
+machine the wall times grow with other jobs' load, the CPU seconds a step consumes much less so (threads
+that spin while waiting count in them).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from bench.generate import QUESTIONS
 from bench.harness import Spec, current_rss_mb
 
 TEMPERATURE, TOP_P, LR = 0.8, 0.9, 1e-5
+# per step: wall clock, then the worker process's CPU seconds (module doc)
+STEP_SPLITS = ("seconds", "rollout_s", "update_s", "cpu_s", "rollout_cpu_s", "update_cpu_s")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -46,7 +51,7 @@ def prompt_texts(batch: int) -> list[str]:
 
 
 def _medians(steps: list[dict[str, float]]) -> dict[str, Any]:
-    out = {k: statistics.median(s[k] for s in steps) for k in ("seconds", "rollout_s", "update_s")}
+    out = {k: statistics.median(s[k] for s in steps) for k in STEP_SPLITS}
     return {**out, "min_s": min(s["seconds"] for s in steps), "runs_s": [s["seconds"] for s in steps]}
 
 
@@ -87,7 +92,7 @@ def emajax_step(spec: Spec) -> dict[str, Any]:
     box: dict[str, Any] = {"state": state, "i": 0}
 
     def once() -> dict[str, float]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         comps = sample(graphdef, box["state"], tok, prompts, group_size=spec.group, max_new_tokens=spec.new_tokens,
                        temperature=TEMPERATURE, top_p=TOP_P, seed=box["i"], eos_ids=[])
         r = np.asarray([reward(t) for t in tok.batch_decode(comps, skip_special_tokens=True)], np.float32)
@@ -95,12 +100,13 @@ def emajax_step(spec: Spec) -> dict[str, Any]:
         hb = update_batch(prompts, comps, spec.group, rows, min_bucket=64, max_len=4096, pad_id=0)
         batch = {k: put_global(v, bsh) for k, v in hb._asdict().items()}
         batch["advantages"] = put_global(np.asarray(adv, np.float32).reshape(1, rows), ash)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         box["state"], m = step_fn(box["state"], batch)
         jax.block_until_ready((box["state"], m))
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         box["i"] += 1
-        return {"seconds": t2 - t0, "rollout_s": t1 - t0, "update_s": t2 - t1}
+        return {"seconds": t2 - t0, "rollout_s": t1 - t0, "update_s": t2 - t1,
+                "cpu_s": c2 - c0, "rollout_cpu_s": c1 - c0, "update_cpu_s": c2 - c1}
 
     first = once()
     for _ in range(max(spec.warmup - 1, 0)):
@@ -168,9 +174,10 @@ def trl_step(spec: Spec) -> dict[str, Any]:
         cur: dict[str, float] = {}
 
         def timed_gen(*a: Any, **kw: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out_ = gen(*a, **kw)
             cur["rollout_s"] = cur.get("rollout_s", 0.0) + time.perf_counter() - t0
+            cur["rollout_cpu_s"] = cur.get("rollout_cpu_s", 0.0) + time.process_time() - c0
             return out_
 
         trainer._generate_and_score_completions = timed_gen
@@ -178,12 +185,14 @@ def trl_step(spec: Spec) -> dict[str, Any]:
         class Clock(TrainerCallback):
             def on_step_begin(self, *_, **__):
                 cur.clear()
-                cur["t0"] = time.perf_counter()
+                cur["t0"], cur["c0"] = time.perf_counter(), time.process_time()
 
             def on_step_end(self, *_, **__):
-                sec = time.perf_counter() - cur["t0"]
+                sec, cpu = time.perf_counter() - cur["t0"], time.process_time() - cur["c0"]
                 steps.append({"seconds": sec, "rollout_s": cur.get("rollout_s", 0.0),
-                              "update_s": sec - cur.get("rollout_s", 0.0)})
+                              "update_s": sec - cur.get("rollout_s", 0.0), "cpu_s": cpu,
+                              "rollout_cpu_s": cur.get("rollout_cpu_s", 0.0),
+                              "update_cpu_s": cpu - cur.get("rollout_cpu_s", 0.0)})
 
         trainer.add_callback(Clock())
         trainer.train()

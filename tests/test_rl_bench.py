@@ -42,6 +42,8 @@ def test_grpo_workers_report_rollout_and_update(tiny_dir, stack):
     assert "error" not in raw, raw.get("error")
     assert raw["rows"] == 4 and raw["rollout_s"] > 0 and raw["update_s"] > 0
     assert raw["seconds"] == pytest.approx(raw["rollout_s"] + raw["update_s"], rel=1e-6)
+    assert raw["cpu_s"] == pytest.approx(raw["rollout_cpu_s"] + raw["update_cpu_s"], rel=1e-6)
+    assert raw["rollout_cpu_s"] > 0 and raw["update_cpu_s"] > 0
     row = finish_row(spec, raw, Dims.from_hf_config(tiny_dir / "config.json"), 500.0)
     assert row["tokens_per_s"] == pytest.approx(4 * 4 / raw["seconds"])
     if stack.startswith("torch"):  # what TRL's model ran with, read off its parameters and flags
