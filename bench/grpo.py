@@ -14,7 +14,7 @@ Peer rows (TRL as a user tuning it for speed would run it; TRL's own defaults di
 * ``torch-fp32``: fp32 weights, no autocast (``bf16=False``).
 * ``torch-bf16``: bf16-*loaded* weights (``model_init_kwargs={"dtype": bfloat16}``) with TRL's ``bf16=True``
   (autocast; PEFT keeps the LoRA adapters in fp32). TRL's ``bf16=True`` on its own keeps fp32 weights and
-  re-casts them under autocast in every forward: slower, and not what emajax-bf16's frozen base amounts to.
+  casts them under autocast in every forward; bf16-loaded weights spare that cast and half the weight memory.
 * Gradient checkpointing follows ``--remat`` (``none``, the bench's default: off), the same setting as emajax's
   step; TRL turns it on by default, which recomputes every block's forward in the backward pass.
 
