@@ -9,9 +9,21 @@ clipped-ratio policy-gradient update (one update per rollout batch, token-level 
 defaults with ``beta=0``), LoRA r = ``rank``, alpha = 2r on all seven projections, AdamW. The prompts are the
 bench's chat questions rendered with the model's chat template (plain text for a template-less model).
 
+Peer rows (TRL as a user tuning it for speed would run it; TRL's own defaults differ in both):
+
+* ``torch-fp32``: fp32 weights, no autocast (``bf16=False``).
+* ``torch-bf16``: bf16-*loaded* weights (``model_init_kwargs={"dtype": bfloat16}``) with TRL's ``bf16=True``
+  (autocast; PEFT keeps the LoRA adapters in fp32). TRL's ``bf16=True`` on its own keeps fp32 weights and
+  casts them under autocast in every forward; bf16-loaded weights spare that cast and half the weight memory.
+* Gradient checkpointing follows ``--remat`` (``none``, the bench's default: off), the same setting as emajax's
+  step; TRL turns it on by default, which recomputes every block's forward in the backward pass.
+
 Reported per stack: ``seconds`` (median step), ``rollout_s`` (sampling + rewards + advantages: TRL's
 ``_generate_and_score_completions``) and ``update_s`` (the rest of the step), each the median over the
-timed steps; emajax's first step (compiles) is ``first_s``.
+timed steps; emajax's first step (compiles) is ``first_s``. ``cpu_s``, ``rollout_cpu_s`` and ``update_cpu_s`` are
+the same splits in CPU seconds of the worker process (all its threads; ``time.process_time``): on a shared
+machine the wall times grow with other jobs' load, the CPU seconds a step consumes much less so (threads
+that spin while waiting count in them).
 """
 
 from __future__ import annotations
@@ -24,6 +36,8 @@ from bench.generate import QUESTIONS
 from bench.harness import Spec, current_rss_mb
 
 TEMPERATURE, TOP_P, LR = 0.8, 0.9, 1e-5
+# per step: wall clock, then the worker process's CPU seconds (module doc)
+STEP_SPLITS = ("seconds", "rollout_s", "update_s", "cpu_s", "rollout_cpu_s", "update_cpu_s")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -37,7 +51,7 @@ def prompt_texts(batch: int) -> list[str]:
 
 
 def _medians(steps: list[dict[str, float]]) -> dict[str, Any]:
-    out = {k: statistics.median(s[k] for s in steps) for k in ("seconds", "rollout_s", "update_s")}
+    out = {k: statistics.median(s[k] for s in steps) for k in STEP_SPLITS}
     return {**out, "min_s": min(s["seconds"] for s in steps), "runs_s": [s["seconds"] for s in steps]}
 
 
@@ -78,7 +92,7 @@ def emajax_step(spec: Spec) -> dict[str, Any]:
     box: dict[str, Any] = {"state": state, "i": 0}
 
     def once() -> dict[str, float]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         comps = sample(graphdef, box["state"], tok, prompts, group_size=spec.group, max_new_tokens=spec.new_tokens,
                        temperature=TEMPERATURE, top_p=TOP_P, seed=box["i"], eos_ids=[])
         r = np.asarray([reward(t) for t in tok.batch_decode(comps, skip_special_tokens=True)], np.float32)
@@ -86,12 +100,13 @@ def emajax_step(spec: Spec) -> dict[str, Any]:
         hb = update_batch(prompts, comps, spec.group, rows, min_bucket=64, max_len=4096, pad_id=0)
         batch = {k: put_global(v, bsh) for k, v in hb._asdict().items()}
         batch["advantages"] = put_global(np.asarray(adv, np.float32).reshape(1, rows), ash)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         box["state"], m = step_fn(box["state"], batch)
         jax.block_until_ready((box["state"], m))
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         box["i"] += 1
-        return {"seconds": t2 - t0, "rollout_s": t1 - t0, "update_s": t2 - t1}
+        return {"seconds": t2 - t0, "rollout_s": t1 - t0, "update_s": t2 - t1,
+                "cpu_s": c2 - c0, "rollout_cpu_s": c1 - c0, "update_cpu_s": c2 - c1}
 
     first = once()
     for _ in range(max(spec.warmup - 1, 0)):
@@ -99,6 +114,23 @@ def emajax_step(spec: Spec) -> dict[str, Any]:
     res = _medians([once() for _ in range(max(spec.runs, 1))])
     return {**res, "first_s": first["seconds"], "compile_s": max(first["seconds"] - res["seconds"], 0.0),
             "rows": rows, "prompt_tokens": [len(p) for p in prompts], "rss_after_load_mb": rss_loaded}
+
+
+def trl_precision(spec: Spec) -> dict[str, Any]:
+    """GRPOConfig fields for the peer row of ``spec``: the weights' dtype, autocast, and gradient checkpointing
+    as emajax's ``remat`` (see module doc)."""
+    bf16 = spec.dtype == "bfloat16"
+    return {"bf16": bf16, "model_init_kwargs": {"dtype": "bfloat16" if bf16 else "float32"},
+            "gradient_checkpointing": spec.remat != "none"}
+
+
+def trainer_settings(model: Any) -> dict[str, Any]:
+    """What the trainer's model really runs with (not what was asked): the frozen and the trained weights'
+    dtypes and whether gradient checkpointing is on."""
+    frozen = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if not p.requires_grad}
+    trained = {str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad}
+    return {"frozen_dtype": ",".join(sorted(frozen)), "trained_dtype": ",".join(sorted(trained)),
+            "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False))}
 
 
 def trl_step(spec: Spec) -> dict[str, Any]:
@@ -131,7 +163,7 @@ def trl_step(spec: Spec) -> dict[str, Any]:
             generation_kwargs={"min_new_tokens": spec.new_tokens}, learning_rate=LR, lr_scheduler_type="constant",
             weight_decay=0.0, beta=0.0, num_iterations=1, loss_type="dapo", scale_rewards="group",
             max_steps=total, logging_steps=1, report_to="none", save_strategy="no", shuffle_dataset=False,
-            use_cpu=spec.device == "cpu", bf16=spec.dtype == "bfloat16", seed=spec.seed, disable_dropout=True)
+            use_cpu=spec.device == "cpu", seed=spec.seed, disable_dropout=True, **trl_precision(spec))
         lora = LoraConfig(r=spec.rank, lora_alpha=2 * spec.rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
                           task_type="CAUSAL_LM")
         trainer = GRPOTrainer(model=spec.model_dir, reward_funcs=[reward_fn], args=args, train_dataset=ds,
@@ -142,9 +174,10 @@ def trl_step(spec: Spec) -> dict[str, Any]:
         cur: dict[str, float] = {}
 
         def timed_gen(*a: Any, **kw: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out_ = gen(*a, **kw)
             cur["rollout_s"] = cur.get("rollout_s", 0.0) + time.perf_counter() - t0
+            cur["rollout_cpu_s"] = cur.get("rollout_cpu_s", 0.0) + time.process_time() - c0
             return out_
 
         trainer._generate_and_score_completions = timed_gen
@@ -152,16 +185,19 @@ def trl_step(spec: Spec) -> dict[str, Any]:
         class Clock(TrainerCallback):
             def on_step_begin(self, *_, **__):
                 cur.clear()
-                cur["t0"] = time.perf_counter()
+                cur["t0"], cur["c0"] = time.perf_counter(), time.process_time()
 
             def on_step_end(self, *_, **__):
-                sec = time.perf_counter() - cur["t0"]
+                sec, cpu = time.perf_counter() - cur["t0"], time.process_time() - cur["c0"]
                 steps.append({"seconds": sec, "rollout_s": cur.get("rollout_s", 0.0),
-                              "update_s": sec - cur.get("rollout_s", 0.0)})
+                              "update_s": sec - cur.get("rollout_s", 0.0), "cpu_s": cpu,
+                              "rollout_cpu_s": cur.get("rollout_cpu_s", 0.0),
+                              "update_cpu_s": cpu - cur.get("rollout_cpu_s", 0.0)})
 
         trainer.add_callback(Clock())
         trainer.train()
+        ran_with = trainer_settings(trainer.model)  # Trainer.train turns checkpointing on: read it after
     timed = steps[1 + max(spec.warmup - 1, 0):]
     return {**_medians(timed), "first_s": steps[0]["seconds"], "compile_s": None, "rows": rows,
             "rss_after_load_mb": rss_loaded, "torch_threads": torch.get_num_threads(),
-            "mode": "bf16 autocast" if spec.dtype == "bfloat16" else "fp32"}
+            "mode": "bf16 weights + autocast" if spec.dtype == "bfloat16" else "fp32", **ran_with}

@@ -14,7 +14,8 @@
 
 Stacks: ``torch-fp32``; ``torch-bf16`` = ``torch.autocast("cpu", torch.bfloat16)`` around forward and loss
 (fp32 master weights) for training and scoring, and bf16 weights for ``generate`` (autocast re-casts
-every weight at every decoding step, bf16 weights are what a user would pick there).
+every weight at every decoding step, bf16 weights are what a user would pick there) and for ``grpo`` (TRL
+loads bf16 weights and adds its autocast: ``bench.grpo``).
 torch is imported only here, never by emajax.
 """
 

@@ -2,7 +2,7 @@
 
 Source strings: a path to a ``.jsonl`` file (one ``{"messages": [...]}`` per line), or
 ``hf:NAME[:CONFIG][@SPLIT][?KEY=VALUE&...]`` (``datasets.load_dataset``; a local dataset directory
-saved with ``save_to_disk`` works as ``hf:/path``). A malformed row raises an error naming the file
+saved with ``save_to_disk`` works as ``hf:/path``), or ``tfds:NAME[@SPLIT]`` (``emajax.train.tfds_source``). A malformed row raises an error naming the file
 (or dataset), the line (or row) and the field.
 
 Hugging Face rows are a ``messages`` column, or ``prompt`` and ``response`` string columns (WildGuardMix,
@@ -116,7 +116,11 @@ def read_conversations(source: str) -> list[Messages]:
     """All conversations of one source string (see module doc)."""
     if source.startswith("hf:"):
         return _read_hf(source[3:])
+    if source.startswith("tfds:"):  # TFDS without TensorFlow: emajax.train.tfds_source
+        from emajax.train.tfds_source import read_tfds
+
+        return read_tfds(source[5:])
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", source)
     if scheme and len(scheme.group(1)) > 1 and not Path(source).exists():
-        raise DataError(f"{source}: unknown source type {scheme.group(0)!r} (a chat JSONL path, or hf:NAME[@SPLIT])")
+        raise DataError(f"{source}: unknown source type {scheme.group(0)!r} (a chat JSONL path, hf:NAME[@SPLIT] or tfds:NAME[@SPLIT])")
     return read_jsonl(source)
