@@ -65,6 +65,14 @@ def test_messages_by_name_split_and_slice(tfds_dir):
     assert read_conversations(f"tfds:emajax_test_chats:1.0.0@train[1:]?data_dir={tfds_dir}") == CHATS[1:]
 
 
+def test_rl_prompt_rows(tfds_dir):
+    """The RL prompt reader takes the same source: raw rows with their location, every feature kept."""
+    from emajax.rl.prompts import _rows
+
+    rows = _rows(f"tfds:emajax_test_pairs?data_dir={tfds_dir}&label=1")
+    assert [(where.rsplit(" ", 1)[-1], row["prompt"], row["label"]) for where, row in rows] == [("1", "bye", 1)]
+
+
 def test_dataset_directory(tfds_dir):
     assert read_conversations(f"tfds:{tfds_dir / 'emajax_test_chats' / '1.0.0'}@test") == CHATS[:1]
 

@@ -143,8 +143,8 @@ def test_hf_dataset_source(tmp_path):
     datasets.Dataset.from_list([{"text": "x"}]).save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(DataError, match="field 'messages' is missing"):
         read_conversations(f"hf:{tmp_path / 'bad'}")
-    with pytest.raises(DataError, match=r"tfds:mnist/train: unknown source type 'tfds:'"):
-        read_conversations("tfds:mnist/train")  # only JSONL and hf: are sources
+    with pytest.raises(DataError, match=r"kaggle:x/train: unknown source type 'kaggle:'"):
+        read_conversations("kaggle:x/train")  # only JSONL, hf: and tfds: are sources
 
 
 def test_hf_prompt_response_source_with_config_split_and_filter(tmp_path):

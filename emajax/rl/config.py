@@ -22,7 +22,7 @@ from emajax.train.config import (Config, MeshCfg, ModelCfg, OptimCfg, SteeringCf
 
 @dataclasses.dataclass
 class PromptDataCfg:
-    train: list[str] = dataclasses.field(default_factory=list)  # JSONL paths, hf:NAME[:CONFIG][@SPLIT], tfds:
+    train: list[str] = dataclasses.field(default_factory=list)  # JSONL paths, hf:NAME[:CONFIG][@SPLIT], tfds:NAME[@SPLIT]
     eval: list[str] = dataclasses.field(default_factory=list)  # held-out prompts: greedy reward at eval points
     eval_max_examples: int = 64
     prompt_field: str = "question"  # rows without 'messages': the user message ...

@@ -95,6 +95,10 @@ def _rows(source: str) -> list[tuple[str, Any]]:
         return [(f"{source} row {i}", r) for i, r in enumerate(rows)]
     if kind == "hf" and sep:
         return _hf_rows(spec)
+    if kind == "tfds" and sep:
+        from emajax.train.tfds_source import tfds_rows
+
+        return tfds_rows(spec)
     return [(f"{source}:{lineno}", row) for lineno, row in atomic.jsonl_rows(source, DataError)]
 
 

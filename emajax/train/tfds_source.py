@@ -85,8 +85,9 @@ def _data_source(spec: str, name: str, split: str, load: dict[str, str]) -> Any:
         raise DataError(f"tfds:{spec}: {first} ({PREPARE_HINT})") from None
 
 
-def read_tfds(spec: str) -> list[Messages]:
-    """All conversations of the TFDS source ``tfds:SPEC`` (see module doc) that pass its filters."""
+def tfds_rows(spec: str) -> list[tuple[str, dict[str, Any]]]:
+    """(location for error messages, plain row) of every row of ``tfds:SPEC`` (see module doc) that passes its
+    filters: what the SFT reader turns into chats and the RL prompt reader into prompts."""
     name, split, load, where = parse_tfds_spec(spec)
     source = _data_source(spec, name, split, load)
     out = []
@@ -98,7 +99,12 @@ def read_tfds(spec: str) -> list[Messages]:
                 raise DataError(f"tfds:{spec}: filter feature {missing[0]!r} is not in the dataset "
                                 f"(features: {', '.join(row)})")
         if all(str(row[k]) == v for k, v in where.items()):
-            out.append(_hf_row_messages(row, f"tfds:{spec} row {i}"))
+            out.append((f"tfds:{spec} row {i}", row))
     if not out:
         raise DataError(f"tfds:{spec}: no rows" + (" pass the filter" if where else ""))
     return out
+
+
+def read_tfds(spec: str) -> list[Messages]:
+    """All conversations of the TFDS source ``tfds:SPEC`` (see module doc) that pass its filters."""
+    return [_hf_row_messages(row, where) for where, row in tfds_rows(spec)]
