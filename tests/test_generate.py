@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emajax.generate import (TOP_LOGPROBS, GenerationError, SampleRow, _inverse_cdf, _nucleus_threshold, _pick_token,
-                             _pick_tokens, generate, generate_rows)
+from emajax.generate import (TOP_LOGPROBS, GenerationError, Generator, SampleRow, _inverse_cdf, _nucleus_threshold,
+                             _pick_token, _pick_tokens, generate, generate_rows)
 from emajax.models.config import DecoderConfig
 from emajax.models.decoder import Decoder, steering_array
 
@@ -197,7 +197,8 @@ def test_on_step_streams_tokens_logprobs_and_stops_rows(tiny, naive_greedy):
         steps.append(out)
         return np.array([out.step >= 2, False, False, False])  # stop row 0 after its third token
 
-    out = generate_rows(tiny, None, rows, eos_ids=[], on_step=on_step)
+    gen = Generator(tiny, None, eos_ids=[])
+    out = gen.rows(rows, on_step=on_step)
     assert [len(o) for o in out] == [3, 12, 12, 12]
     assert [s.step for s in steps] == list(range(12)) and all(s.tokens_b.shape == (4,) for s in steps)
     for r, o in enumerate(out):
@@ -217,7 +218,8 @@ def test_on_step_streams_tokens_logprobs_and_stops_rows(tiny, naive_greedy):
         raise RuntimeError("sink failed")
 
     with pytest.raises(RuntimeError, match="sink failed"):
-        generate_rows(tiny, None, rows, eos_ids=[], on_step=boom)
+        gen.rows(rows, on_step=boom)
+    assert gen.rows(rows[:1]) == [naive_greedy(TINY_PROMPTS[0], 12)]  # still usable after a failed sink
 
 
 def test_chat_generate_batched_is_chat_generate_per_batch_with_its_seed():
