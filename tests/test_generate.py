@@ -46,13 +46,17 @@ def naive_greedy(tiny):
         hidden = model(tokens_1t, attn_mask_bt=jnp.arange(tokens_1t.shape[1])[None] < n, steer_ld=steer_ld).hidden_btd
         return model.logits(hidden)[0, n - 1]
 
-    def run(prompt, steps, eos=(), steer_ld=None):
+    def run(prompt, steps, eos=(), steer_ld=None, adjust=None):
+        """``adjust(logits, prompt, generated)`` -> the logits greedy picks from (a NumPy reference sampler)."""
         steer = jnp.zeros((TINY.num_layers, TINY.hidden_size)) if steer_ld is None else jnp.asarray(steer_ld)
         seq = list(prompt)
         for _ in range(steps):
             buf = np.zeros((1, 32), np.int32)
             buf[0, : len(seq)] = seq
-            tok = int(jnp.argmax(next_logits(state, jnp.asarray(buf), len(seq), steer)))
+            z = np.asarray(next_logits(state, jnp.asarray(buf), len(seq), steer), np.float64)
+            if adjust is not None:
+                z = adjust(z, list(prompt), seq[len(prompt):])
+            tok = int(np.argmax(z))
             seq.append(tok)
             if tok in eos:
                 break
@@ -155,6 +159,67 @@ def test_per_row_sampler_matches_numpy_distribution():
     for i, r in enumerate((1, 2, 3)):
         ref = _nucleus_probs(logits[r].astype(np.float64), temperature[r], top_p[r])
         assert ((probs[i] >= t[i]) == (ref > 0)).all()
+
+
+def _filtered_probs(logits, temperature, top_k, min_p):
+    """NumPy reference of vLLM's min-p then top-k on softmax(logits / T), renormalized."""
+    p = np.exp(logits / temperature - (logits / temperature).max())
+    p /= p.sum()
+    p = np.where(p >= min_p * p.max(), p, 0.0)
+    if top_k > 0:
+        p = np.where(p >= np.sort(p)[::-1][top_k - 1], p, 0.0)
+    return p / p.sum()
+
+
+def test_top_k_and_min_p_match_numpy_distribution():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, 12)).astype(np.float32) * 2.0
+    temperature = np.array([1.0, 0.7, 1.0, 1.5], np.float32)
+    top_k = np.array([3, 0, 1, 5], np.int32)
+    min_p = np.array([0.0, 0.2, 0.0, 0.1], np.float32)
+    draws = 20000
+    keys = jax.random.split(jax.random.key(2), draws)
+    pick = jax.jit(jax.vmap(lambda k: _pick_tokens(jnp.asarray(logits), jnp.asarray(temperature), jnp.ones(4),
+                                                   jax.random.split(k, 4), jnp.asarray(top_k), jnp.asarray(min_p))))
+    toks = np.asarray(pick(keys))
+    for r in range(4):
+        ref = _filtered_probs(logits[r].astype(np.float64), temperature[r], top_k[r], min_p[r])
+        freq = np.bincount(toks[:, r], minlength=12) / draws
+        assert (freq[ref == 0] == 0).all(), r
+        np.testing.assert_allclose(freq, ref, atol=0.015)
+    assert (toks[:, 2] == logits[2].argmax()).all()  # top_k = 1 is greedy
+
+
+def test_penalties_min_tokens_and_stop_ids_match_a_numpy_reference(tiny, naive_greedy):
+    """Greedy under repetition / presence / frequency penalties equals greedy on NumPy-penalized logits of
+    the full forward; min_tokens masks the stop ids; per-row stop ids end only their own row."""
+
+    def penalized(rep, presence, frequency):
+        def adjust(z, prompt, gen):
+            counts = np.bincount(np.asarray(gen, int), minlength=z.shape[0]).astype(np.float64)
+            seen = (counts > 0) | np.isin(np.arange(z.shape[0]), prompt)
+            z = np.where(seen, np.where(z > 0, z / rep, z * rep), z)
+            return z - presence * (counts > 0) - frequency * counts
+        return adjust
+
+    settings = [(8.0, 0.0, 0.0), (1.0, 300.0, 0.0), (1.0, 0.0, 150.0), (4.0, 80.0, 40.0)]  # logits here are large
+    rows = [SampleRow(p, 10, repetition_penalty=r, presence_penalty=pr, frequency_penalty=f)
+            for p, (r, pr, f) in zip(TINY_PROMPTS, settings)]
+    gen = Generator(tiny, None, eos_ids=[])
+    out = gen.rows(rows)
+    for p, o, st in zip(TINY_PROMPTS, out, settings):
+        assert o == naive_greedy(p, 10, adjust=penalized(*st)), st
+    plain_out = gen.generate(TINY_PROMPTS, max_new_tokens=10)
+    assert all(o != q for o, q in zip(out, plain_out))  # each penalty changed its row
+    plain = naive_greedy(TINY_PROMPTS[0], 8)
+    stop = plain[2]
+    first = plain.index(stop)
+    got = gen.rows([SampleRow(TINY_PROMPTS[0], 8, stop_ids=[stop]), SampleRow(TINY_PROMPTS[0], 8)])
+    assert got == [plain[:first + 1], plain]  # the stop id ends its own row only, and is kept
+    masked = lambda z, prompt, g: np.where(np.arange(z.shape[0]) == stop, -np.inf, z) if len(g) < 5 else z  # noqa
+    got = gen.rows([SampleRow(TINY_PROMPTS[0], 8, stop_ids=[stop], min_tokens=5)])[0]
+    ref = naive_greedy(TINY_PROMPTS[0], 8, eos=(stop,), adjust=masked)
+    assert got == ref and stop not in got[:5]
 
 
 def test_two_level_inverse_cdf_equals_a_flat_search():
