@@ -377,8 +377,10 @@ def check_row(i: int, row: SampleRow, cfg: Any) -> list[int]:
     if not finite or not row.temperature >= 0 or not 0.0 < row.top_p <= 1.0:
         raise GenerationError(f"need finite settings, temperature >= 0 and 0 < top_p <= 1, got "
                               f"temperature={row.temperature}, top_p={row.top_p}")
-    if row.top_k < 0 or not 0.0 <= row.min_p <= 1.0 or not row.repetition_penalty > 0 or row.min_tokens < 0:
-        raise GenerationError(f"need top_k >= 0, 0 <= min_p <= 1, repetition_penalty > 0, min_tokens >= 0; got "
+    if not (0 <= row.top_k < 2 ** 31 and 0 <= row.min_tokens < 2 ** 31 and row.max_new_tokens < 2 ** 31) or \
+            not 0.0 <= row.min_p <= 1.0 or not row.repetition_penalty > 0:
+        raise GenerationError(f"need 0 <= top_k < 2**31, 0 <= min_p <= 1, repetition_penalty > 0, 0 <= min_tokens "
+                              f"< 2**31; got "
                               f"{row.top_k}, {row.min_p}, {row.repetition_penalty}, {row.min_tokens}")
     if not prompt:
         raise GenerationError(f"prompt {i} is empty")

@@ -238,7 +238,7 @@ def _common(f: _Fields, served: Served, prompt_lens: list[int], default_max: int
     if top_p <= 0.0:
         raise RequestError(400, "field 'top_p' must be > 0", "top_p")
     top_k = f.number("top_k", int(d.get("top_k", 0)), integer=True, lo=-1)
-    top_k = 0 if top_k == -1 else top_k  # vLLM: -1 (or 0) = off
+    top_k = 0 if top_k == -1 or top_k >= len(served.tokenizer) else top_k  # vLLM: -1 (or 0) = off; >= vocab: all
     min_p = f.number("min_p", float(d.get("min_p", 0.0)), lo=0.0, hi=1.0)
     repetition = f.number("repetition_penalty", float(d.get("repetition_penalty", 1.0)), lo=0.0, hi=10.0)
     if repetition <= 0.0:
