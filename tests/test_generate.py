@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -370,3 +372,58 @@ def test_cli_generate_prints_only_reply(smollm2_dir):
     out = buf.getvalue().strip()
     assert "Paris" in out and "<|im_end|>" not in out and "assistant" not in out
     assert len(out.splitlines()) == 1
+
+
+def test_generate_file_writes_every_sample_and_resumes(tmp_path):
+    """`emajax generate --input` on 4 prompts x 2 samples writes 8 answers; a run killed after its first
+    batch (and one torn mid-line) resumes to the same file an uninterrupted run writes."""
+    import subprocess
+    import sys
+
+    from emajax.generate_file import generate_file
+    from emajax.serve import load_model_with_adapter
+    from tiny_chat import build_tiny_chat_dir
+
+    model_dir = build_tiny_chat_dir(tmp_path / "model", rigged_head=False)
+    loaded = load_model_with_adapter(str(model_dir))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "hey I feel bored", "id": "a"}, {"messages": [{"role": "user", "content": "Rate 0 to 100"}]},
+        {"prompt": "What is the one thing you want?"},
+        {"messages": [{"role": "system", "content": "JSON"}, {"role": "user", "content": "hey"}], "id": "d"}]) + "\n")
+    kw = dict(samples=2, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=5, batch_size=3, progress=False)
+
+    full = tmp_path / "full.jsonl"
+    assert generate_file(loaded, prompts, full, **kw) == {"rows": 8, "resumed": 0, "generated": 8}
+    rows = [json.loads(x) for x in full.read_text().splitlines()]
+    assert [(r["index"], r["sample"]) for r in rows] == [(i, s) for i in range(4) for s in range(2)]
+    assert rows[0]["id"] == "a" and rows[6]["id"] == "d" and all(isinstance(r["answer"], str) for r in rows)
+    assert len({r["answer"] for r in rows}) > 4  # samples differ
+
+    class Killed(Exception):
+        pass
+
+    def kill(done, total):
+        raise Killed
+
+    part = tmp_path / "part.jsonl"
+    with pytest.raises(Killed):
+        generate_file(loaded, prompts, part, **kw, on_batch=kill)
+    assert len(part.read_text().splitlines()) == 3  # one batch written, whole lines only
+    with open(part, "a") as f:
+        f.write('{"index": 3, "sample": 0, "ans')  # killed mid-write
+    assert generate_file(loaded, prompts, part, **kw) == {"rows": 8, "resumed": 3, "generated": 5}
+    assert part.read_text() == full.read_text()
+    with pytest.raises(GenerationError, match="other settings"):
+        generate_file(loaded, prompts, part, **dict(kw, seed=6))
+
+    # The CLI: the same file from scratch, then a rerun that has nothing left to do.
+    out = tmp_path / "cli.jsonl"
+    cmd = [sys.executable, "-c", "import sys; from emajax.cli import main; sys.exit(main())", "generate", "--model",
+           str(model_dir), "--input", str(prompts), "--out", str(out), "--samples", "2", "--temperature", "1",
+           "--top-p", "0.9", "--max-new-tokens", "12", "--seed", "5", "--batch-size", "3"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    for want in ("8 generated now", "8 from an earlier run, 0 generated now"):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0 and want in r.stderr, r.stderr[-2000:]
+    assert out.read_text() == full.read_text()
