@@ -15,7 +15,7 @@ SUMMARY = "Serve a model (+ a PEFT adapter) as an OpenAI-compatible endpoint"
 EXAMPLES = (
     "emajax serve --model smollm2-135m-instruct --adapter runs/kl/export --port 8000",
     "emajax serve --model smollm2-135m-instruct --port 8000 --max-batch-rows 16 --warmup-prompt-tokens 64 512",
-    "EMAJAX_API_KEY=sk-... emajax serve --model smollm2-135m-instruct --host 0.0.0.0 --port 8000",
+    "emajax serve --model smollm2-135m-instruct --host 0.0.0.0 --port 8000 --api-key sk-my-key",
 )
 
 
