@@ -285,3 +285,43 @@ def test_completions_counts_prompts_before_tokenizing(loaded):
         parse_completion({"prompt": ["a"] * 5000}, served)
     assert calls[0] == 0
     assert np.isfinite(len(parse_completion({"prompt": ["a", "b"], "n": 2}, served)[0]))
+
+
+def test_admission_is_fifo_bounded_and_gives_rows_back():
+    """At most max_concurrent_rows admitted, max_queue waiting (then 429 + Retry-After), FIFO, and a waiter
+    that is cancelled (its client left) neither keeps its place nor leaks rows."""
+    import asyncio
+
+    from emajax.serve.app import Admission, Limits
+
+    async def scenario():
+        adm = Admission(Limits(max_concurrent_rows=4, max_queue=2))
+        adm.enter()
+        await adm.admit(3)  # admitted at once
+        order = []
+
+        async def wait(n, tag):
+            adm.enter()
+            await adm.admit(n)
+            order.append(tag)
+
+        big = asyncio.ensure_future(wait(4, "big"))
+        small = asyncio.ensure_future(wait(1, "small"))  # fits now, but waits behind big (FIFO)
+        await asyncio.sleep(0)
+        assert (adm.rows, adm.waiting, order) == (3, 2, [])
+        with pytest.raises(RequestError) as e:
+            adm.enter()
+        assert e.value.status == 429 and e.value.headers == {"Retry-After": "1"} and adm.rejected == 1
+        big.cancel()  # its client went away
+        await asyncio.gather(big, return_exceptions=True)
+        await asyncio.sleep(0)
+        assert order == ["small"] and (adm.rows, adm.waiting) == (4, 0)
+        adm.release(3)
+        adm.release(1)
+        assert adm.rows == 0
+        adm.enter()
+        with pytest.raises(RequestError) as e:
+            await adm.admit(5)  # can never fit
+        assert e.value.status == 400 and adm.waiting == 0
+
+    asyncio.run(scenario())
