@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from emajax.serve import ChatEngine, load_model_with_adapter, serve_in_thread
-from emajax.serve.batcher import Batcher, Choice, Job
+from emajax.serve.batcher import Batcher, Job
 from emajax.serve.protocol import Params, Prompt, RequestError, Served, parse_chat
 from tiny_chat import build_tiny_chat_dir
 
