@@ -41,7 +41,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="a Host header name to answer besides the loopback names (repeatable; a loopback bind "
                         "answers only those: DNS rebinding)")
-    p.add_argument("--max-concurrent-rows", type=int, default=64,
+    p.add_argument("--max-concurrent-rows", type=int, default=128,
                    help="rows (choices) admitted at once, running or queued for a batch")
     p.add_argument("--max-queue", type=int, default=128,
                    help="requests waiting to be admitted; past it: 429 with Retry-After")

@@ -45,7 +45,7 @@ class Limits:
     (running or queued for the next batch); ``max_queue``: requests waiting to be admitted (from arrival:
     reading, checking, then waiting for rows); past it a request gets 429 with ``Retry-After``."""
 
-    max_concurrent_rows: int = 64
+    max_concurrent_rows: int = 128  # = protocol.MAX_N: any valid request can be admitted
     max_queue: int = 128
     max_body_bytes: int = 32 << 20
     body_timeout_s: float = 30.0
