@@ -325,3 +325,19 @@ def test_admission_is_fifo_bounded_and_gives_rows_back():
         assert e.value.status == 400 and adm.waiting == 0
 
     asyncio.run(scenario())
+
+
+def test_a_non_loopback_bind_needs_a_key_or_insecure():
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", "import sys; from emajax.cli import main; sys.exit(main())", "serve", "--model",
+           "no-such-model-dir", "--host", "0.0.0.0", "--port", "0"]
+    env = {k: v for k, v in os.environ.items() if k != "EMAJAX_API_KEY"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "--api-key" in r.stderr and "--insecure" in r.stderr, r.stderr[-1000:]
+    # With --insecure (or a key) the bind check passes and it goes on to load the model (which does not exist).
+    r = subprocess.run(cmd + ["--insecure"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "--insecure" not in r.stderr and "no-such-model-dir" in r.stderr, r.stderr[-1000:]
