@@ -257,7 +257,7 @@ def make_app(engine: ChatEngine, *, api_key: str | None = None, allowed_hosts: f
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
             try:
-                job = engine.start(route, parsed, listener=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+                job = engine.start(parsed, listener=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
             except RequestError as e:
                 gone.cancel()
                 return _error(e)

@@ -82,7 +82,7 @@ class ChatEngine:
         """A request body of ``route`` ("chat" or "completion") checked and tokenized (raises RequestError)."""
         return (parse_chat if route == "chat" else parse_completion)(body, self.served)
 
-    def start(self, route: str, parsed: tuple[list[Prompt], Params],
+    def start(self, parsed: tuple[list[Prompt], Params],
               listener: Callable[[Any], None] | None = None) -> Job:
         """Queue a parsed request for the next batch; its events go to ``listener`` (see ``batcher.Job``)."""
         job = Job(*parsed, tokenizer=self.loaded.tokenizer, listener=listener)
@@ -100,7 +100,7 @@ class ChatEngine:
 
     def complete(self, req: Any, route: str = "chat") -> dict:
         """The body of a /v1/chat/completions (or ``route="completion"``: /v1/completions) response, blocking."""
-        job = self.start(route, self.parse(route, req))
+        job = self.start(self.parse(route, req))
         job.done.wait()
         return self.response(route, job)
 
