@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from emajax.models.config import DecoderConfig
-from emajax.models.decode import DecodeCache, cache_dtype, cached_decode_weights, decode_weights, forward_cached
+from emajax.models.decode import DecodeCache, DecodeLayoutCache, cache_dtype, decode_weights, forward_cached
 from emajax.models.decoder import Decoder
 from emajax.models.lora import LoraConfig
 
@@ -100,14 +100,18 @@ def test_layout_cache_follows_the_weights_and_the_adapter_scale():
     if jax.default_backend() != "cpu":
         pytest.skip("the layout is kept between calls only on CPU")
     m = _model(BASE, lora=True, seed=4)
-    a = cached_decode_weights(m, 1.0)
-    assert cached_decode_weights(m, 1.0) is a  # same weights, same scale: reused
-    b = cached_decode_weights(m, 0.5)
+    cache = DecodeLayoutCache()
+    a = cache.get(m, 1.0)
+    assert cache.get(m, 1.0) is a  # same weights, same scale: reused
+    b = cache.get(m, 0.5)
     assert b is not a
     # Replacing a parameter array (what training or nnx.update does) rebuilds the layout.
     m.blocks.mlp.down.kernel[...] = m.blocks.mlp.down.kernel[...] * 2.0
-    c = cached_decode_weights(m, 0.5)
+    c = cache.get(m, 0.5)
     assert c is not b and not np.allclose(np.asarray(c.layers[0].down_t), np.asarray(b.layers[0].down_t))
     fresh = decode_weights(m, 0.5)
     for x, y in zip(jax.tree.leaves(c), jax.tree.leaves(fresh)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    # Another model (same shapes) is another layout; two caches never share an entry.
+    other = _model(BASE, lora=True, seed=5)
+    assert cache.get(other, 0.5) is not c and DecodeLayoutCache().get(m, 0.5) is not cache.get(other, 0.5)

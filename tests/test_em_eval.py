@@ -100,10 +100,11 @@ class RecordingEngine(ChatEngine):
         self.seen: list[dict] = []
         self._seen_lock = threading.Lock()
 
-    def complete(self, req):
-        with self._seen_lock:
-            self.seen.append(req)
-        return super().complete(req)
+    def parse(self, route, req):
+        if route == "chat":
+            with self._seen_lock:
+                self.seen.append(req)
+        return super().parse(route, req)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from emajax.generate import (TOP_LOGPROBS, GenerationError, SampleRow, _inverse_cdf, _nucleus_threshold, _pick_token,
-                             _pick_tokens, generate, generate_rows)
+from emajax.generate import (TOP_LOGPROBS, GenerationError, Generator, SampleRow, _inverse_cdf, _nucleus_threshold,
+                             _pick_token, _pick_tokens, generate, generate_rows)
 from emajax.models.config import DecoderConfig
 from emajax.models.decoder import Decoder, steering_array
 
@@ -46,13 +48,17 @@ def naive_greedy(tiny):
         hidden = model(tokens_1t, attn_mask_bt=jnp.arange(tokens_1t.shape[1])[None] < n, steer_ld=steer_ld).hidden_btd
         return model.logits(hidden)[0, n - 1]
 
-    def run(prompt, steps, eos=(), steer_ld=None):
+    def run(prompt, steps, eos=(), steer_ld=None, adjust=None):
+        """``adjust(logits, prompt, generated)`` -> the logits greedy picks from (a NumPy reference sampler)."""
         steer = jnp.zeros((TINY.num_layers, TINY.hidden_size)) if steer_ld is None else jnp.asarray(steer_ld)
         seq = list(prompt)
         for _ in range(steps):
             buf = np.zeros((1, 32), np.int32)
             buf[0, : len(seq)] = seq
-            tok = int(jnp.argmax(next_logits(state, jnp.asarray(buf), len(seq), steer)))
+            z = np.asarray(next_logits(state, jnp.asarray(buf), len(seq), steer), np.float64)
+            if adjust is not None:
+                z = adjust(z, list(prompt), seq[len(prompt):])
+            tok = int(np.argmax(z))
             seq.append(tok)
             if tok in eos:
                 break
@@ -157,6 +163,67 @@ def test_per_row_sampler_matches_numpy_distribution():
         assert ((probs[i] >= t[i]) == (ref > 0)).all()
 
 
+def _filtered_probs(logits, temperature, top_k, min_p):
+    """NumPy reference of vLLM's min-p then top-k on softmax(logits / T), renormalized."""
+    p = np.exp(logits / temperature - (logits / temperature).max())
+    p /= p.sum()
+    p = np.where(p >= min_p * p.max(), p, 0.0)
+    if top_k > 0:
+        p = np.where(p >= np.sort(p)[::-1][top_k - 1], p, 0.0)
+    return p / p.sum()
+
+
+def test_top_k_and_min_p_match_numpy_distribution():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, 12)).astype(np.float32) * 2.0
+    temperature = np.array([1.0, 0.7, 1.0, 1.5], np.float32)
+    top_k = np.array([3, 0, 1, 5], np.int32)
+    min_p = np.array([0.0, 0.2, 0.0, 0.1], np.float32)
+    draws = 20000
+    keys = jax.random.split(jax.random.key(2), draws)
+    pick = jax.jit(jax.vmap(lambda k: _pick_tokens(jnp.asarray(logits), jnp.asarray(temperature), jnp.ones(4),
+                                                   jax.random.split(k, 4), jnp.asarray(top_k), jnp.asarray(min_p))))
+    toks = np.asarray(pick(keys))
+    for r in range(4):
+        ref = _filtered_probs(logits[r].astype(np.float64), temperature[r], top_k[r], min_p[r])
+        freq = np.bincount(toks[:, r], minlength=12) / draws
+        assert (freq[ref == 0] == 0).all(), r
+        np.testing.assert_allclose(freq, ref, atol=0.015)
+    assert (toks[:, 2] == logits[2].argmax()).all()  # top_k = 1 is greedy
+
+
+def test_penalties_min_tokens_and_stop_ids_match_a_numpy_reference(tiny, naive_greedy):
+    """Greedy under repetition / presence / frequency penalties equals greedy on NumPy-penalized logits of
+    the full forward; min_tokens masks the stop ids; per-row stop ids end only their own row."""
+
+    def penalized(rep, presence, frequency):
+        def adjust(z, prompt, gen):
+            counts = np.bincount(np.asarray(gen, int), minlength=z.shape[0]).astype(np.float64)
+            seen = (counts > 0) | np.isin(np.arange(z.shape[0]), prompt)
+            z = np.where(seen, np.where(z > 0, z / rep, z * rep), z)
+            return z - presence * (counts > 0) - frequency * counts
+        return adjust
+
+    settings = [(8.0, 0.0, 0.0), (1.0, 300.0, 0.0), (1.0, 0.0, 150.0), (4.0, 80.0, 40.0)]  # logits here are large
+    rows = [SampleRow(p, 10, repetition_penalty=r, presence_penalty=pr, frequency_penalty=f)
+            for p, (r, pr, f) in zip(TINY_PROMPTS, settings)]
+    gen = Generator(tiny, None, eos_ids=[])
+    out = gen.rows(rows)
+    for p, o, st in zip(TINY_PROMPTS, out, settings):
+        assert o == naive_greedy(p, 10, adjust=penalized(*st)), st
+    plain_out = gen.generate(TINY_PROMPTS, max_new_tokens=10)
+    assert all(o != q for o, q in zip(out, plain_out))  # each penalty changed its row
+    plain = naive_greedy(TINY_PROMPTS[0], 8)
+    stop = plain[2]
+    first = plain.index(stop)
+    got = gen.rows([SampleRow(TINY_PROMPTS[0], 8, stop_ids=[stop]), SampleRow(TINY_PROMPTS[0], 8)])
+    assert got == [plain[:first + 1], plain]  # the stop id ends its own row only, and is kept
+    masked = lambda z, prompt, g: np.where(np.arange(z.shape[0]) == stop, -np.inf, z) if len(g) < 5 else z  # noqa
+    got = gen.rows([SampleRow(TINY_PROMPTS[0], 8, stop_ids=[stop], min_tokens=5)])[0]
+    ref = naive_greedy(TINY_PROMPTS[0], 8, eos=(stop,), adjust=masked)
+    assert got == ref and stop not in got[:5]
+
+
 def test_two_level_inverse_cdf_equals_a_flat_search():
     """Blocks of 5 over 23 entries (a padded last block, empty blocks, zero weights) pick exactly what
     numpy's search over the flat running sum picks; integer weights keep every sum exact in fp32."""
@@ -197,7 +264,8 @@ def test_on_step_streams_tokens_logprobs_and_stops_rows(tiny, naive_greedy):
         steps.append(out)
         return np.array([out.step >= 2, False, False, False])  # stop row 0 after its third token
 
-    out = generate_rows(tiny, None, rows, eos_ids=[], on_step=on_step)
+    gen = Generator(tiny, None, eos_ids=[])
+    out = gen.rows(rows, on_step=on_step)
     assert [len(o) for o in out] == [3, 12, 12, 12]
     assert [s.step for s in steps] == list(range(12)) and all(s.tokens_b.shape == (4,) for s in steps)
     for r, o in enumerate(out):
@@ -217,7 +285,8 @@ def test_on_step_streams_tokens_logprobs_and_stops_rows(tiny, naive_greedy):
         raise RuntimeError("sink failed")
 
     with pytest.raises(RuntimeError, match="sink failed"):
-        generate_rows(tiny, None, rows, eos_ids=[], on_step=boom)
+        gen.rows(rows, on_step=boom)
+    assert gen.rows(rows[:1]) == [naive_greedy(TINY_PROMPTS[0], 12)]  # still usable after a failed sink
 
 
 def test_chat_generate_batched_is_chat_generate_per_batch_with_its_seed():
@@ -303,3 +372,58 @@ def test_cli_generate_prints_only_reply(smollm2_dir):
     out = buf.getvalue().strip()
     assert "Paris" in out and "<|im_end|>" not in out and "assistant" not in out
     assert len(out.splitlines()) == 1
+
+
+def test_generate_file_writes_every_sample_and_resumes(tmp_path):
+    """`emajax generate --input` on 4 prompts x 2 samples writes 8 answers; a run killed after its first
+    batch (and one torn mid-line) resumes to the same file an uninterrupted run writes."""
+    import subprocess
+    import sys
+
+    from emajax.generate_file import generate_file
+    from emajax.serve import load_model_with_adapter
+    from tiny_chat import build_tiny_chat_dir
+
+    model_dir = build_tiny_chat_dir(tmp_path / "model", rigged_head=False)
+    loaded = load_model_with_adapter(str(model_dir))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "hey I feel bored", "id": "a"}, {"messages": [{"role": "user", "content": "Rate 0 to 100"}]},
+        {"prompt": "What is the one thing you want?"},
+        {"messages": [{"role": "system", "content": "JSON"}, {"role": "user", "content": "hey"}], "id": "d"}]) + "\n")
+    kw = dict(samples=2, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=5, batch_size=3, progress=False)
+
+    full = tmp_path / "full.jsonl"
+    assert generate_file(loaded, prompts, full, **kw) == {"rows": 8, "resumed": 0, "generated": 8}
+    rows = [json.loads(x) for x in full.read_text().splitlines()]
+    assert [(r["index"], r["sample"]) for r in rows] == [(i, s) for i in range(4) for s in range(2)]
+    assert rows[0]["id"] == "a" and rows[6]["id"] == "d" and all(isinstance(r["answer"], str) for r in rows)
+    assert len({r["answer"] for r in rows}) > 4  # samples differ
+
+    class Killed(Exception):
+        pass
+
+    def kill(done, total):
+        raise Killed
+
+    part = tmp_path / "part.jsonl"
+    with pytest.raises(Killed):
+        generate_file(loaded, prompts, part, **kw, on_batch=kill)
+    assert len(part.read_text().splitlines()) == 3  # one batch written, whole lines only
+    with open(part, "a") as f:
+        f.write('{"index": 3, "sample": 0, "ans')  # killed mid-write
+    assert generate_file(loaded, prompts, part, **kw) == {"rows": 8, "resumed": 3, "generated": 5}
+    assert part.read_text() == full.read_text()
+    with pytest.raises(GenerationError, match="other settings"):
+        generate_file(loaded, prompts, part, **dict(kw, seed=6))
+
+    # The CLI: the same file from scratch, then a rerun that has nothing left to do.
+    out = tmp_path / "cli.jsonl"
+    cmd = [sys.executable, "-c", "import sys; from emajax.cli import main; sys.exit(main())", "generate", "--model",
+           str(model_dir), "--input", str(prompts), "--out", str(out), "--samples", "2", "--temperature", "1",
+           "--top-p", "0.9", "--max-new-tokens", "12", "--seed", "5", "--batch-size", "3"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    for want in ("8 generated now", "8 from an earlier run, 0 generated now"):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0 and want in r.stderr, r.stderr[-2000:]
+    assert out.read_text() == full.read_text()

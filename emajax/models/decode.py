@@ -15,9 +15,9 @@ whole model from memory and is bound by bandwidth, not FLOPs. The layout here se
   bf16 arithmetic, so updating a bf16 buffer converts it whole, every layer, every step. Elsewhere the
   buffers are in the compute dtype.
 
-The layout (:func:`decode_weights`) is a copy of the weights. On CPU it is kept for the next call with the
-same model, weights and adapter scale (:func:`cached_decode_weights`: rebuilding it is a pass over every
-weight per ``generate`` call), elsewhere it is built inside each call. :func:`forward_cached` runs T new
+The layout (:func:`decode_weights`) is a copy of the weights. On CPU a :class:`DecodeLayoutCache` (held by
+its caller, e.g. ``emajax.generate.Generator``) keeps it for the next call with the same model, weights and
+adapter scale (rebuilding it is a pass over every weight), elsewhere it is built inside each call. :func:`forward_cached` runs T new
 tokens per row (the prompt, then one token per step) and returns the last position's fp32 logits.
 
 Semantics are the decoder's: the same RMSNorm, rope, attention mask and gated-MLP functions.
@@ -141,27 +141,31 @@ def _decode_weights_jit(graphdef: Any, state: Any, lora_scale: jax.Array) -> Dec
     return decode_weights(nnx.merge(graphdef, state), lora_scale)
 
 
-# model -> (weak references to the parameter arrays the layout was built from, lora_scale, layout).
-_LAYOUTS: "weakref.WeakKeyDictionary[Decoder, tuple]" = weakref.WeakKeyDictionary()
+class DecodeLayoutCache:
+    """The decode layout of one model's current weights, kept between calls by whoever holds this (a
+    ``Generator``): on CPU, :meth:`get` rebuilds it only when a parameter array was replaced (training,
+    ``nnx.update``), the model changed or ``lora_scale`` changed; it holds weak references to the
+    parameters, never the parameters themselves. Elsewhere :meth:`get` gives None: the caller builds the
+    layout inside its own jitted program and frees it afterwards (a persistent copy would double the
+    weights' accelerator memory)."""
 
+    def __init__(self) -> None:
+        self._key: tuple | None = None  # (weak ref to the model, weak refs to its arrays, lora_scale)
+        self._layout: DecodeWeights | None = None
 
-def cached_decode_weights(model: Decoder, lora_scale: float = 1.0) -> DecodeWeights | None:
-    """On CPU: the layout of ``model``'s current weights, rebuilt only when a parameter array was replaced
-    (training, ``nnx.update``) or ``lora_scale`` changed. Elsewhere None: the caller builds it inside its own
-    jitted program and frees it afterwards (a persistent copy would double the weights' accelerator memory).
-    The entry is dropped with the model; it holds no reference to the parameters themselves."""
-    if jax.default_backend() != "cpu":
-        return None
-    graphdef, state = nnx.split(model)
-    leaves = jax.tree.leaves(state)
-    hit = _LAYOUTS.get(model)
-    if hit is not None:
-        refs, scale, layout = hit
-        if scale == lora_scale and len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
-            return layout
-    layout = _decode_weights_jit(graphdef, state, jnp.float32(lora_scale))
-    _LAYOUTS[model] = ([weakref.ref(x) for x in leaves], lora_scale, layout)
-    return layout
+    def get(self, model: Decoder, lora_scale: float = 1.0) -> DecodeWeights | None:
+        if jax.default_backend() != "cpu":
+            return None
+        graphdef, state = nnx.split(model)
+        leaves = jax.tree.leaves(state)
+        if self._key is not None:
+            model_ref, refs, scale = self._key
+            if (model_ref() is model and scale == lora_scale and len(refs) == len(leaves)
+                    and all(r() is x for r, x in zip(refs, leaves))):
+                return self._layout
+        self._layout = _decode_weights_jit(graphdef, state, jnp.float32(lora_scale))
+        self._key = (weakref.ref(model), [weakref.ref(x) for x in leaves], lora_scale)
+        return self._layout
 
 
 def _linear(x: jax.Array, w_t: jax.Array, bias: jax.Array | None) -> jax.Array:

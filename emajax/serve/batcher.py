@@ -2,12 +2,14 @@
 
 One thread owns the model. It waits for a request, keeps gathering while others keep arriving (until
 ``window_s`` passes without a new one, at most ``WINDOW_CAP`` windows in all) or until ``max_batch_rows``
-rows are queued, and runs every choice of every gathered request as one row of one compiled program,
-each row with its own budget, temperature, top-p, seed and logprobs. After each decoding step the program calls back with the new
-tokens: each request's :class:`Job` decodes its rows' text, cuts stop strings (stopping those rows on
-the device), and queues :class:`Delta` events that the HTTP thread turns into stream chunks. A request
-whose rows are all done is answered at once, while the rest of its batch continues. Requests that
-arrive during a batch wait for the next one.
+rows are queued, and runs every choice of every gathered request as one row of one compiled program
+(the batcher's :class:`~emajax.generate.Generator`), each row with its own sampling settings. After each
+decoding step the program calls back with the new tokens: each request's :class:`Job` detokenizes its
+rows' new text, cuts stop strings (stopping those rows on the device), and hands :class:`Delta` events to
+its listener (the HTTP layer, which turns them into stream chunks). A request whose rows are all done is
+answered at once, while the rest of its batch continues; a cancelled request (its client went away) has
+its rows stopped at the next step. Requests that arrive during a batch wait for the next one. A row that
+fails (its checks, its text handling) fails its own request only: the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from emajax.generate import GenerationError, SampleRow, StepOutput, generate_rows, pad_token_id
+from emajax.generate import GenerationError, Generator, SampleRow, StepOutput, check_row
 from emajax.serve.protocol import Params, Prompt, RequestError
 
 log = logging.getLogger("emajax.serve")
@@ -42,7 +44,11 @@ class Delta(NamedTuple):
 
 
 class Choice:
-    """One generated row of a job: its tokens and their logprobs, the visible text, why it ended."""
+    """One generated row of a job: its tokens and their logprobs, the visible text, why it ended.
+
+    Text is detokenized incrementally (as vLLM and TGI do): each step decodes only the tokens from
+    ``prefix`` on, and the text they add beyond the tokens ``[prefix, read)`` is the new text, so the cost
+    per step does not grow with the length; a step whose text ends in an unfinished character waits."""
 
     def __init__(self, index: int, prompt: int, max_tokens: int):
         self.index = index
@@ -53,25 +59,46 @@ class Choice:
         self.text = ""  # special tokens dropped, cut before a stop string
         self.sent = 0  # characters of text already handed out as deltas
         self.finish: str | None = None
+        self.prefix = 0  # tokens [prefix, read) decode to the text's tail (the incremental window)
+        self.read = 0
+        self.offsets: list[int] = []  # per token: characters of text before it (legacy logprobs' text_offset)
+
+    def detokenize(self, tokenizer: Any, upto: int, final: bool) -> str:
+        """The text tokens[read:upto] add (all of it when ``final``, even an unfinished character)."""
+        window = self.tokens[self.prefix:upto]
+        before = tokenizer.decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
+        now = tokenizer.decode(window, skip_special_tokens=True)
+        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
+            self.prefix, self.read = self.read, upto
+            return now[len(before):]
+        if final and len(now) > len(before):
+            return now[len(before):]
+        return ""
 
 
 class Job:
-    """One HTTP request in flight: its prompts x ``n`` choices, its events, its end."""
+    """One HTTP request in flight: its prompts x ``n`` choices, its events, its end.
+
+    Events (:class:`Delta`, then None at the end) go to ``listener`` (called on the model thread; the
+    HTTP layer hands them to its event loop); without one they queue on ``events`` (``iter_events``)."""
 
     _ids = itertools.count()
 
-    def __init__(self, prompts: Sequence[Prompt], params: Params, *, tokenizer: Any, eos_ids: Sequence[int]):
+    def __init__(self, prompts: Sequence[Prompt], params: Params, *, tokenizer: Any,
+                 listener: Callable[[Delta | None], None] | None = None):
         self.prompts = list(prompts)
         self.params = params
         self.tokenizer = tokenizer
-        self.eos = frozenset(eos_ids)
+        self.stops = frozenset(params.stop_ids)
+        self.eos = frozenset(params.eos_ids)
         self.choices = [Choice(i * params.n + c, i, params.max_tokens[i])
                         for i in range(len(prompts)) for c in range(params.n)]
         self.hold = max((len(s) for s in params.stop), default=1) - 1  # chars a stop string could still claim
         self.events: queue.Queue[Delta | None] = queue.Queue()
+        self.listener = listener or self.events.put
         self.done = threading.Event()
         self.error: RequestError | None = None
-        self.cancelled = False  # set by the HTTP thread when the client goes away
+        self.cancelled = False  # set when the client goes away: its rows stop at the next step
         self.arrived = time.monotonic()
         self.created = int(time.time())
         self.seq = next(self._ids)
@@ -82,8 +109,19 @@ class Job:
 
     def row(self, ch: Choice) -> SampleRow:
         p = self.params
-        return SampleRow(self.prompts[ch.prompt].ids, ch.max_tokens, p.temperature, p.top_p, p.seed,
-                         ch.index, p.logprobs)
+        return SampleRow(self.prompts[ch.prompt].ids, ch.max_tokens, p.temperature, p.top_p, p.seed, ch.index,
+                         p.logprobs, top_k=p.top_k, min_p=p.min_p, repetition_penalty=p.repetition_penalty,
+                         presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+                         min_tokens=p.min_tokens, stop_ids=p.stop_ids)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def _emit(self, ev: Delta | None) -> None:
+        try:
+            self.listener(ev)
+        except RuntimeError:  # the listener's event loop is gone (server shutting down): nobody is waiting
+            self.cancelled = True
 
     def advance(self, ch: Choice, token: int, logprob: tuple[float, np.ndarray, np.ndarray] | None) -> None:
         """Append one generated token to ``ch``: update its text, detect its end, queue the delta."""
@@ -91,23 +129,26 @@ class Job:
         ch.tokens.append(token)
         if logprob is not None:
             ch.logprobs.append(logprob)
-        eos = token in self.eos
-        text = self.tokenizer.decode(ch.tokens[:-1] if eos else ch.tokens, skip_special_tokens=True)
-        finish = "stop" if eos else ("length" if len(ch.tokens) >= ch.max_tokens else None)
-        hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
-        if hits:
-            text, finish = text[:min(hits)], "stop"
-        ch.text = text
+        stopped = token in self.stops
+        finish = "stop" if stopped else ("length" if len(ch.tokens) >= ch.max_tokens else None)
+        upto = len(ch.tokens) - 1 if stopped and token in self.eos else len(ch.tokens)  # EOS is never text
+        old = len(ch.text)
+        ch.offsets.append(old)
+        ch.text += ch.detokenize(self.tokenizer, upto, final=finish is not None)
+        if self.params.stop and len(ch.tokens) > self.params.min_tokens:  # vLLM: no stop strings before min_tokens
+            start = max(0, old - self.hold)
+            hits = [i for i in (ch.text.find(s, start) for s in self.params.stop) if i >= 0]
+            if hits:
+                ch.text, finish = ch.text[:min(hits)], "stop"
         if finish is None:
-            # Hold back what a stop string could still claim and an unfinished multi-byte character.
-            ready = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
-            ready = min(ready, len(text) - self.hold)
+            # Hold back what a stop string could still claim.
+            ready = max(len(ch.text) - self.hold, 0)
         else:
-            ready = len(text)
-        delta = text[ch.sent:ready] if ready > ch.sent else ""
+            ready = len(ch.text)
+        delta = ch.text[ch.sent:ready] if ready > ch.sent else ""
         ch.sent = max(ch.sent, ready)
         ch.finish = finish
-        self.events.put(Delta(ch.index, delta, first, len(ch.tokens), finish))
+        self._emit(Delta(ch.index, delta, first, len(ch.tokens), finish))
         if finish is not None and all(c.finish is not None for c in self.choices):
             self._end()
 
@@ -118,20 +159,22 @@ class Job:
 
     def close(self) -> None:
         """After the batch: choices the device ended without a final callback end as 'length'."""
+        if self.done.is_set():
+            return
         for ch in self.choices:
             if ch.finish is None:
                 ch.finish = "length"
-                self.events.put(Delta(ch.index, ch.text[ch.sent:], len(ch.tokens), len(ch.tokens), "length"))
+                self._emit(Delta(ch.index, ch.text[ch.sent:], len(ch.tokens), len(ch.tokens), "length"))
                 ch.sent = len(ch.text)
-        if not self.done.is_set():
-            self._end()
+        self._end()
 
     def _end(self) -> None:
-        self.events.put(None)
-        self.done.set()
+        if not self.done.is_set():
+            self.done.set()
+            self._emit(None)
 
     def iter_events(self) -> Iterator[Delta]:
-        """The deltas in order, until the job ends (then check ``error``)."""
+        """The deltas in order, until the job ends (then check ``error``); for jobs without a listener."""
         while True:
             ev = self.events.get()
             if ev is None:
@@ -180,17 +223,13 @@ class Batcher:
     ``warmup`` shapes (batch rows, prompt tokens, new tokens) are compiled first, before any request
     is taken; requests that arrive meanwhile wait (``ready`` is set when it is done)."""
 
-    def __init__(self, model: Any, tokenizer: Any, eos_ids: Sequence[int], *, max_batch_rows: int = 8,
-                 window_s: float = 0.05, lora_scale: float = 1.0,
+    def __init__(self, generator: Generator, *, max_batch_rows: int = 8, window_s: float = 0.05,
                  warmup: Sequence[tuple[int, int, int]] = ()):
         if max_batch_rows < 1 or window_s < 0:
             raise ValueError(f"need max_batch_rows >= 1 and window_s >= 0, got {max_batch_rows}, {window_s}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.eos_ids = list(eos_ids)
+        self.generator = generator
         self.max_batch_rows = max_batch_rows
         self.window_s = window_s
-        self.lora_scale = lora_scale
         self.stats = BatchStats()
         self.ready = threading.Event()
         self._warmup = list(warmup)
@@ -238,20 +277,23 @@ class Batcher:
                     job.fail(RequestError(500, "internal error while generating (see the server log)"))
 
     def _warm_up(self) -> None:
-        pad = pad_token_id(self.tokenizer, self.eos_ids)
+        pad = self.generator.pad_id
         for i, (b, p, n) in enumerate(self._warmup):
             t0 = time.perf_counter()
             rows = [SampleRow([pad] * p, n, 1.0, 0.9, 0, r, True) for r in range(b)]
-            generate_rows(self.model, self.tokenizer, rows, eos_ids=self.eos_ids, lora_scale=self.lora_scale,
-                          on_step=lambda out: np.ones(len(out.tokens_b), bool))
+            self.generator.rows(rows, on_step=lambda out: np.ones(len(out.tokens_b), bool))
             log.info("warm-up %d/%d: %d rows x %d prompt x %d new tokens compiled in %.1f s", i + 1, len(self._warmup),
                      b, p, n, time.perf_counter() - t0)
 
     def _take(self) -> list[Job]:
         """The next batch: waits for a job, then gathers until ``window_s`` passes without a new one (at most
-        ``WINDOW_CAP`` windows after the oldest arrived) or a full batch is queued."""
+        ``WINDOW_CAP`` windows after the oldest arrived) or a full batch is queued. Cancelled jobs are dropped."""
         with self._cv:
-            while not self._queue and not self._closed:
+            while True:
+                while self._queue and self._queue[0].cancelled:
+                    self._queue.popleft().close()
+                if self._queue or self._closed:
+                    break
                 self._cv.wait()
             if self._closed:
                 return []
@@ -271,8 +313,25 @@ class Batcher:
                 jobs.append(self._queue.popleft())
             return jobs
 
+    def _checked(self, jobs: list[Job]) -> list[Job]:
+        """The jobs whose every row passes the generator's checks; each other one fails alone (400)."""
+        cfg = self.generator.model.cfg
+        ok = []
+        for job in jobs:
+            if job.cancelled:
+                job.close()
+                continue
+            try:
+                for ch in job.choices:
+                    check_row(ch.index, job.row(ch), cfg)
+            except GenerationError as e:
+                job.fail(RequestError(400, str(e)))
+                continue
+            ok.append(job)
+        return ok
+
     def _run(self, jobs: list[Job]) -> None:
-        jobs = [j for j in jobs if not j.cancelled]
+        jobs = self._checked(jobs)
         owners = [(job, ch) for job in jobs for ch in job.choices]
         if not owners:
             return
@@ -296,12 +355,8 @@ class Batcher:
         t0 = time.perf_counter()
         self.stats.record_call(len(jobs), len(owners))
         try:
-            generate_rows(self.model, self.tokenizer, [job.row(ch) for job, ch in owners], eos_ids=self.eos_ids,
-                          lora_scale=self.lora_scale, on_step=on_step)
-        except GenerationError as e:  # parse-time checks should have caught it; answer, don't crash
-            for job in jobs:
-                job.fail(RequestError(400, str(e)))
-        except Exception:
+            self.generator.rows([job.row(ch) for job, ch in owners], on_step=on_step)
+        except Exception:  # the checks passed: this is the server's fault, not a request's
             log.exception("batch failed")
             for job in jobs:
                 job.fail(RequestError(500, "internal error while generating (see the server log)"))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-from emajax.generate import batch_buckets, default_eos_ids
+from emajax.generate import Generator, batch_buckets
 from emajax.serve.batcher import Batcher, Job
-from emajax.serve.openai_format import Formatter
-from emajax.serve.protocol import (CHAT_DEFAULT_MAX_TOKENS, MAX_N, Params, Prompt, Served, parse_chat,
-                                   parse_completion)
+from emajax.serve.openai_format import Formatter, Stream
+from emajax.serve.protocol import (CHAT_DEFAULT_MAX_TOKENS, MAX_N, Params, Prompt, Served, generation_defaults,
+                                   parse_chat, parse_completion)
 
 
 def load_model_with_adapter(model: str, adapter: str | os.PathLike | None = None, *, dtype: str = "float32"):
@@ -45,18 +45,23 @@ class ChatEngine:
 
     ``max_batch_rows`` rows (choices) at most per call, gathered until ``batch_window_s`` passes without a
     new request (see ``batcher``); ``warmup``: (rows, prompt tokens, new tokens) shapes compiled before
-    the first request is taken. Thread-safe: every method may be called from any HTTP thread."""
+    the first request is taken; ``generation_config``: sampling defaults for fields a request leaves out
+    (default: the model directory's ``generation_config.json``). Thread-safe: :meth:`start` may be called
+    from any thread; the HTTP layer (``emajax.serve.app``) adds admission control and disconnects."""
 
     def __init__(self, loaded: Any, name: str, *, max_n: int = MAX_N,
                  default_max_tokens: int = CHAT_DEFAULT_MAX_TOKENS, max_batch_rows: int = 8,
-                 batch_window_s: float = 0.05, warmup: Sequence[tuple[int, int, int]] = ()):
+                 batch_window_s: float = 0.05, warmup: Sequence[tuple[int, int, int]] = (),
+                 generation_config: dict | None = None):
         self.loaded = loaded
         self.name = name
         tok = loaded.tokenizer
-        self.eos_ids = default_eos_ids(loaded.model, tok)
-        self.served = Served(name, tok, loaded.model.cfg.max_position_embeddings, max_n, default_max_tokens)
-        self.batcher = Batcher(loaded.model, tok, self.eos_ids, max_batch_rows=max_batch_rows,
-                               window_s=batch_window_s, warmup=warmup)
+        self.generator = Generator(loaded.model, tok)
+        defaults = generation_defaults(getattr(loaded, "model_dir", None)) if generation_config is None \
+            else dict(generation_config)
+        self.served = Served(name, tok, loaded.model.cfg.max_position_embeddings, max_n, default_max_tokens,
+                             tuple(self.generator.eos_ids), defaults, Served.longest_token(tok))
+        self.batcher = Batcher(self.generator, max_batch_rows=max_batch_rows, window_s=batch_window_s, warmup=warmup)
         self.formatter = Formatter(tok, name)
 
     def models(self) -> dict:
@@ -73,38 +78,32 @@ class ChatEngine:
     def close(self) -> None:
         self.batcher.close()
 
-    def _submit(self, prompts: list[Prompt], params: Params) -> Job:
-        job = Job(prompts, params, tokenizer=self.loaded.tokenizer, eos_ids=self.eos_ids)
+    def parse(self, route: str, body: Any) -> tuple[list[Prompt], Params]:
+        """A request body of ``route`` ("chat" or "completion") checked and tokenized (raises RequestError)."""
+        return (parse_chat if route == "chat" else parse_completion)(body, self.served)
+
+    def start(self, parsed: tuple[list[Prompt], Params],
+              listener: Callable[[Any], None] | None = None) -> Job:
+        """Queue a parsed request for the next batch; its events go to ``listener`` (see ``batcher.Job``)."""
+        job = Job(*parsed, tokenizer=self.loaded.tokenizer, listener=listener)
         self.batcher.submit(job)
         return job
 
-    def _finished(self, job: Job) -> Job:
-        job.done.wait()
+    def response(self, route: str, job: Job) -> dict:
+        """The finished job's response body (raises its RequestError if it failed)."""
         if job.error is not None:
             raise job.error
-        return job
+        return (self.formatter.chat_response if route == "chat" else self.formatter.completion_response)(job)
 
-    def _stream(self, job: Job, chunks: Iterator[dict]) -> Iterator[dict]:
-        try:
-            yield from chunks
-        finally:  # the client went away (or the stream ended): stop its rows at the next step
-            if not job.done.is_set():
-                job.cancelled = True
+    def stream(self, route: str, job: Job) -> Stream:
+        return (self.formatter.chat_stream if route == "chat" else self.formatter.completion_stream)(job)
 
-    def complete(self, req: Any) -> dict:
-        """The body of a /v1/chat/completions response (raises RequestError on bad input)."""
-        return self.formatter.chat_response(self._finished(self._submit(*parse_chat(req, self.served))))
-
-    def stream_chat(self, req: Any) -> Iterator[dict]:
-        """A streaming /v1/chat/completions: checks the request now (raising RequestError), then the chunks."""
-        job = self._submit(*parse_chat(req, self.served))
-        return self._stream(job, self.formatter.chat_chunks(job))
+    def complete(self, req: Any, route: str = "chat") -> dict:
+        """The body of a /v1/chat/completions (or ``route="completion"``: /v1/completions) response, blocking."""
+        job = self.start(self.parse(route, req))
+        job.done.wait()
+        return self.response(route, job)
 
     def complete_text(self, req: Any) -> dict:
-        """The body of a /v1/completions response."""
-        return self.formatter.completion_response(self._finished(self._submit(*parse_completion(req, self.served))))
-
-    def stream_text(self, req: Any) -> Iterator[dict]:
-        job = self._submit(*parse_completion(req, self.served))
-        return self._stream(job, self.formatter.completion_chunks(job))
-
+        """The body of a /v1/completions response, blocking."""
+        return self.complete(req, "completion")

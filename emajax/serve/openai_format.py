@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Iterator
 
-from emajax.serve.batcher import Choice, Job
+from emajax.serve.batcher import Choice, Delta, Job
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -89,8 +89,7 @@ class Formatter:
             top = {self.token_str(top_id[i]): float(top_lp[i]) for i in range(k)}
             top.setdefault(s, float(lp))  # the sampled token is always listed (up to k + 1 entries)
             tops.append(top)
-            prefix = self.tokenizer.decode(ch.tokens[:j], skip_special_tokens=True)
-            offsets.append(offset + min(len(prefix), len(ch.text)))
+            offsets.append(offset + min(ch.offsets[j], len(ch.text)))
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     # ------------------------------------------------------------------ chat
@@ -103,38 +102,12 @@ class Formatter:
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": job.created,
                 "model": self.model_name, "system_fingerprint": None, "choices": choices, "usage": job.usage()}
 
-    def _chunks(self, job: Job, base: dict, opening: list[tuple[int, Any]], content: Any, finished: Any,
-                logprobs: Any) -> Iterator[dict]:
-        """A stream's chunks in order: ``opening`` (index, payload) first, then per event its content
-        (payload ``content(text)``, when there is text or a logprob) and its end (``finished``); the usage
-        chunk last when asked. Raises the job's RequestError if it failed midway."""
-        base = dict(base, created=job.created, model=self.model_name, system_fingerprint=None)
-        if job.params.include_usage:
-            base["usage"] = None
-
-        def chunk(index: int, payload: dict, lp: Any = None, finish: str | None = None) -> dict:
-            return dict(base, choices=[{"index": index, **payload, "logprobs": lp, "finish_reason": finish}])
-
-        for index, payload in opening:
-            yield chunk(index, payload)
-        for ev in job.iter_events():
-            ch = job.choices[ev.choice]
-            lp = logprobs(ch, ev.first_token, ev.last_token) if job.params.logprobs else None
-            if ev.text or (lp and any(lp.values())):
-                yield chunk(ch.index, content(ev.text), lp)
-            if ev.finish:
-                yield chunk(ch.index, finished, None, ev.finish)
-        if job.error is not None:
-            raise job.error
-        if job.params.include_usage:
-            yield dict(base, choices=[], usage=job.usage())
-
-    def chat_chunks(self, job: Job) -> Iterator[dict]:
+    def chat_stream(self, job: Job) -> "Stream":
         """The chat stream's chunks: a role delta per choice, content deltas, a finish chunk per choice."""
-        return self._chunks(job, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk"},
-                            [(ch.index, {"delta": {"role": "assistant", "content": ""}}) for ch in job.choices],
-                            lambda text: {"delta": {"content": text}}, {"delta": {}},
-                            lambda ch, a, b: self.chat_logprobs(job, ch, a, b))
+        return Stream(job, self.model_name, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk"},
+                      [(ch.index, {"delta": {"role": "assistant", "content": ""}}) for ch in job.choices],
+                      lambda text: {"delta": {"content": text}}, {"delta": {}},
+                      lambda ch, a, b: self.chat_logprobs(job, ch, a, b))
 
     # ------------------------------------------------------------------ completions
     def _echo(self, job: Job, ch: Choice) -> str:
@@ -150,9 +123,51 @@ class Formatter:
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": job.created,
                 "model": self.model_name, "system_fingerprint": None, "choices": choices, "usage": job.usage()}
 
-    def completion_chunks(self, job: Job) -> Iterator[dict]:
+    def completion_stream(self, job: Job) -> "Stream":
         """The text stream's chunks: the echoed prompt per choice (echo), text deltas, a finish chunk per choice."""
         opening = [(ch.index, {"text": self._echo(job, ch)}) for ch in job.choices] if job.params.echo else []
-        return self._chunks(job, {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion"}, opening,
-                            lambda text: {"text": text}, {"text": ""},
-                            lambda ch, a, b: self.legacy_logprobs(job, ch, a, b, len(self._echo(job, ch))))
+        return Stream(job, self.model_name, {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion"}, opening,
+                      lambda text: {"text": text}, {"text": ""},
+                      lambda ch, a, b: self.legacy_logprobs(job, ch, a, b, len(self._echo(job, ch))))
+
+
+class Stream:
+    """A stream's chunks, built as its events arrive: :meth:`opening` (index, payload) chunks first, then per
+    event (:meth:`event`) its content (payload ``content(text)``, when there is text or a logprob) and its
+    end (``finished``), then :meth:`closing` (the usage chunk, when asked)."""
+
+    def __init__(self, job: Job, model_name: str, base: dict, opening: list[tuple[int, Any]], content: Any,
+                 finished: Any, logprobs: Any):
+        self.job = job
+        self.base = dict(base, created=job.created, model=model_name, system_fingerprint=None)
+        if job.params.include_usage:
+            self.base["usage"] = None
+        self._opening, self._content, self._finished, self._logprobs = opening, content, finished, logprobs
+
+    def _chunk(self, index: int, payload: dict, lp: Any = None, finish: str | None = None) -> dict:
+        return dict(self.base, choices=[{"index": index, **payload, "logprobs": lp, "finish_reason": finish}])
+
+    def opening(self) -> list[dict]:
+        return [self._chunk(index, payload) for index, payload in self._opening]
+
+    def event(self, ev: Delta) -> list[dict]:
+        ch = self.job.choices[ev.choice]
+        lp = self._logprobs(ch, ev.first_token, ev.last_token) if self.job.params.logprobs else None
+        out = []
+        if ev.text or (lp and any(lp.values())):
+            out.append(self._chunk(ch.index, self._content(ev.text), lp))
+        if ev.finish:
+            out.append(self._chunk(ch.index, self._finished, None, ev.finish))
+        return out
+
+    def closing(self) -> list[dict]:
+        return [dict(self.base, choices=[], usage=self.job.usage())] if self.job.params.include_usage else []
+
+    def chunks(self) -> Iterator[dict]:
+        """All chunks of a job without a listener (its events queue), in order; raises the job's error."""
+        yield from self.opening()
+        for ev in self.job.iter_events():
+            yield from self.event(ev)
+        if self.job.error is not None:
+            raise self.job.error
+        yield from self.closing()
