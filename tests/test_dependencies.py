@@ -1,5 +1,5 @@
 """Dependencies are declared exactly as imported: every third-party import of emajax/ is a runtime dependency
-and every runtime dependency is imported; bench/ and tests/ likewise with their extras (`bench`, `test`).
+and every runtime dependency is imported (an optional feature's imports live in its extra, FEATURE_EXTRAS); bench/ and tests/ likewise with their extras (`bench`, `test`).
 A new import without its declaration (or a declaration nothing imports) fails here. Run as a script to print
 the comparison: `python tests/test_dependencies.py`."""
 
@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 KNOWN = {"yaml": "pyyaml", "orbax": "orbax-checkpoint", "sklearn": "scikit-learn", "PIL": "pillow"}
 # extras that are variants of a runtime dependency, not imports of their own
 VARIANT_EXTRAS = ("cuda", "tpu")
+# extras that are optional features of emajax: imported by emajax (lazily, with a clear error when absent),
+# not runtime dependencies; the test extra carries them too so that the features' tests run
+FEATURE_EXTRAS = ("tfds",)
 # runtime dependencies declared without an import of ours, each with its reason
 NOT_IMPORTED = {
     "jinja2": "transformers renders chat templates with it but does not require it",
@@ -65,12 +68,16 @@ def imported(root: str) -> dict[str, str]:
 def check() -> list[str]:
     dec = declared()
     runtime = imported("emajax")
-    problems = [f"{d} is imported ({f}) but not a runtime dependency" for d, f in runtime.items()
-                if d not in dec["runtime"]]
+    features = set().union(*(dec.get(e, set()) for e in FEATURE_EXTRAS))
+    problems = [f"{d} is imported ({f}) but not a runtime dependency (nor in a feature extra {FEATURE_EXTRAS})"
+                for d, f in runtime.items() if d not in dec["runtime"] | features]
+    problems += [f"{d} is in a feature extra but emajax never imports it" for d in sorted(features - set(runtime))]
     problems += [f"{d} is a runtime dependency that emajax never imports (if it is needed, say why in NOT_IMPORTED)"
                  for d in sorted(dec["runtime"] - set(runtime) - set(NOT_IMPORTED))]
     bench, tests = imported("bench"), imported("tests")
-    for extra, used, also in (("bench", bench, {}), ("test", tests, bench)):  # the tests run bench too
+    feature_use = {d: f for d, f in runtime.items() if d in features}
+    # the tests run bench too, and every feature
+    for extra, used, also in (("bench", bench, {}), ("test", tests, {**bench, **feature_use})):
         need = {d: f for d, f in {**also, **used}.items() if d not in dec["runtime"]}
         problems += [f"{d} is imported ({f}) but not in the {extra!r} extra" for d, f in need.items()
                      if d not in dec.get(extra, set())]
