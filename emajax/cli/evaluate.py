@@ -209,6 +209,7 @@ def _run_probes(args: argparse.Namespace) -> int:
 
 
 def _run_projection(args: argparse.Namespace) -> int:
+    from emajax.persona import PersonaError
     from emajax.eval.projection import (ProjectionError, load_direction, plain_questions, projection_effects,
                                         read_results, run_projection_eval)
     from emajax.serve import load_model_with_adapter
@@ -231,7 +232,7 @@ def _run_projection(args: argparse.Namespace) -> int:
             eff = projection_effects({"control": {0: ref}, "run": {0: res}})["run"]["effect"]
             atomic.write_json(Path(args.out) / "projection_compare.json",
                               {"kind": "projection_comparison", "compare": str(args.compare), "effect": eff})
-    except ProjectionError as e:
+    except (ProjectionError, PersonaError) as e:
         raise CliError(str(e)) from None
     from emajax.eval.report import format_estimate
 

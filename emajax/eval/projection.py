@@ -112,21 +112,15 @@ def score_answers(loaded: Any, records: Sequence[dict], direction: PersonaDirect
 
 
 def read_answers(path: str | os.PathLike) -> list[dict]:
-    """Answer rows: ``question`` and ``answer`` strings, optional ``system``, ``question_id`` (default: the
-    question), ``sample_index``; e.g. a saved ``projection_answers.jsonl`` or ``em_general_answers.jsonl``."""
-    out = []
-    for lineno, r in atomic.jsonl_rows(path, ProjectionError):
-        if not isinstance(r, dict):
-            raise ProjectionError(f"{path}:{lineno}: expected a JSON object")
-        for k in ("question", "answer"):
-            if not isinstance(r.get(k), str):
-                raise ProjectionError(f"{path}:{lineno}: field {k!r} must be a string")
-        if r.get("system") is not None and not isinstance(r["system"], str):
-            raise ProjectionError(f"{path}:{lineno}: field 'system' must be a string or null")
-        out.append({**r, "question_id": str(r.get("question_id", r["question"]))})
-    if not out:
+    """Answer rows (``emajax.persona.read_answers``: ``question`` and ``answer`` strings, optional ``system``)
+    with ``question_id`` (default: the question); e.g. a saved ``projection_answers.jsonl`` or
+    ``em_general_answers.jsonl``."""
+    from emajax.persona import read_answers as read_rows
+
+    rows = read_rows(path)
+    if not rows:
         raise ProjectionError(f"{path}: no answers")
-    return out
+    return [{**r, "question_id": str(r.get("question_id", r["question"]))} for r in rows]
 
 
 def summarize_projections(records: Sequence[dict], *, n_boot: int = 2000, seed: int = 0) -> dict:
