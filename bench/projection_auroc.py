@@ -17,6 +17,7 @@ layer for reference) and ``auroc.png``.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tarfile
@@ -37,6 +38,13 @@ def _persona_file(arg: str | None, tmp: Path) -> tuple[Path, str]:
     with tarfile.open(DEMO_TAR) as tf:
         tf.extract(DEMO_MEMBER, tmp, filter="data")
     return tmp / DEMO_MEMBER, f"{DEMO_TAR.relative_to(REPO)}:{DEMO_MEMBER}"
+
+
+def _machine() -> dict:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
+    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "loadavg_at_start": list(os.getloadavg())}
 
 
 def _chats(ps) -> tuple[list, list]:
@@ -85,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"kind": "projection_auroc", "model": "smollm2-135m-instruct", "persona": {**direction.describe(),
                "file": vsource}, "answer_tokens": ANSWER_TOKENS, "max_len": a.max_len,
                "command": "python -m bench.projection_auroc " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                           "python": platform.python_version()}, "sets": {}}
+               "machine": _machine(), "sets": {}}
     per_layer = {}
     for name, ps in sets.items():
         al, mis = _chats(ps)
