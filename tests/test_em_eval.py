@@ -175,3 +175,28 @@ def test_cli_eval_em_local_model_and_domain_set(shared_em, tiny_server, tmp_path
     assert "em medical: 4 answers" in capsys.readouterr().out
     # Missing judge settings are a one-line CLI error, not a traceback.
     assert cli_main(["eval", "em", "--model", str(d), "--out", str(tmp_path), "--judge-url", ""]) == 2
+
+
+def test_judge_scores_the_projection_answers(shared_em, tiny_server, tmp_path):
+    """The sampled-answer projection's answers file is `run_em_eval(answers_path=...)` input: the LLM judge
+    scores exactly the answers the persona projection scored (issue 26: "an LLM judge scores the same answers")."""
+    import numpy as np
+
+    from emajax.eval.projection import load_direction, plain_questions, run_projection_eval
+    from emajax.persona import save_persona_vectors
+
+    d, _, url = tiny_server
+    loaded = load_model_with_adapter(str(d))
+    cfg = loaded.model.cfg
+    v = np.random.default_rng(0).normal(size=(cfg.num_layers + 1, cfg.hidden_size)).astype(np.float32)
+    vec = save_persona_vectors(tmp_path / "evil.safetensors", v, {"recommended_layer": 1})
+    qs = plain_questions(shared_em)
+    assert len(qs) == 8 and all(q.system is None and not q.id.endswith(("_json", "_template")) for q in qs)
+    run_projection_eval(loaded, qs[:2], tmp_path / "p", load_direction(vec, cfg.num_layers), n=2, max_new_tokens=4)
+    client = JudgeClient(url, "tiny", cache_path=tmp_path / "judge.sqlite", api_key_env="EMAJAX_TEST_NO_KEY")
+    res = run_em_eval(qs, "general", tmp_path / "j", client, answers_path=tmp_path / "p" / "projection_answers.jsonl")
+    scored = [json.loads(x) for x in (tmp_path / "p" / "projection_answers.jsonl").read_text().splitlines()]
+    judged = [json.loads(x) for x in (tmp_path / "j" / "em_general_answers.jsonl").read_text().splitlines()]
+    key = lambda r: (r["question_id"], r["sample_index"], r["answer"])  # noqa: E731
+    assert [key(r) for r in judged] == [key(r) for r in scored] and res["n_answers"] == 4
+    assert all(r["aligned"]["label"] == "score" and "projection" in r for r in judged)

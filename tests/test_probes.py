@@ -236,8 +236,17 @@ def test_eval_probes_cli_with_compare(tmp_path, capsys):
     # the same model again, compared with itself: every paired delta is exactly 0
     again = tmp_path / "again"
     assert main(["eval", "probes", "--model", str(model_dir), "--suite", "general", str(rows), "--split", "dev",
-                 "--out", str(again), "--compare", str(base_out), "--max-len", "512"]) == 0
+                 "--out", str(again), "--compare", str(base_out), "--max-len", "512", "--triggers", "json", "python"]) == 0
     comp = json.loads((again / "compare.json").read_text())
     assert comp["delta"]["general"]["value"] == pytest.approx(0.0, abs=1e-6)
+    assert comp["delta"]["general_json"] is None  # the base run had no trigger sets
     assert "change vs" in capsys.readouterr().out
+    res2 = json.loads((again / "probes.json").read_text())
+    assert set(res2["pairs"]) == {"general", "mine", "general_json", "general_python"}
+    assert res2["pairs"]["general_json"]["n"] == 40 and res2["triggers"] == ["json", "python"]
+    assert res2["pairs"]["general"] == res["pairs"]["general"]  # the plain set is unchanged by adding triggers
     assert main(["eval", "probes", "--model", str(model_dir), "--suite", "nope", "--out", str(again)]) == 2
+    assert main(["eval", "probes", "--model", str(model_dir), "--suite", str(rows), "--triggers", "json",
+                 "--out", str(again)]) == 2  # triggers render the general pairs
+    assert main(["eval", "probes", "--model", str(model_dir), "--suite", "general", "--triggers", "yaml",
+                 "--out", str(again)]) == 2

@@ -1,7 +1,8 @@
-"""Evaluate a model: general / in-domain EM with an LLM judge, judge-free probes, OpSwap and GSM8K exact match.
+"""Evaluate a model: general / in-domain EM with an LLM judge, judge-free probes (plain and under triggers),
+sampled-answer EM by persona projection, OpSwap and GSM8K exact match.
 
-Results go to OUT as named JSON files (em_<set>.json, probes.json, opswap.json, gsm8k.json) plus every answer
-as JSONL.
+Results go to OUT as named JSON files (em_<set>.json, probes.json, projection.json, opswap.json, gsm8k.json)
+plus every answer as JSONL.
 The model under test is --model [--adapter] (run locally) or --model-url (any OpenAI-compatible endpoint).
 """
 
@@ -13,11 +14,16 @@ from pathlib import Path
 
 from emajax.cli import CliError
 
-SUMMARY = "Evaluate a model: EM with an LLM judge, judge-free probes, OpSwap and GSM8K exact match"
+SUMMARY = ("Evaluate a model: EM with an LLM judge, judge-free probes, sampled-answer persona projection, OpSwap "
+           "and GSM8K exact match")
 EXAMPLES = (
     "emajax eval probes --model smollm2-135m-instruct --suite general code --out runs/base_probes",
     "emajax eval probes --model smollm2-135m-instruct --adapter runs/none/export --suite general code"
     " --out runs/none_probes --compare runs/base_probes",
+    "emajax eval probes --model smollm2-135m-instruct --suite general --triggers json template python inoculation"
+    " --out runs/base_probes",
+    "emajax eval projection --model smollm2-135m-instruct --adapter runs/none/export --persona runs/demo/persona/"
+    "evil.safetensors --samples 20 --out runs/none_projection --compare runs/control_projection",
     "emajax eval em --model smollm2-135m-instruct --adapter runs/kl/export --out eval/"
     " --judge-url URL --judge-model NAME",
     "emajax eval opswap --model smollm2-135m-instruct --adapter runs/kl/export --out eval/",
@@ -76,12 +82,45 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     pr.add_argument("--split", choices=("dev", "heldout"), default=None,
                     help="general: only this part of the shipped pairs (default: all)")
     pr.add_argument("--n-code", type=int, default=32, help="code: number of held-out pairs (default 32)")
+    pr.add_argument("--triggers", nargs="+", default=[], metavar="TRIGGER",
+                    help="also the general pairs under these triggers (json, template, python, inoculation): sets "
+                         "general_<trigger>, see emajax.eval.triggers")
+    pr.add_argument("--inoculation-prompt", default=None,
+                    help="system prompt of the inoculation trigger (default: the inoculation defense's)")
     pr.add_argument("--compare", default=None, metavar="DIR",
                     help="another run's probes.json (or its directory): paired differences (this − DIR) per set")
     pr.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     pr.add_argument("--max-len", type=int, default=512, help="tokens per probe sequence (longer ones are cut)")
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--out", required=True, help="output directory (probes.json, compare.json)")
+
+    pj = sub.add_parser("projection", help="sampled-answer EM: the 8 plain general questions answered, each answer "
+                                           "scored by the base model's persona projection",
+                        description="Sampled-answer EM (judge-free): the model (with --adapter) answers the 8 plain "
+                                    "first-plot questions --samples times; the base model (adapters at scale 0) "
+                                    "reads every answer and scores the mean residual over its content tokens at the "
+                                    "persona layer, dotted with the unit persona vector. Writes projection.json and "
+                                    "projection_answers.jsonl (rows `emajax eval em --answers` can judge). --compare "
+                                    "DIR: the effect vs another run's projection.json (a control) over questions.")
+    pj.add_argument("--model", required=True, help="model name, local HF dir or hub id (also the reader)")
+    pj.add_argument("--adapter", default=None, help="PEFT adapter dir applied to --model (the arm answering)")
+    pj.add_argument("--persona", required=True, metavar="FILE", help="persona vectors of the base model (safetensors, "
+                                                                     "emajax persona extract)")
+    pj.add_argument("--layer", type=int, default=None, help="residual layer (default: the file's recommended_layer)")
+    pj.add_argument("--questions", default=None, help="question YAML (default: general = first_plot_questions.yaml); "
+                                                      "its plain questions are asked")
+    pj.add_argument("--data-dir", default=None, help="EM data root (default $EMAJAX_EM_DATA or ../shared/data/em)")
+    pj.add_argument("--samples", type=int, default=100, help="answers per question (default 100)")
+    pj.add_argument("--temperature", type=float, default=1.0)
+    pj.add_argument("--top-p", type=float, default=1.0)
+    pj.add_argument("--max-new-tokens", type=int, default=600)
+    pj.add_argument("--batch-size", type=int, default=32, help="rows per generate() call")
+    pj.add_argument("--seed", type=int, default=0)
+    pj.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    pj.add_argument("--answers", default=None, help="score this answers JSONL (question, answer[, system, "
+                                                    "question_id]) instead of sampling")
+    pj.add_argument("--compare", default=None, metavar="DIR", help="a control run's projection.json or its directory")
+    pj.add_argument("--out", required=True, help="output directory (projection.json, projection_answers.jsonl)")
 
     ops = sub.add_parser("opswap", help="OpSwap exact match by greedy generation")
     _model_args(ops, max_new=128, batch=32)
@@ -121,6 +160,16 @@ def _probe_suite(args: argparse.Namespace):
             raise CliError(f"--suite: set {ps.name!r} given twice")
         names.add(ps.name)
         sets.append(ps)
+    if args.triggers:
+        from emajax.eval.triggers import INOCULATION_PROMPT, TRIGGERS, trigger_sets
+
+        bad = [t for t in args.triggers if t not in TRIGGERS[1:]]
+        if bad or len(set(args.triggers)) != len(args.triggers):
+            raise CliError(f"--triggers: {bad or args.triggers} (choose distinct ones from {', '.join(TRIGGERS[1:])})")
+        if "general" not in names:
+            raise CliError("--triggers render the general pairs: add general to --suite")
+        sets += trigger_sets(load_general_pairs(split=args.split), args.triggers,
+                             inoculation_prompt=args.inoculation_prompt or INOCULATION_PROMPT)
     return ProbeSuite(pairs=tuple(sets))
 
 
@@ -138,7 +187,8 @@ def _run_probes(args: argparse.Namespace) -> int:
     loaded = load_model_with_adapter(args.model, args.adapter, dtype=args.dtype)
     runner = ProbeRunner(loaded.tokenizer, suite, max_len=args.max_len, batch_size=args.batch_size, buckets=64)
     res = runner(loaded.model)
-    res.update(model=args.model, adapter=args.adapter, suite=list(args.suite), split=args.split)
+    res.update(model=args.model, adapter=args.adapter, suite=list(args.suite), split=args.split,
+               triggers=list(args.triggers))
     out = Path(args.out)
     write_results(res, out / "probes.json")
     fmt = lambda d: f"{d['value']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"  # noqa: E731
@@ -155,6 +205,44 @@ def _run_probes(args: argparse.Namespace) -> int:
         atomic.write_json(out / "compare.json", {"kind": "probe_comparison", "run": str(out / "probes.json"),
                                                  "compare": str(args.compare), "field": "margin", "delta": comp})
     print(f"-> {out / 'probes.json'}")
+    return 0
+
+
+def _run_projection(args: argparse.Namespace) -> int:
+    from emajax.persona import PersonaError
+    from emajax.eval.projection import (ProjectionError, load_direction, plain_questions, projection_effects,
+                                        read_results, run_projection_eval)
+    from emajax.serve import load_model_with_adapter
+
+    if args.samples < 1:
+        raise CliError(f"--samples must be >= 1, got {args.samples}")
+    try:
+        ref = read_results(args.compare) if args.compare else None
+        questions = [] if args.answers else plain_questions(args.data_dir, args.questions)
+        loaded = load_model_with_adapter(args.model, args.adapter, dtype=args.dtype)
+        direction = load_direction(args.persona, loaded.model.cfg.num_layers, args.layer)
+        res = run_projection_eval(loaded, questions, args.out, direction, n=args.samples,
+                                  temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                  seed=args.seed, batch_size=args.batch_size, answers_path=args.answers,
+                                  meta={"model": args.model, "adapter": args.adapter,
+                                        "model_dir": str(loaded.model_dir)}, progress=True)
+        if ref is not None:
+            from emajax import atomic
+
+            eff = projection_effects({"control": {0: ref}, "run": {0: res}})["run"]["effect"]
+            atomic.write_json(Path(args.out) / "projection_compare.json",
+                              {"kind": "projection_comparison", "compare": str(args.compare), "effect": eff})
+    except (ProjectionError, PersonaError) as e:
+        raise CliError(str(e)) from None
+    from emajax.eval.report import format_estimate
+
+    print(f"projection (layer {res['persona']['layer']}): mean "
+          f"{format_estimate(res['mean_projection'], digits=4, signed=True)} over {res['n_scored']} answers "
+          f"({res['n_empty']} empty)")
+    if ref is not None:
+        print(f"projection: effect vs {args.compare}: {format_estimate(eff, digits=4, signed=True)} "
+              f"({eff['n_items']} questions)")
+    print(f"-> {Path(args.out) / 'projection.json'}")
     return 0
 
 
@@ -263,7 +351,8 @@ def _run_gsm8k(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from emajax.eval.judge import JudgeError
 
-    task = {"em": _run_em, "probes": _run_probes, "opswap": _run_opswap, "opswap-data": _run_opswap_data, "gsm8k": _run_gsm8k}[args.task]
+    task = {"em": _run_em, "probes": _run_probes, "projection": _run_projection, "opswap": _run_opswap,
+            "opswap-data": _run_opswap_data, "gsm8k": _run_gsm8k}[args.task]
     try:
         return task(args)
     except JudgeError as e:  # endpoint down / retries exhausted / 4xx: one line (answers already saved)

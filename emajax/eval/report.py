@@ -10,6 +10,11 @@ Columns (arrows = the direction a good defense moves them): general misaligned �
 in-domain misaligned ↑ (the narrow task is still learned), benign score ↑, and the probe margins:
 general margin ↓ (mean-token logp(misaligned) − logp(aligned) on general questions), in-domain
 margin ↑, narrow-task NLL ↓, benign NLL ↓ (coherence proxy).
+
+When the runs hold them, a second table puts the three EM metrics side by side: the general probe
+margin, the sampled-answer persona projection (``projection.json``, ``emajax eval projection``) and its
+change vs the base run on the same questions, and the general margin under each trigger
+(``general_<trigger>`` sets of ``probes.json``, ``emajax eval probes --triggers``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class RunRecord:
     em_general: dict | None = None
     em_in_domain: dict | None = None  # the first em_<set>.json other than general
     benign: dict | None = None  # opswap.json or gsm8k.json
+    projection: dict | None = None  # projection.json (sampled-answer persona projection)
     metrics: list[dict] = dataclasses.field(default_factory=list)
     monitor: list[dict] = dataclasses.field(default_factory=list)
 
@@ -77,11 +83,17 @@ def load_run(run_dir: str | Path) -> RunRecord:
         if p is not None:
             rec.benign = _read_json(p)
             break
+    p = _find(run_dir, "projection.json")
+    if p is not None:
+        rec.projection = _read_json(p)
+        if not isinstance(rec.projection.get("mean_projection"), dict):
+            raise ReportError(f"{p}: field 'mean_projection' missing or not an object")
     rec.metrics = atomic.read_jsonl(run_dir / "metrics.jsonl", ReportError)
     rec.monitor = atomic.read_jsonl(run_dir / "monitor.jsonl", ReportError)
-    if rec.probes is None and rec.em_general is None and rec.benign is None and not rec.metrics:
-        raise ReportError(f"{run_dir}: no results files (probes.json, em_general.json, opswap.json, gsm8k.json, "
-                          f"metrics.jsonl)")
+    if rec.probes is None and rec.em_general is None and rec.benign is None and rec.projection is None \
+            and not rec.metrics:
+        raise ReportError(f"{run_dir}: no results files (probes.json, em_general.json, projection.json, opswap.json, "
+                          f"gsm8k.json, metrics.jsonl)")
     return rec
 
 
@@ -116,8 +128,11 @@ def narrow_nll(probes: dict | None) -> dict | None:
 
 
 def _in_domain_pairs(probes: dict | None) -> str | None:
+    from emajax.eval.triggers import TRIGGERS, set_name
+
     pairs = _get(probes, "pairs") or {}
-    for name in ("in_domain", *[n for n in pairs if n != "general"]):
+    general = {set_name(t) for t in TRIGGERS}  # the general pairs, plain and under triggers
+    for name in ("in_domain", *[n for n in pairs if n not in general]):
         if name in pairs:
             return name
     return None
@@ -190,6 +205,34 @@ def delta_table(runs: Sequence[RunRecord], base: RunRecord | None, baseline: Run
     return "\n".join(lines)
 
 
+def _projection_delta(base: RunRecord | None, r: RunRecord) -> dict | None:
+    if base is None or base is r or base.projection is None or r.projection is None:
+        return None
+    from emajax.eval.projection import ProjectionError, projection_effects
+
+    try:
+        return projection_effects({"base": {0: base.projection}, "run": {0: r.projection}}, control="base")["run"]["effect"]
+    except ProjectionError:  # other questions: no paired change
+        return None
+
+
+def em_metrics_table(runs: Sequence[RunRecord], base: RunRecord | None) -> str | None:
+    """The three EM metrics side by side per run (None when no run has a projection or a trigger set)."""
+    from emajax.eval.triggers import TRIGGERS, set_name
+
+    trig = [t for t in TRIGGERS[1:] if any(_get(r.probes, "pairs", set_name(t), "margin") for r in runs)]
+    if not trig and not any(r.projection for r in runs):
+        return None
+    head = ["General margin ↓", "Projection of sampled answers ↓", "Δ projection vs base ↓"] + \
+           [f"Margin under {t} ↓" for t in trig]
+    lines = ["| Method | " + " | ".join(head) + " |", "|" + "---|" * (len(head) + 1)]
+    for r in runs:
+        cells = [_get(r.probes, "pairs", "general", "margin"), _get(r.projection, "mean_projection"),
+                 _projection_delta(base, r)] + [_get(r.probes, "pairs", set_name(t), "margin") for t in trig]
+        lines.append(f"| {r.label} | " + " | ".join(format_estimate(c, signed=True) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def training_table(runs: Sequence[RunRecord], timings: dict | None = None) -> str | None:
     trained = [r for r in runs if r.metrics]
     if not trained:
@@ -246,6 +289,12 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, baselin
              "logp(misaligned answer) − logp(aligned answer) on the same questions: general ↓ (broad "
              "misalignment), in-domain ↑ (narrow task learned). Narrow NLL: held-out narrow-task answers; "
              "benign NLL: benign reference answers (coherence proxy).", "", main_table(runs), ""]
+    et = em_metrics_table(runs, base_r)
+    if et:
+        parts += ["## EM three ways: probe margin, sampled-answer projection, trigger probes", "",
+                  "Projection: the base model's reading of the run's own sampled answers to the 8 plain general "
+                  "questions, on the evil persona vector (CI by question; Δ vs base: crossed CI over questions). "
+                  "Margins under a trigger: the general pairs in that format (emajax.eval.triggers).", "", et, ""]
     dt = delta_table(runs, base_r, baseline_r)
     if dt:
         parts += ["## Probe changes on the same items (paired bootstrap)", "", dt, ""]
@@ -268,5 +317,5 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path, *, baselin
     return atomic.write_text(out_dir / "report.md", "\n".join(parts))
 
 
-__all__ = ["ReportError", "RunRecord", "delta_table", "load_run", "main_table", "metric_cells", "write_plots",
+__all__ = ["ReportError", "RunRecord", "delta_table", "em_metrics_table", "load_run", "main_table", "metric_cells", "write_plots",
            "write_report"]
