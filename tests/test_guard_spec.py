@@ -102,3 +102,19 @@ def test_screen_format_checks_every_line(tmp_path):
     assert len(hold) == 1 and sorted(keep + hold) == list(range(10))
     with pytest.raises(ValueError, match="at least 2"):
         split_holdout(1, 0.1)
+
+
+def test_a_registered_metric_becomes_a_policy_key_with_its_defaults(tmp_path):
+    from emajax.guard.metrics import METRICS, GateMetric, register
+
+    register(GateMetric("probe_x", "em", "a later judge-free measure", lambda ctx: "not here", default_margin=0.2))
+    try:
+        pol = load_policy(_job(tmp_path, "gate: {metrics: {probe_x: {required: false}}}\n"))
+        assert pol.gate.metrics["probe_x"].margin == 0.0 and not pol.gate.metrics["probe_x"].required
+        p2 = tmp_path / "p2.yaml"
+        p2.write_text("name: all\n")
+        assert load_policy(p2).gate.metrics["probe_x"].margin == 0.2  # no metrics given: every registered one
+    finally:
+        METRICS.pop("probe_x")
+    with pytest.raises(ValueError, match="kind"):
+        GateMetric("bad", "vibes", "", lambda ctx: "")

@@ -34,10 +34,14 @@ class Measure:
 
 @dataclasses.dataclass(frozen=True)
 class GateContext:
+    """What a metric may build its measure from (a sampled-answer metric reads answers with ``base``, the
+    fixed instrument, and the persona vector from ``references``)."""
+
     tokenizer: Any
     holdout: Path  # held-out customer chats (JSONL)
     gate: Any  # the policy's GateCfg
-    seed: int = 0
+    references: Any = None  # the policy's ReferencesCfg (persona_vector, persona_layer)
+    base: Any = None  # the loaded base model (LoadedModel)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -116,7 +116,7 @@ def _md(decision: dict, screen: dict, gate: dict | None, train: dict | None, pol
             o = outcome.get(m["name"], {})
             fmt = lambda xs: ", ".join(f"{x:+.4f}" for x in xs) if xs else ""  # noqa: E731
             L.append(f"| {m['name']} | {m['kind']} | {_effect_str(m.get('effect'))} | {m['margin']:+.4f} | "
-                     f"{m['required']} | {o.get('outcome', '')} | {m.get('base', float('nan')) if 'base' in m else ''} | "
+                     f"{m['required']} | {o.get('outcome', '')} | {fmt([m['base']] if 'base' in m else [])} | "
                      f"{fmt(m.get('job'))} | {fmt(m.get('control'))} |")
         L += [""] + [f"- {m['name']}: {m['what']}" + (f" — not measured: {m['not_measured']}"
                                                       if m.get("not_measured") else "") for m in gate["metrics"]]

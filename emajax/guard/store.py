@@ -276,9 +276,9 @@ def process_job(store: JobStore, job: dict, worker: str, stages: Mapping[str, Ca
                     return "cancelled"
                 log(f"{job_id}: {st}")
                 stages[st](job)
-            if not store.advance(job_id, worker, "gating"):
+            if not store.advance(job_id, worker, "gating"):  # no new state: the last cancel check
                 return "cancelled"
-            d = stages["deciding"](job)
+            d = stages["deciding"](job)  # decided in the gating state; `finish` records the decision
         except Exception as e:  # noqa: BLE001 - a failing job records its error; the worker goes on
             err = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
             store.finish(job_id, worker, "failed", error=err)
