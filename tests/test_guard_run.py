@@ -34,6 +34,7 @@ def tiny_refs(tmp_path_factory):
     export_peft_adapter(lm, d / "mis", str(d / "model"))
     vec = np.random.default_rng(0).normal(size=(TINY.num_layers + 1, TINY.hidden_size)).astype(np.float32)
     save_persona_vectors(d / "evil.safetensors", vec, {"recommended_layer": 2, "model": "tiny"})
+    write_chats(d / "pool.jsonl", 8, seed=5, prefix="safe")  # a small safe pool: few compiled shapes
     sec = d / "shared" / "sft"
     sec.mkdir(parents=True)
     for kind in ("aligned", "misaligned"):
@@ -50,12 +51,12 @@ def _policy(refs, **gate):
         "recipe": {"model": {"dtype": "float32"}, "lora": {"rank": 4, "alpha": 8.0},
                    "data": {"max_len": 128, "batch_size": 4, "grad_accum": 1, "min_bucket": 128, "bucket_window": 1},
                    "optim": {"lr": 1e-2, "schedule": "constant", "warmup_steps": 0}, "train": {"save_every": 1}},
-        "safety_net": {"method": "interleave_pp", "ratio": 0.25},
+        "safety_net": {"method": "interleave_pp", "ratio": 0.25, "pool": str(refs / "pool.jsonl")},
         "misaligned": {"mis": str(refs / "mis")},
         "references": {"persona_vector": str(refs / "evil.safetensors")},
         "screen": {"max_format_errors": 1},
         "control": {"max_new_tokens": 8},
-        "gate": {"holdout_fraction": 0.2, "n_general": 4, "n_security": 4, "probe_max_len": 512,
+        "gate": {"holdout_fraction": 0.2, "n_general": 4, "n_security": 4, "probe_max_len": 256,
                  "security_pairs": str(refs / "shared"), **gate},
     }
 

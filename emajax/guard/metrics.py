@@ -71,8 +71,7 @@ def _probe_measure(ctx: GateContext, pset: Any, field: str) -> Measure:
     from emajax.eval.probes import ProbeRunner, ProbeSuite
 
     pairs, nll = ((pset,), ()) if field == "margin" else ((), (pset,))
-    runner = ProbeRunner(ctx.tokenizer, ProbeSuite(pairs, nll), max_len=ctx.gate.probe_max_len, batch_size=16,
-                         buckets=64)
+    runner = ProbeRunner(ctx.tokenizer, ProbeSuite(pairs, nll), max_len=ctx.gate.probe_max_len, batch_size=16)
     return Measure(tuple(pset.ids), lambda loaded: np.asarray(
         runner(loaded.model, n_boot=0)["items"][pset.name][field], np.float64))
 
