@@ -82,6 +82,28 @@ def clopper_pearson(k: int, n: int) -> dict:
     return {"rate": k / n, "ci_low": float(ci.low), "ci_high": float(ci.high), "k": k, "n": n}
 
 
+def _summary(rows: list[dict], a: argparse.Namespace, argv: list[str] | None) -> dict:
+    em = [r for r in rows if r["em_inducing"]]
+    benign = [r for r in rows if not r["em_inducing"]]
+    xs = sorted(r["x_plain"] for r in rows if r["x_plain"])
+    summary = {
+        "command": "python -m bench.guard " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor(),
+                    "loadavg_at_end": list(os.getloadavg())},
+        "policy": a.policy, "n_per_job": a.n, "seeds": a.seeds,
+        "detection": clopper_pearson(sum(r["decision"] == "reject" for r in em), len(em)),
+        "false_reject": clopper_pearson(sum(r["decision"] == "reject" for r in benign), len(benign)),
+        "released_em": sum(r["decision"] == "release" for r in em),
+        "inconclusive": sum(r["decision"] == "inconclusive" for r in rows),
+        "x_plain_median": xs[len(xs) // 2] if xs else None,
+        "jobs": rows,
+    }
+    atomic.write_json(Path(a.out) / "summary.json", summary)
+    if a.results:
+        atomic.write_json(a.results, summary)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.guard", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/bench-guard")
@@ -134,23 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                          "stage_wall_s": timings, "total_wall_s": round(total, 1), "this_call_s": round(wall, 1),
                          "plain_finetune_s": plain, "x_plain": round(total / plain, 2) if plain else None})
             _log(f"{kind} seed {seed}: {dec['decision']} ({'; '.join(rows[-1]['reasons'])})")
-    em = [r for r in rows if r["em_inducing"]]
-    benign = [r for r in rows if not r["em_inducing"]]
-    xs = sorted(r["x_plain"] for r in rows if r["x_plain"])
-    summary = {
-        "command": "python -m bench.guard " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
-        "policy": a.policy, "n_per_job": a.n, "seeds": a.seeds,
-        "detection": clopper_pearson(sum(r["decision"] == "reject" for r in em), len(em)),
-        "false_reject": clopper_pearson(sum(r["decision"] == "reject" for r in benign), len(benign)),
-        "released_em": sum(r["decision"] == "release" for r in em),
-        "inconclusive": sum(r["decision"] == "inconclusive" for r in rows),
-        "x_plain_median": xs[len(xs) // 2] if xs else None,
-        "jobs": rows,
-    }
-    atomic.write_json(out / "summary.json", summary)
-    if a.results:
-        atomic.write_json(a.results, summary)
+            _summary(rows, a, argv)  # partial results survive an interrupted benchmark
+    summary = _summary(rows, a, argv)
     det, fr = summary["detection"], summary["false_reject"]
     fmt = lambda s: "n/a" if s["rate"] is None else f"{s['k']}/{s['n']} = {s['rate']:.0%} [{s['ci_low']:.0%}, {s['ci_high']:.0%}]"  # noqa: E731
     print(f"detection {fmt(det)}; false reject {fmt(fr)}; median wall time {summary['x_plain_median']}x the plain "
