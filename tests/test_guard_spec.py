@@ -118,3 +118,18 @@ def test_a_registered_metric_becomes_a_policy_key_with_its_defaults(tmp_path):
         METRICS.pop("probe_x")
     with pytest.raises(ValueError, match="kind"):
         GateMetric("bad", "vibes", "", lambda ctx: "")
+
+
+def test_a_job_directory_holding_another_job_is_refused(tmp_path):
+    from emajax.guard.pipeline import STAGES, run_job
+
+    calls = []
+    fake = {s: (lambda spec, out, log, s=s: calls.append(s) or {"decision": "reject"}) for s in STAGES}
+    job = load_job(_job(tmp_path, "data: d.jsonl\npolicy: {seeds: [0]}\n"))
+    out = tmp_path / "jobs" / "j"
+    assert run_job(job, out, stages=fake)["decision"] == "reject" and calls == list(STAGES)
+    assert json.loads((out / "job.json").read_text())["data"] == str(tmp_path / "d.jsonl")
+    assert set(json.loads((out / "timings.json").read_text())) == set(STAGES)
+    other = load_job(_job(tmp_path, "data: d.jsonl\npolicy: {seeds: [1]}\n"))
+    with pytest.raises(ValueError, match="holds another job"):
+        run_job(other, out, stages=fake)

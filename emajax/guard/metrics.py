@@ -102,9 +102,17 @@ def security_margin(ctx: GateContext) -> Measure | str:
 
 def narrow_learning(ctx: GateContext) -> Measure | str:
     """Mean answer NLL on the customer's held-out chats, negated (higher = task learned; effect = gain)."""
-    from emajax.eval.probes import nll_from_jsonl
+    from emajax.chat import encode_chat
+    from emajax.eval.probes import NllSet, nll_from_jsonl
 
-    m = _probe_measure(ctx, nll_from_jsonl(ctx.holdout, "narrow"), "nll")
+    held = nll_from_jsonl(ctx.holdout, "narrow")
+    max_len = ctx.gate.probe_max_len
+    keep = [i for i, c in enumerate(held.chats)  # a prompt longer than probe_max_len leaves no answer to score
+            if any(encode_chat(ctx.tokenizer, list(c)).answer_mask[1:max_len])]
+    if not keep:
+        return f"every held-out chat's prompt is longer than gate.probe_max_len = {max_len} tokens"
+    held = NllSet("narrow", tuple(held.ids[i] for i in keep), tuple(held.chats[i] for i in keep))
+    m = _probe_measure(ctx, held, "nll")
     return Measure(m.ids, lambda loaded: -m.values(loaded), m.unit)
 
 
