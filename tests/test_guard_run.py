@@ -104,7 +104,8 @@ def test_guard_run_end_to_end_on_a_tiny_model(tiny_refs, tmp_path, capsys):
 
     assert sha256_dir(out / "release") == p["adapter_sha256"]
     md = (out / "report.md").read_text()
-    assert "RELEASE" in md and "on_inconclusive" in md and "| 11 |" in md  # the flagged bad line
+    assert "RELEASE" in md and "gate.on_inconclusive = inconclusive" in md and "| 11 |" in md  # the flagged line
+    assert "security (em, margin +1000.0000, required)" in md
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "<table>" in page and "src=\"http" not in page
 

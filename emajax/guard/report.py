@@ -85,7 +85,9 @@ def effects_png(metrics: list[dict]) -> bytes | None:
 
 
 def _md(decision: dict, screen: dict, gate: dict | None, train: dict | None, policy_yaml: str, shown: int,
-        flagged: list[dict]) -> str:
+        flagged: list[dict], rules: dict, on_inconclusive: str) -> str:
+    from emajax.guard.metrics import METRICS
+
     L = [f"# Guard decision: **{decision['decision'].upper()}** — job `{decision['job']}`", ""]
     L += ["## Reasons", ""] + [f"- `{r['source']}` ({r['outcome']}): {r['figure']}" for r in decision["reasons"]] + [""]
     L += ["## Screening", "",
@@ -120,7 +122,11 @@ def _md(decision: dict, screen: dict, gate: dict | None, train: dict | None, pol
                      f"{fmt(m.get('job'))} | {fmt(m.get('control'))} |")
         L += [""] + [f"- {m['name']}: {m['what']}" + (f" — not measured: {m['not_measured']}"
                                                       if m.get("not_measured") else "") for m in gate["metrics"]]
-    L += ["", "## The decision rule (the policy as written)", "", "```yaml", policy_yaml.rstrip(), "```", "",
+    L += ["", "## The decision rule", "", "In effect (defaults filled in): " + "; ".join(
+        f"{n} ({METRICS[n].kind if n in METRICS else '?'}, margin {r.margin:+.4f}, "
+        f"{'required' if r.required else 'optional'})" for n, r in rules.items()) +
+          f"; gate.on_inconclusive = {on_inconclusive}.", "", "The policy as written:", "",
+          "```yaml", policy_yaml.rstrip(), "```", "",
           "em metrics pass when the effect's upper 95 % bound <= margin and fail when the lower bound > margin; "
           "learning metrics pass when the lower bound > margin and fail when the upper bound <= margin; anything "
           "else is inconclusive. A failing required metric rejects; all required passing releases; otherwise "
@@ -199,7 +205,8 @@ def write_decision(spec: Any, out: Path, d: dict, screen: dict, gate: dict | Non
     elif release.exists():  # a stale release from an earlier decision of this directory must not survive
         shutil.rmtree(release)
     flagged = atomic.read_jsonl(out / "screen" / "flagged.jsonl") if (out / "screen" / "flagged.jsonl").is_file() else []
-    md = _md(decision, screen, gate, train, policy_text(spec.policy), spec.policy.screen.show, flagged)
+    md = _md(decision, screen, gate, train, policy_text(spec.policy), spec.policy.screen.show, flagged,
+             spec.policy.gate.metrics, spec.policy.gate.on_inconclusive)
     atomic.write_text(out / "report.md", md)
     atomic.write_text(out / "report.html", _html(md, effects_png(gate["metrics"]) if gate else None))
     atomic.write_json(out / "decision.json", decision)
