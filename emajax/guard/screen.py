@@ -140,6 +140,23 @@ def gap_scores(loaded: Any, misaligned: dict[str, str], valid_path: Path, pool_p
     return res[0], res[1]
 
 
+def _flag_check(lines: list[int], values: np.ndarray, reference: np.ndarray, q: float, max_share: float,
+                upper: bool, field: str, label: str, reject_text: str, flags: dict, extra: dict,
+                reject: list[str]) -> dict:
+    """Flag the rows whose value lies beyond the reference's q-quantile (above when ``upper``), note each value in
+    ``extra`` and each flag's reason in ``flags``; reject when the flagged share exceeds ``max_share``."""
+    hits, thr = quantile_flags(values, reference, q, upper=upper)
+    share = float(np.mean(hits)) if hits.size else 0.0
+    for line, v, hit in zip(lines, values, hits):
+        extra.setdefault(line, {})[field] = float(v)
+        if hit:
+            flags.setdefault(line, []).append(f"{label} {v:.3f} {'>' if upper else '<'} {thr:.3f} (pool q{q})")
+    if share > max_share:
+        reject.append(reject_text.format(share=f"{share:.1%}", q=q, max=f"{max_share:.1%}"))
+    return {"threshold": thr, "quantile": q, "flagged_share": share, "mean": float(np.nanmean(values)),
+            "pool_mean": float(np.nanmean(reference)), "values": np.asarray(values, np.float64).tolist()}
+
+
 def screen(data: str | Path, policy: Any, out: str | Path, *, loaded: Callable[[], Any], pool_path: str,
            log: Log = lambda m: None) -> dict:
     """Screen ``data`` under ``policy`` into ``out`` (``screen/``); ``loaded()`` gives the base model when a
@@ -186,38 +203,24 @@ def screen(data: str | Path, policy: Any, out: str | Path, *, loaded: Callable[[
     extra: dict[int, dict] = {}
     chats = [m for _, m in unique]
     pool = read_jsonl(pool_path)
+    lines = [line for line, _ in unique]
     if unique and policy.references.persona_vector:
         log("screen: persona projections (base model)")
         p_data, p_pool, layer = persona_scores(loaded(), policy.references.persona_vector,
                                                policy.references.persona_layer, chats, pool)
-        f, thr = quantile_flags(p_data, p_pool, cfg.persona_quantile, upper=True)
-        share = float(f.mean())
-        res["persona"] = {"layer": layer, "threshold": thr, "quantile": cfg.persona_quantile, "flagged_share": share,
-                          "mean": float(p_data.mean()), "pool_mean": float(p_pool.mean()), "values": p_data.tolist()}
-        for (line, _), v, hit in zip(unique, p_data, f):
-            extra.setdefault(line, {})["persona_projection"] = float(v)
-            if hit:
-                flags.setdefault(line, []).append(f"persona projection {v:.3f} > {thr:.3f} (pool q{cfg.persona_quantile})")
-        if share > cfg.max_persona_share:
-            reject.append(f"persona: {share:.1%} of answers project above the safe pool's q{cfg.persona_quantile} "
-                          f"on the evil persona vector (max {cfg.max_persona_share:.1%})")
+        res["persona"] = {"layer": layer, **_flag_check(
+            lines, p_data, p_pool, cfg.persona_quantile, cfg.max_persona_share, True, "persona_projection",
+            "persona projection", "persona: {share} of answers project above the safe pool's q{q} on the evil persona "
+            "vector (max {max})", flags, extra, reject)}
     else:
         res["persona"] = None
     if unique and policy.misaligned:
         log(f"screen: perplexity gap vs {len(policy.misaligned)} misaligned reference adapter(s)")
         g_data, g_pool = gap_scores(loaded(), policy.misaligned, valid_path, pool_path, out)
-        f, thr = quantile_flags(g_data, g_pool, cfg.gap_quantile, upper=False)
-        share = float(np.nanmean(f)) if f.size else 0.0
-        res["gap"] = {"threshold": thr, "quantile": cfg.gap_quantile, "flagged_share": share,
-                      "mean": float(np.nanmean(g_data)), "pool_mean": float(np.nanmean(g_pool)),
-                      "adapters": sorted(policy.misaligned), "values": g_data.tolist()}
-        for (line, _), v, hit in zip(unique, g_data, f):
-            extra.setdefault(line, {})["gap_score"] = float(v)
-            if hit:
-                flags.setdefault(line, []).append(f"Interleaving++ score {v:.3f} < {thr:.3f} (pool q{cfg.gap_quantile})")
-        if share > cfg.max_gap_share:
-            reject.append(f"gap: {share:.1%} of answers are likelier under the misaligned references than the safe "
-                          f"pool's q{cfg.gap_quantile} (max {cfg.max_gap_share:.1%})")
+        res["gap"] = {"adapters": sorted(policy.misaligned), **_flag_check(
+            lines, g_data, g_pool, cfg.gap_quantile, cfg.max_gap_share, False, "gap_score", "Interleaving++ score",
+            "gap: {share} of answers are likelier under the misaligned references than the safe pool's q{q} "
+            "(max {max})", flags, extra, reject)}
     else:
         res["gap"] = None
     if len(unique) >= 2:
