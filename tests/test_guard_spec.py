@@ -25,7 +25,8 @@ def _job(tmp_path, text, data=True):
 
 def test_the_default_policy_and_a_minimal_job_load(tmp_path):
     pol = load_policy(REPO / "configs/guard/default.yaml")
-    assert pol.safety_net.method == "interleave_pp" and set(pol.gate.metrics) == {"general", "security", "narrow"}
+    assert pol.safety_net.method == "interleave_pp" and set(pol.gate.metrics) == {"general", "security", "narrow", "judge"}
+    assert not pol.gate.metrics["judge"].required and pol.gate.judge_url is None
     job = load_job(_job(tmp_path, f"data: d.jsonl\npolicy: {REPO / 'configs/guard/default.yaml'}\nseeds: [4]\n"))
     assert job.id == "job" and job.policy.seeds == [4] and job.data == str(tmp_path / "d.jsonl")
     assert job.model == "smollm2-135m-instruct"

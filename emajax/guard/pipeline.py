@@ -216,11 +216,16 @@ def stage_gate(spec: JobSpec, out: Path, log: Log = _quiet) -> dict | None:
         if not isinstance(meas, Measure):
             rows.append({**row, "effect": None, "not_measured": meas})
             continue
-        job = np.array([per[f"{s}/job"][name] for s in spec.policy.seeds])
-        ctl = np.array([per[f"{s}/control"][name] for s in spec.policy.seeds])
-        rows.append({**row, "unit": meas.unit, "effect": pooled_mean(job - ctl), "n_items": len(meas.ids),
-                     "base": float(np.mean(base_vals[name])), "job": job.mean(1).tolist(),
-                     "control": ctl.mean(1).tolist()})
+        job = np.array([per[f"{s}/job"][name] for s in spec.policy.seeds], np.float64)
+        ctl = np.array([per[f"{s}/control"][name] for s in spec.policy.seeds], np.float64)
+        keep = np.isfinite(job).all(0) & np.isfinite(ctl).all(0)  # items some arm could not be scored on
+        if not keep.any():
+            rows.append({**row, "effect": None, "not_measured": "no item was scored in every arm"})
+            continue
+        job, ctl = job[:, keep], ctl[:, keep]
+        rows.append({**row, "unit": meas.unit, "effect": pooled_mean(job - ctl), "n_items": int(keep.sum()),
+                     "n_items_dropped": int((~keep).sum()), "base": float(np.nanmean(base_vals[name])),
+                     "job": job.mean(1).tolist(), "control": ctl.mean(1).tolist()})
     res = {"method": METHOD, "seeds": spec.policy.seeds, "metrics": rows}
     atomic.write_json(done, res)
     return res

@@ -80,6 +80,11 @@ class GateCfg:
     n_security: int = 100
     n_general: int | None = None  # None = every held-out general pair
     probe_max_len: int = 512
+    judge_url: str | None = None  # an OpenAI-compatible LLM judge; unset = the judge metric is not measured
+    judge_model: str | None = None
+    judge_questions: str = "general"  # the 24 first-plot questions (../shared/data/em/eval), or a YAML path
+    judge_samples: int = 4  # sampled answers per question and arm (temperature 1)
+    judge_max_new_tokens: int = 200
     metrics: dict[str, MetricRule] = dataclasses.field(default_factory=dict)
 
 
