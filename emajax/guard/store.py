@@ -314,14 +314,13 @@ def pipeline_stages(log: Callable[[str], None] = lambda m: None) -> dict[str, Ca
     from emajax.guard import pipeline
     from emajax.guard.spec import job_from_json
 
+    from emajax import atomic
+
     def wrap(fn: Callable) -> Callable[[dict], Any]:
         def run(job: dict) -> Any:
             spec = job_from_json(job["spec"])
             out = Path(job["out"])
-            if fn is pipeline.stage_screen:  # the first stage writes job.json as `guard run` does
-                out.mkdir(parents=True, exist_ok=True)
-                from emajax import atomic
-
+            if not (out / "job.json").is_file():  # as `guard run` writes it
                 atomic.write_json(out / "job.json", spec.to_json())
             return fn(spec, out, log)
         return run
