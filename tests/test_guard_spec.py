@@ -134,3 +134,10 @@ def test_a_job_directory_holding_another_job_is_refused(tmp_path):
     other = load_job(_job(tmp_path, "data: d.jsonl\npolicy: {seeds: [1]}\n"))
     with pytest.raises(ValueError, match="holds another job"):
         run_job(other, out, stages=fake)
+
+
+def test_the_example_job_loads(shared_em):
+    if not (REPO.parent / "shared" / "data" / "em").is_dir():
+        pytest.skip("the example job names ../shared/data/em beside the checkout")
+    job = load_job(REPO / "configs/guard/example-medical.yaml")
+    assert job.id == "example-medical" and job.policy.seeds == [0] and job.policy.name == "default"
