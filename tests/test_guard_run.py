@@ -179,3 +179,22 @@ def test_the_judge_metric_rates_sampled_answers_per_question(tmp_path, monkeypat
         model, tokenizer = tiny_model(lora=None), tiny_tokenizer()
 
     assert m.values(Loaded()).tolist() == [1.0, 0.0]
+
+
+def test_persona_vector_extract_is_cached_per_model(tmp_path, monkeypatch):
+    from emajax import persona
+    from emajax.guard.screen import persona_vector_path
+    from emajax.guard.spec import ReferencesCfg
+
+    monkeypatch.setenv("EMAJAX_CACHE", str(tmp_path / "cache"))
+
+    class Loaded:
+        model, tokenizer = tiny_model(lora=None), tiny_tokenizer()
+
+    refs = ReferencesCfg(persona_vector="extract", persona_questions=2, persona_max_new_tokens=4)
+    path = persona_vector_path(Loaded(), "tiny-a", refs)
+    vec, meta = persona.load_vectors_array(path, TINY.num_layers)
+    assert vec.shape == (TINY.num_layers + 1, TINY.hidden_size) and meta["model"] == "tiny-a"
+    monkeypatch.setattr(persona, "generate_answers", lambda *a, **k: pytest.fail("extracted twice"))
+    assert persona_vector_path(Loaded(), "tiny-a", refs) == path
+    assert persona_vector_path(None, "x", ReferencesCfg(persona_vector="/a/b.safetensors")) == "/a/b.safetensors"

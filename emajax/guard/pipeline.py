@@ -78,7 +78,8 @@ def screened(out: Path) -> dict:
 def stage_screen(spec: JobSpec, out: Path, log: Log = _quiet) -> dict:
     from emajax.guard.screen import screen
 
-    res = screen(spec.data, spec.policy, out / "screen", loaded=_Lazy(spec), pool_path=pool_path(spec), log=log)
+    res = screen(spec.data, spec.policy, out / "screen", loaded=_Lazy(spec), pool_path=pool_path(spec),
+                 model=spec.model, log=log)
     log(f"screen: {res['n_valid']}/{res['n_lines']} valid rows, {res['n_flagged']} flagged"
         + (f"; rejected: {'; '.join(res['reject'])}" if res["reject"] else ""))
     return res

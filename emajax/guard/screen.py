@@ -5,8 +5,8 @@ the policy rejects it here.
   {role, content} strings ending with an assistant answer; each error names file:line:field.
 * **duplicates** — conversations equal up to case and whitespace (``emajax.scoring.select.dedupe_key``).
 * **refusals** — answers whose first words refuse (``emajax.scoring.select.is_refusal``).
-* **persona** (policy.references.persona_vector) — each answer's mean residual projected on the base model's
-  evil persona vector (``emajax.persona``), flagged above the ``screen.persona_quantile`` of the safe pool's
+* **persona** (policy.references.persona_vector: a file, or ``extract`` to extract and cache one) — each
+  answer's mean residual projected on the base model's evil persona vector (``emajax.persona``), flagged above the ``screen.persona_quantile`` of the safe pool's
   answers under the same model (a threshold calibrated on data known to be benign).
 * **gap** (policy.misaligned adapters) — the Interleaving++ score of each answer (base vs the misaligned
   reference adapters, ``emajax.scoring``): low = the misaligned models find it likelier than the base does;
@@ -122,6 +122,33 @@ def persona_scores(loaded: Any, vector_path: str, layer: int | None, chats: Sequ
     return proj(chats), proj(pool), layer
 
 
+def persona_vector_path(loaded: Any, model: str, refs: Any, log: Log = lambda m: None) -> str:
+    """The persona vector file: the policy's, or with ``extract`` the base model's evil vector extracted once
+    (the shipped persona spec, its first ``persona_questions`` questions, as the demo does) and cached in
+    ``emajax.paths.cache_dir()/guard``."""
+    if refs.persona_vector != "extract":
+        return refs.persona_vector
+    import dataclasses
+    import hashlib
+
+    from emajax.data import data_path
+    from emajax.paths import cache_dir
+    from emajax.persona import answer_requests, extract, generate_answers, load_persona_spec, save_persona_vectors
+
+    spec = load_persona_spec(data_path("persona_evil.json"))
+    spec = dataclasses.replace(spec, questions=spec.questions[: refs.persona_questions])
+    key = hashlib.sha256(json.dumps([str(Path(model).resolve()) if Path(model).exists() else model,
+                                     spec.prompt_hash, refs.persona_max_new_tokens]).encode()).hexdigest()[:16]
+    path = cache_dir() / "guard" / f"persona_evil_{key}.safetensors"
+    if not path.is_file():
+        log(f"screen: extracting the evil persona vector of {model} (cached as {path})")
+        recs = generate_answers(loaded, answer_requests(spec), max_new_tokens=refs.persona_max_new_tokens,
+                                batch_size=32)
+        vec, meta = extract(loaded, recs, model_name=str(model), prompt_hash=spec.prompt_hash)
+        save_persona_vectors(path, vec, meta)
+    return str(path)
+
+
 def gap_scores(loaded: Any, misaligned: dict[str, str], valid_path: Path, pool_path: str, out: Path
                ) -> tuple[np.ndarray, np.ndarray]:
     """Interleaving++ scores of the customer's chats and of the pool (base vs the misaligned adapters),
@@ -158,7 +185,7 @@ def _flag_check(lines: list[int], values: np.ndarray, reference: np.ndarray, q: 
 
 
 def screen(data: str | Path, policy: Any, out: str | Path, *, loaded: Callable[[], Any], pool_path: str,
-           log: Log = lambda m: None) -> dict:
+           model: str = "", log: Log = lambda m: None) -> dict:
     """Screen ``data`` under ``policy`` into ``out`` (``screen/``); ``loaded()`` gives the base model when a
     model-based check is configured. Returns screen.json's content (skips work when it exists)."""
     from emajax.train.sources import read_jsonl
@@ -206,8 +233,8 @@ def screen(data: str | Path, policy: Any, out: str | Path, *, loaded: Callable[[
     lines = [line for line, _ in unique]
     if unique and policy.references.persona_vector:
         log("screen: persona projections (base model)")
-        p_data, p_pool, layer = persona_scores(loaded(), policy.references.persona_vector,
-                                               policy.references.persona_layer, chats, pool)
+        vec = persona_vector_path(loaded(), model, policy.references, log)
+        p_data, p_pool, layer = persona_scores(loaded(), vec, policy.references.persona_layer, chats, pool)
         res["persona"] = {"layer": layer, **_flag_check(
             lines, p_data, p_pool, cfg.persona_quantile, cfg.max_persona_share, True, "persona_projection",
             "persona projection", "persona: {share} of answers project above the safe pool's q{q} on the evil persona "

@@ -43,7 +43,10 @@ class SafetyNetCfg:
 
 @dataclasses.dataclass
 class ReferencesCfg:
-    persona_vector: str | None = None  # evil persona vector of the base model (emajax persona extract)
+    persona_vector: str | None = None  # evil persona vector of the base model (emajax persona extract), or
+    # "extract": extracted once per model with the shipped persona spec and cached (emajax.guard.screen)
+    persona_questions: int = 8  # with "extract": questions of the persona spec used
+    persona_max_new_tokens: int = 48  # with "extract": answer length
     persona_layer: int | None = None  # None = the file's recommended layer
 
 
@@ -185,7 +188,7 @@ def parse_policy(raw: Any, base: Path, source: str, where: str = "policy") -> Po
             raise _err(source, f"{where}.misaligned.{name}", f"{d} is not a PEFT adapter directory (no adapter_config.json)")
         misaligned[str(name)] = d
     refs = _section(ReferencesCfg, raw.get("references"), f"{where}.references", source)
-    if refs.persona_vector is not None:
+    if refs.persona_vector is not None and refs.persona_vector != "extract":
         refs.persona_vector = _path(refs.persona_vector, base, source, f"{where}.references.persona_vector")
     screen = _section(ScreenCfg, raw.get("screen"), f"{where}.screen", source)
     for f in ("max_duplicate_share", "max_refusal_share", "persona_quantile", "max_persona_share", "gap_quantile",
