@@ -107,7 +107,7 @@ def test_guard_run_end_to_end_on_a_tiny_model(tiny_refs, tmp_path, capsys):
     assert "RELEASE" in md and "gate.on_inconclusive = inconclusive" in md and "| 11 |" in md  # the flagged line
     assert "security (em, margin +1000.0000, required)" in md
     page = (out / "report.html").read_text()
-    assert "data:image/png;base64," in page and "<table>" in page and "src=\"http" not in page
+    assert page.count("data:image/png;base64,") == 2 and "<table>" in page and "src=\"http" not in page
 
     # rerun: every stage is done, nothing is retrained
     before = (out / "train" / "seed_0" / "job" / "metrics.jsonl").read_text()

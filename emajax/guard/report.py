@@ -78,10 +78,36 @@ def effects_png(metrics: list[dict]) -> bytes | None:
     ax.set_yticklabels([f"{m['name']} ({m['kind']})" for m in rows])
     ax.set_xlabel("job − control (95 % CI); dashed: the policy's margin")
     ax.invert_yaxis()
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+    from emajax.eval.plots import _plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _plt().close(fig)
     return buf.getvalue()
+
+
+def screen_png(screen: dict) -> bytes | None:
+    """Histograms of the customer's screening scores (persona projection, Interleaving++ score) with the
+    flag threshold calibrated on the safe pool."""
+    panels = [(k, label, screen[k]) for k, label in (("persona", "evil-persona projection"),
+                                                     ("gap", "Interleaving++ score (low = misaligned-like)"))
+              if screen.get(k)]
+    if not panels:
+        return None
+    from emajax.eval.plots import _plt
+
+    fig, axes = _plt().subplots(1, len(panels), figsize=(5 * len(panels), 3), squeeze=False)
+    for ax, (_, label, s) in zip(axes[0], panels):
+        ax.hist([v for v in s["values"] if v == v], bins=30, color="C0")
+        ax.axvline(s["threshold"], color="C3", linestyle="--", label=f"flag threshold (pool q{s['quantile']})")
+        ax.set_xlabel(label)
+        ax.set_ylabel("answers")
+        ax.legend(fontsize=8)
+    return _png(fig)
 
 
 def _md(decision: dict, screen: dict, gate: dict | None, train: dict | None, policy_yaml: str, shown: int,
@@ -135,7 +161,11 @@ def _md(decision: dict, screen: dict, gate: dict | None, train: dict | None, pol
     return "\n".join(L) + "\n"
 
 
-def _html(md_text: str, png: bytes | None) -> str:
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _html(md_text: str, plots: dict[str, bytes | None]) -> str:
     """A self-contained page: the report's text (tables rendered) and the plot inlined."""
     out, table = [], []
 
@@ -164,8 +194,9 @@ def _html(md_text: str, png: bytes | None) -> str:
         flush()
         if line.startswith("## "):
             out.append(f"<h2>{html.escape(line[3:])}</h2>")
-            if line.startswith("## Gate") and png is not None:
-                out.append(f'<img alt="effects" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+            section = line[3:].split(" ")[0].lower()
+            if plots.get(section) is not None:
+                out.append(_img(plots[section], section))
         elif line.startswith("# "):
             out.append(f"<h1>{html.escape(line[2:]).replace('**', '')}</h1>")
         elif line.startswith("- "):
@@ -208,9 +239,10 @@ def write_decision(spec: Any, out: Path, d: dict, screen: dict, gate: dict | Non
     md = _md(decision, screen, gate, train, policy_text(spec.policy), spec.policy.screen.show, flagged,
              spec.policy.gate.metrics, spec.policy.gate.on_inconclusive)
     atomic.write_text(out / "report.md", md)
-    atomic.write_text(out / "report.html", _html(md, effects_png(gate["metrics"]) if gate else None))
+    plots = {"screening": screen_png(screen), "gate": effects_png(gate["metrics"]) if gate else None}
+    atomic.write_text(out / "report.html", _html(md, plots))
     atomic.write_json(out / "decision.json", decision)
     return decision
 
 
-__all__ = ["effects_png", "git_commit", "sha256_dir", "sha256_file", "write_decision"]
+__all__ = ["effects_png", "screen_png", "git_commit", "sha256_dir", "sha256_file", "write_decision"]
