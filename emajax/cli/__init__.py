@@ -30,6 +30,7 @@ VERBS = {
     "demo": "demo",
     "launch": "launch",
     "grid": "grid",
+    "guard": "guard",
 }
 
 DESCRIPTION = ("Fine-tune language models in JAX/Flax with in-training defenses against emergent misalignment, "
