@@ -198,3 +198,25 @@ def test_persona_vector_extract_is_cached_per_model(tmp_path, monkeypatch):
     monkeypatch.setattr(persona, "generate_answers", lambda *a, **k: pytest.fail("extracted twice"))
     assert persona_vector_path(Loaded(), "tiny-a", refs) == path
     assert persona_vector_path(None, "x", ReferencesCfg(persona_vector="/a/b.safetensors")) == "/a/b.safetensors"
+
+
+def test_trigger_and_projection_metrics_join_the_registry(tmp_path):
+    """The eval package's trigger probes and persona projection are gate metrics: a trigger metric measures the
+    held-out general pairs rendered under its trigger (the trigger changes the values, not the items); the
+    projection says why it is not measured without a persona vector; neither is in a policy by default."""
+    from emajax.data import load_general_pairs
+    from emajax.guard.metrics import METRICS, GateContext
+    from emajax.guard.spec import GateCfg
+
+    gate = GateCfg(n_general=3, probe_max_len=512)
+    ctx = GateContext(tiny_tokenizer(), tmp_path / "h.jsonl", gate)
+    plain, json_m = METRICS["general"].prepare(ctx), METRICS["general_json"].prepare(ctx)
+    assert json_m.ids == plain.ids == tuple(r["id"] for r in load_general_pairs(split="heldout")[:3])
+
+    class Loaded:
+        model, tokenizer = tiny_model(lora=None), tiny_tokenizer()
+
+    a, b = plain.values(Loaded()), json_m.values(Loaded())
+    assert a.shape == b.shape == (3,) and np.all(np.isfinite(b)) and not np.allclose(a, b)
+    assert "no persona vector" in METRICS["persona_projection"].prepare(ctx)
+    assert all(not METRICS[n].default_required for n in ("persona_projection", "general_json", "general_python"))

@@ -194,7 +194,8 @@ def stage_gate(spec: JobSpec, out: Path, log: Log = _quiet) -> dict | None:
     if screened(out)["reject"]:
         return None
     base = load_base(spec)
-    ctx = GateContext(base.tokenizer, out / "screen" / "holdout.jsonl", spec.policy.gate, spec.policy.references, base)
+    ctx = GateContext(base.tokenizer, out / "screen" / "holdout.jsonl", spec.policy.gate, spec.policy.references, base,
+                      model=spec.model)
     measures: dict[str, Measure | str] = {n: METRICS[n].prepare(ctx) for n in spec.policy.gate.metrics}
     live = {n: m for n, m in measures.items() if isinstance(m, Measure)}
 
