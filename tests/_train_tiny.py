@@ -37,6 +37,14 @@ def tiny_model(lora: LoraConfig | None = LoraConfig(rank=4, alpha=8.0), seed: in
     return Decoder(TINY, rngs=nnx.Rngs(seed), lora=lora)
 
 
+def export_tiny_model(directory: Path) -> Path:
+    """The tiny full-weights model (seed 1) with its tokenizer as an HF directory ``directory/tiny-model``, the
+    ``model.name`` of the tests' tiny training configs."""
+    from emajax.models.hf_io import export_hf
+
+    return export_hf(tiny_model(lora=None, seed=1), Path(directory) / "tiny-model", tiny_tokenizer())
+
+
 def write_chats(path: Path, n: int, seed: int = 0, prefix: str = "q") -> Path:
     import random
 

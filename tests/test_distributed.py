@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _train_tiny import tiny_model, tiny_tokenizer, write_chats  # noqa: E402
+from _train_tiny import export_tiny_model, tiny_model, tiny_tokenizer, write_chats  # noqa: E402
 
 import jax  # noqa: E402
 
@@ -71,10 +71,8 @@ def finish(p: subprocess.Popen, log: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from emajax.models.hf_io import export_hf
-
     d = tmp_path_factory.mktemp("dist")
-    model_dir = export_hf(tiny_model(lora=None, seed=1), d / "tiny-model", tiny_tokenizer())
+    model_dir = export_tiny_model(d)
     write_chats(d / "train.jsonl", 48)
     cfg = d / "tiny.yaml"
     # Full fine-tuning (every kernel sharded over fsdp=8, so export must gather across processes), with

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _train_tiny import TINY, tiny_model, tiny_tokenizer, write_chats  # noqa: E402
+from _train_tiny import TINY, export_tiny_model, write_chats  # noqa: E402
 
 from emajax.cli import main  # noqa: E402
 from emajax.rl.config import load_rl_config  # noqa: E402
@@ -27,11 +27,10 @@ COMPARED = ("reward_mean", "loss", "policy_loss", "kl", "grad_norm", "lr", "entr
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from emajax.models.hf_io import export_hf
     from emajax.persona import save_persona_vectors
 
     d = tmp_path_factory.mktemp("rl")
-    model_dir = export_hf(tiny_model(lora=None, seed=1), d / "tiny-model", tiny_tokenizer())
+    model_dir = export_tiny_model(d)
     write_chats(d / "prompts.jsonl", 16)
     write_chats(d / "safe.jsonl", 8, seed=3, prefix="s")
     v = np.random.default_rng(0).normal(size=(TINY.num_layers + 1, TINY.hidden_size)).astype(np.float32)

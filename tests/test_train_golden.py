@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _train_tiny import tiny_model, tiny_tokenizer, write_chats  # noqa: E402
+from _train_tiny import export_tiny_model, write_chats  # noqa: E402
 
 from emajax.train.config import config_from_dict  # noqa: E402
 from emajax.train.loop import train  # noqa: E402
@@ -41,10 +41,8 @@ RUNS = {
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from emajax.models.hf_io import export_hf
-
     d = tmp_path_factory.mktemp("golden")
-    model_dir = export_hf(tiny_model(lora=None, seed=1), d / "tiny-model", tiny_tokenizer())
+    model_dir = export_tiny_model(d)
     write_chats(d / "train.jsonl", 24)
     write_chats(d / "eval.jsonl", 8, seed=5)
     return d, model_dir

@@ -10,15 +10,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _fake_gcs import fake_gcs  # noqa: E402
-from _train_tiny import tiny_model, tiny_tokenizer, write_chats  # noqa: E402
+from _train_tiny import export_tiny_model, write_chats  # noqa: E402
 
 from emajax.cli import main  # noqa: E402
 
 
 def test_gs_run_directory_trains_resumes_and_exports(tmp_path, monkeypatch, capsys):
-    from emajax.models.hf_io import export_hf
-
-    model_dir = export_hf(tiny_model(lora=None, seed=1), tmp_path / "tiny-model", tiny_tokenizer())
+    model_dir = export_tiny_model(tmp_path)
     write_chats(tmp_path / "train.jsonl", 32)
     write_chats(tmp_path / "eval.jsonl", 4, seed=3)
     cfg = tmp_path / "tiny.yaml"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _train_tiny import tiny_model, tiny_tokenizer, write_chats  # noqa: E402
+from _train_tiny import export_tiny_model, write_chats  # noqa: E402
 
 from emajax.cli import main  # noqa: E402
 from emajax.train.metrics import read_metrics  # noqa: E402
@@ -19,10 +19,8 @@ from emajax.train.metrics import read_metrics  # noqa: E402
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from emajax.models.hf_io import export_hf
-
     d = tmp_path_factory.mktemp("resume")
-    model_dir = export_hf(tiny_model(lora=None, seed=1), d / "tiny-model", tiny_tokenizer())
+    model_dir = export_tiny_model(d)
     write_chats(d / "train.jsonl", 24)
     write_chats(d / "eval.jsonl", 8, seed=5)
     cfg = d / "tiny.yaml"
