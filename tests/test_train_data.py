@@ -110,8 +110,9 @@ def test_lora_section_is_the_models_lora_config(tmp_path):
 
 
 REPO_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml")
-                      if p.parent.name != "grid" and "grpo" not in p.name)
-# grid specs: tests/test_grid.py; `emajax rl` configs: tests/test_rl_run.py
+                      if p.parent.name not in ("grid", "guard") and "grpo" not in p.name)
+# grid specs: tests/test_grid.py; `emajax rl` configs: tests/test_rl_run.py; guard policies and jobs:
+# tests/test_guard_spec.py
 
 
 def test_cpu_configs_are_one_per_method():
