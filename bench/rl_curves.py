@@ -43,8 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def arm_of(config: str | Path) -> str:
-    """``smollm2-grpo-kl.yaml`` -> ``kl``."""
-    return Path(config).stem.rsplit("-", 1)[-1]
+    """``smollm2-grpo-kl.yaml`` -> ``kl``, ``smollm2-grpo-steering-trainonly.yaml`` -> ``steering-trainonly``."""
+    stem = Path(config).stem
+    return stem.split("-grpo-", 1)[1] if "-grpo-" in stem else stem.rsplit("-", 1)[-1]
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -197,8 +198,11 @@ def _paired_vs_none(arm_runs: dict[int, Path], none_runs: dict[int, Path], windo
     if not pairs:
         return {}
     d = np.concatenate(pairs)
-    return {"train_last_minus_none": float(d.mean()), "ci": bootstrap_ci(d),
-            "n_pairs": int(len(d)), "per_seed": per_seed}
+    out = {"train_last_minus_none": float(d.mean()), "ci": bootstrap_ci(d), "n_pairs": int(len(d)),
+           "per_seed": per_seed}
+    if len(per_seed) >= 2:  # seeds as the unit: each seed's paired mean, t-interval over seeds
+        out["seed_level"] = _mean_ci([p["train_last_minus_none"] for p in per_seed])
+    return out
 
 
 def _mean_ci(x: list[float]) -> dict[str, Any]:
@@ -271,13 +275,14 @@ def _markdown(s: dict[str, Any]) -> str:
     w = s["window"]
     lines = [f"| arm | seeds | training reward, first {w} steps [95% CI over seeds] | last {w} steps | "
              f"rise (last − first) | last {w} minus no defense, paired by (seed, step) [95% CI] | "
-             "wall min per run |", "|" + "---|" * 7]
+             "the same, seeds as the unit [95% t-CI over seeds] | wall min per run |", "|" + "---|" * 8]
     for arm, a in sorted(s["arms"].items(), key=lambda kv: (kv[0] != "none", kv[0])):
         m = lambda k: f"{a[k]['mean']:.3f} {_f(a[k]['ci'])}"  # noqa: E731
         v = a.get("vs_none") or {}
         lines.append(" | ".join([f"| {arm}", str(len(a["seeds"])), m("train_reward_first"), m("train_reward_last"),
                                  f"{a['train_reward_delta']['mean']:+.3f} {_f(a['train_reward_delta']['ci'])}",
                                  f"{v['train_last_minus_none']:+.3f} {_f(v['ci'])}" if v else "-",
+                                 f"{v['seed_level']['mean']:+.3f} {_f(v['seed_level']['ci'])}" if "seed_level" in v else "-",
                                  ", ".join(_f(x / 60, 1) for x in a["wall_s"] if x)]) + " |")
     lines += ["", f"| run | steps | train reward, first {w} | last {w} | Δ [95% CI] | eval start | eval end | "
               "eval Δ [95% CI, paired] | KL (last) | len first → last | truncated (last) | groups without signal | "

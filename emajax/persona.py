@@ -17,8 +17,10 @@ whole thing (generate, then project) for a training loop's every-N-steps hook.
 
 File format (what ``emajax.defenses.steering`` reads): safetensors with one fp32 tensor ``vectors``
 [L+1, D] indexed by residual layer (0 = embeddings, l = after block l) and string metadata ``model``,
-``layers``, ``norms`` (JSON lists), ``prompt_hash`` (sha256 of the instructions + questions),
-``recommended_layer``, ``n_pos``, ``n_neg``.
+``layers``, ``norms`` (JSON lists), ``resid_norms`` (per layer, the mean l2 norm of the residual at the
+answer tokens, pos and neg answers pooled: the scale of the stream a vector is added to; the ratio
+coef x norms[l] / resid_norms[l] is what ``defenses.steering.norm_ratio`` fixes across models),
+``prompt_hash`` (sha256 of the instructions + questions), ``recommended_layer``, ``n_pos``, ``n_neg``.
 """
 
 from __future__ import annotations
@@ -193,13 +195,17 @@ def record_chat(r: dict) -> list[dict]:
 # ------------------------------------------------------------------------------------- activations
 @functools.partial(jax.jit, static_argnames=("graphdef", "layers"))
 def _masked_means(graphdef, state, tokens_bt, mask_bt, pos_bt, answer_bt, lora_scale, *, layers):
-    """[B, n_layers, D] fp32: residual at each captured layer averaged over the answer tokens."""
+    """([B, n_layers, D], [B, n_layers]) fp32: the residual at each captured layer averaged over the answer
+    tokens, and the mean over those tokens of its l2 norm (the scale a steering vector is added to)."""
     model = nnx.merge(graphdef, state)
     feats = model(tokens_bt, positions_bt=pos_bt, attn_mask_bt=mask_bt, capture_layers=layers,
                   lora_scale=lora_scale, const_weights=True).features
     w_bt = answer_bt.astype(jnp.float32)
     denom_b = jnp.maximum(jnp.sum(w_bt, axis=1), 1.0)
-    return jnp.stack([jnp.einsum("btd,bt->bd", f.astype(jnp.float32), w_bt) / denom_b[:, None] for f in feats], 1)
+    feats = [f.astype(jnp.float32) for f in feats]
+    means_bld = jnp.stack([jnp.einsum("btd,bt->bd", f, w_bt) / denom_b[:, None] for f in feats], 1)
+    norms_bl = jnp.stack([jnp.sum(jnp.linalg.norm(f, axis=-1) * w_bt, 1) / denom_b for f in feats], 1)
+    return means_bld, norms_bl
 
 
 ANSWER_TOKENS = ("content", "content+eot")
@@ -223,9 +229,10 @@ def answer_mask(tokenizer: Any, chat: Sequence[dict], answer_tokens: str = "cont
 
 def answer_activations(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict]], *,
                        layers: Sequence[int] | None = None, batch_size: int = 16, max_len: int = 2048,
-                       lora_scale: float = 1.0, answer_tokens: str = "content") -> np.ndarray:
+                       lora_scale: float = 1.0, answer_tokens: str = "content", return_norms: bool = False):
     """[N, n_layers, D] mean residual over each chat's answer tokens (layers default: 0..L, all); the
-    end-of-turn token is left out unless ``answer_tokens="content+eot"`` (see the module doc)."""
+    end-of-turn token is left out unless ``answer_tokens="content+eot"`` (see the module doc). With
+    ``return_norms`` also [N, n_layers]: each chat's mean per-token residual l2 norm over the same tokens."""
     cfg = model.cfg
     layers = tuple(range(cfg.num_layers + 1)) if layers is None else tuple(sorted(set(int(l) for l in layers)))
     enc = []
@@ -238,16 +245,18 @@ def answer_activations(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     graphdef, state = nnx.split(model)
     out = np.zeros((len(enc), len(layers), cfg.hidden_size), np.float32)
+    norms = np.zeros((len(enc), len(layers)), np.float32)
     for idx, rows, length in plan_batches(lengths, octave_buckets(max(max_len, MIN_BUCKET), MIN_BUCKET, 1),
                                           order=sorted(range(len(enc)), key=lengths.__getitem__),
                                           max_rows=batch_size, shrink_tail=True):
         filler = [[]] * (rows - len(idx))
         tokens, mask, pos = pad_batch([enc[i].ids for i in idx] + filler, pad, length)
         ans, _, _ = pad_batch([enc[i].answer_mask for i in idx] + filler, 0, length, dtype=bool)
-        means = _masked_means(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(pos),
-                              jnp.asarray(ans), jnp.float32(lora_scale), layers=layers)
+        means, tok_norms = _masked_means(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask),
+                                         jnp.asarray(pos), jnp.asarray(ans), jnp.float32(lora_scale), layers=layers)
         out[idx] = np.asarray(means)[: len(idx)]
-    return out
+        norms[idx] = np.asarray(tok_norms)[: len(idx)]
+    return (out, norms) if return_norms else out
 
 
 # --------------------------------------------------------------------------------------- vectors
@@ -333,8 +342,9 @@ def extract(loaded: Any, records: Sequence[dict], *, model_name: str, prompt_has
     """Persona vectors [L+1, D] from answered pos/neg records, and the metadata to save with them."""
     pos = [r for r in records if r["polarity"] == "pos"]
     neg = [r for r in records if r["polarity"] == "neg"]
-    acts = answer_activations(loaded.model, loaded.tokenizer, [record_chat(r) for r in pos + neg],
-                              batch_size=batch_size, max_len=max_len, answer_tokens=answer_tokens)
+    acts, resid = answer_activations(loaded.model, loaded.tokenizer, [record_chat(r) for r in pos + neg],
+                                     batch_size=batch_size, max_len=max_len, answer_tokens=answer_tokens,
+                                     return_norms=True)
     a_pos, a_neg = acts[: len(pos)], acts[len(pos):]
     vectors = persona_vectors(a_pos, a_neg)
     d = effect_sizes(projections(a_pos, vectors), projections(a_neg, vectors))
@@ -342,6 +352,7 @@ def extract(loaded: Any, records: Sequence[dict], *, model_name: str, prompt_has
     rec = int(np.argmax(d[1:])) + 1
     meta = {"model": model_name, "prompt_hash": prompt_hash, "recommended_layer": rec, "n_pos": len(pos),
             "n_neg": len(neg), "effect_size": [round(float(x), 4) for x in d], "answer_tokens": answer_tokens,
+            "resid_norms": [round(float(x), 4) for x in resid.astype(np.float64).mean(0)],
             "method": "mean answer-token residual, pos minus neg system prompt (Chen et al. 2025)"}
     return vectors, meta
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -95,3 +96,27 @@ def test_steering_file_layouts(tmp_path):
     with pytest.raises(SteeringError, match="no vector for layer 1"):
         build_steer_ld(TINY, SteeringCfg(vector=str(tmp_path / "one.safetensors"), layer=1))
     assert build_steer_ld(TINY, SteeringCfg()) is None
+
+
+def test_steering_norm_ratio_sets_the_added_norm(tmp_path):
+    """norm_ratio r: the added vector's norm is r x the file's resid_norms at the layer, whatever coef says."""
+    from safetensors.numpy import save_file
+
+    from emajax.defenses.steering import steering_summary
+
+    rng = np.random.default_rng(1)
+    mat = rng.normal(size=(TINY.num_layers + 1, TINY.hidden_size)).astype(np.float32)
+    resid = [10.0 * (l + 1) for l in range(TINY.num_layers + 1)]
+    save_file({"vectors": mat}, str(tmp_path / "pv.safetensors"), metadata={"layer": "2", "resid_norms": json.dumps(resid)})
+    cfg = SteeringCfg(vector=str(tmp_path / "pv.safetensors"), coef=5.0, norm_ratio=0.25)
+    s = np.asarray(build_steer_ld(TINY, cfg))
+    np.testing.assert_allclose(np.linalg.norm(s[1]), 0.25 * resid[2], rtol=1e-5)
+    np.testing.assert_allclose(s[1] / np.linalg.norm(s[1]), mat[2] / np.linalg.norm(mat[2]), rtol=1e-5, atol=1e-7)
+    summ = steering_summary(TINY, cfg)
+    assert summ["layer"] == 2 and summ["norm_ratio"] == pytest.approx(0.25) and summ["resid_norm"] == resid[2]
+    plain = steering_summary(TINY, SteeringCfg(vector=str(tmp_path / "pv.safetensors"), coef=2.0))
+    assert plain["coef"] == 2.0 and plain["norm_ratio"] == pytest.approx(2.0 * np.linalg.norm(mat[2]) / resid[2], rel=1e-5)
+    save_file({"vectors": mat}, str(tmp_path / "old.safetensors"), metadata={"layer": "2"})
+    with pytest.raises(SteeringError, match="resid_norms"):
+        build_steer_ld(TINY, SteeringCfg(vector=str(tmp_path / "old.safetensors"), norm_ratio=0.25))
+    assert "norm_ratio" not in steering_summary(TINY, SteeringCfg(vector=str(tmp_path / "old.safetensors")))

@@ -51,7 +51,8 @@ def test_answer_means_are_batch_and_padding_invariant(tiny):
              for i, q in enumerate(QUESTIONS)]
     eot = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
     for tokens in ("content", "content+eot"):
-        got = answer_activations(loaded.model, loaded.tokenizer, chats, batch_size=2, answer_tokens=tokens)
+        got, norms = answer_activations(loaded.model, loaded.tokenizer, chats, batch_size=2, answer_tokens=tokens,
+                                        return_norms=True)
         assert got.shape == (3, loaded.config.num_layers + 1, loaded.config.hidden_size)  # padded batches
         for i, c in enumerate(chats):  # one chat at a time, no padding, plain numpy mean
             ct = encode_chat(loaded.tokenizer, c)
@@ -62,6 +63,9 @@ def test_answer_means_are_batch_and_padding_invariant(tiny):
                 m = m & (np.asarray(ct.ids) != eot)
             want = np.stack([np.asarray(f)[0][m].mean(0) for f in feats])
             np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+            want_norms = np.stack([np.linalg.norm(np.asarray(f)[0][m], axis=-1).mean() for f in feats])
+            np.testing.assert_allclose(norms[i], want_norms, rtol=1e-5)  # mean of per-token norms, not norm of mean
+            assert np.all(norms[i] > np.linalg.norm(want, axis=-1) - 1e-4)
 
 
 def test_wrapper_prompts_are_chen_et_al(spec_file):
@@ -118,6 +122,8 @@ def test_extract_file_is_what_steering_reads(tiny, spec_file, tmp_path):
         assert list(f.keys()) == ["vectors"] and f.get_tensor("vectors").shape == (3, 32)
     assert md["model"] == str(d) and md["prompt_hash"] == spec.prompt_hash and json.loads(md["layers"]) == [0, 1, 2]
     np.testing.assert_allclose(json.loads(md["norms"]), np.linalg.norm(vecs, axis=-1), rtol=1e-6)
+    resid = json.loads(md["resid_norms"])  # the residual's scale at each layer, for norm_ratio
+    assert len(resid) == 3 and all(r > 0 for r in resid)
     assert json.loads(md["n_pos"]) == 6 and json.loads(md["recommended_layer"]) in (1, 2)
     steer = build_steer_ld(loaded.config, SimpleNamespace(vector=str(out), layer=None, coef=2.0))
     rec = json.loads(md["recommended_layer"])

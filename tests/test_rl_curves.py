@@ -7,7 +7,12 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from bench.rl_curves import report  # noqa: E402
+from bench.rl_curves import arm_of, report  # noqa: E402
+
+
+def test_arm_names_from_config_names():
+    assert arm_of("configs/cpu/smollm2-grpo-kl.yaml") == "kl"
+    assert arm_of("smollm2-grpo-steering-trainonly.yaml") == "steering-trainonly"
 
 
 def _run(root, name, seed, rewards):
@@ -33,6 +38,8 @@ def test_report_pairs_arms_with_no_defense_by_seed_and_step(tmp_path):
     assert vs["n_pairs"] == 6
     assert vs["train_last_minus_none"] == pytest.approx(shift[-3:].mean())
     assert [v["seed"] for v in vs["per_seed"]] == [0, 1]
+    assert vs["seed_level"]["mean"] == pytest.approx(shift[-3:].mean())  # both seeds' paired means agree:
+    assert vs["seed_level"]["ci"] == pytest.approx([shift[-3:].mean()] * 2)  # a zero-width interval over seeds
     none = summary["arms"]["none"]
     firsts = [base[s][:3].mean() for s in (0, 1)]
     assert none["train_reward_first"]["mean"] == pytest.approx(np.mean(firsts))

@@ -61,10 +61,8 @@ def load_persona_vectors(path: str | Path, num_layers: int) -> tuple[dict[int, n
     return vectors, meta
 
 
-def build_steer_ld(decoder_cfg: Any, steering_cfg: Any) -> Any:
-    """[L, D] steering array for the config, or None when steering is off."""
-    if not steering_cfg.vector:
-        return None
+def _resolve(decoder_cfg: Any, steering_cfg: Any) -> tuple[int, np.ndarray, dict[str, str]]:
+    """(layer, vector [D], file metadata) the config names; errors name the file and the key."""
     vectors, meta = load_persona_vectors(steering_cfg.vector, decoder_cfg.num_layers)
     layer = steering_cfg.layer
     if layer is None:
@@ -80,4 +78,45 @@ def build_steer_ld(decoder_cfg: Any, steering_cfg: Any) -> Any:
     if vec.shape != (decoder_cfg.hidden_size,):
         raise SteeringError(f"{steering_cfg.vector}: layer {layer} vector has shape {vec.shape}, "
                             f"model hidden size is {decoder_cfg.hidden_size}")
-    return steering_array(decoder_cfg, {layer: vec}, steering_cfg.coef)
+    return layer, vec, meta
+
+
+def steering_coef(steering_cfg: Any, vec: np.ndarray, meta: dict[str, str], layer: int) -> float:
+    """The coefficient: ``coef``, or with ``norm_ratio`` set, norm_ratio x resid_norms[layer] / |vec|, so that
+    the added vector is that fraction of the residual stream's mean norm at the layer (``emajax persona
+    extract`` records ``resid_norms``)."""
+    ratio = getattr(steering_cfg, "norm_ratio", None)
+    if ratio is None:
+        return float(steering_cfg.coef)
+    if ratio <= 0:
+        raise SteeringError(f"defenses.steering.norm_ratio must be > 0, got {ratio}")
+    if "resid_norms" not in meta:
+        raise SteeringError(f"{steering_cfg.vector}: defenses.steering.norm_ratio needs the file's resid_norms "
+                            "metadata (re-extract it with `emajax persona extract`)")
+    resid = json.loads(meta["resid_norms"])
+    vnorm = float(np.linalg.norm(vec))
+    if not 0 <= layer < len(resid) or vnorm == 0:
+        raise SteeringError(f"{steering_cfg.vector}: no resid_norms entry or a zero vector at layer {layer}")
+    return float(ratio) * float(resid[layer]) / vnorm
+
+
+def build_steer_ld(decoder_cfg: Any, steering_cfg: Any) -> Any:
+    """[L, D] steering array for the config, or None when steering is off."""
+    if not steering_cfg.vector:
+        return None
+    layer, vec, meta = _resolve(decoder_cfg, steering_cfg)
+    return steering_array(decoder_cfg, {layer: vec}, steering_coef(steering_cfg, vec, meta, layer))
+
+
+def steering_summary(decoder_cfg: Any, steering_cfg: Any) -> dict[str, float] | None:
+    """{layer, coef, vector_norm[, resid_norm, norm_ratio]} of the steering in use (None when off): what
+    the run logs, so a coefficient's strength relative to the model's residual stream is on record."""
+    if not steering_cfg.vector:
+        return None
+    layer, vec, meta = _resolve(decoder_cfg, steering_cfg)
+    coef = steering_coef(steering_cfg, vec, meta, layer)
+    out = {"layer": layer, "coef": coef, "vector_norm": float(np.linalg.norm(vec))}
+    if "resid_norms" in meta:
+        resid = float(json.loads(meta["resid_norms"])[layer])
+        out.update(resid_norm=resid, norm_ratio=coef * out["vector_norm"] / resid)
+    return out

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from emajax.defenses.steering import build_steer_ld
+from emajax.defenses.steering import build_steer_ld, steering_summary
 from emajax.generate import default_eos_ids
 from emajax.models.sharding import BATCH_AXES
 from emajax.rl.advantages import group_advantages
@@ -124,7 +124,9 @@ def train_rl(cfg: RlConfig, run_dir: str | Path, *, loaded: Any = None) -> RlRes
     rewards = RewardSet(cfg.rewards)
     sft = _sft_batcher(cfg, tok, pad_id)
     write_json(run, "data_stats.json", {**dataclasses.asdict(pstats), "steps_per_epoch": per_epoch, "total_steps": total,
-                                        "eval_prompts": len(eval_prompts), "sft_examples": len(sft.examples) if sft else 0})
+                                        "eval_prompts": len(eval_prompts), "sft_examples": len(sft.examples) if sft else 0,
+                                        **({"steering": steering_summary(mcfg, cfg.defenses.steering)}
+                                           if cfg.defenses.steering.vector else {})})
     if is_main:
         print(f"emajax rl: {pstats.summary()}; {per_epoch} steps/epoch, {total} steps", flush=True)
 

@@ -84,6 +84,9 @@ class SteeringCfg:
     vector: str | None = None  # persona-vector safetensors file
     layer: int | None = None  # residual index 1..L to steer (default: the file's recommended layer)
     coef: float = 5.0  # paper: 5.0
+    # when set, coef = norm_ratio x resid_norms[layer] / |vector[layer]| (the file's metadata): the added
+    # vector's norm as this fraction of the residual stream's, a strength that carries across model sizes
+    norm_ratio: float | None = None
 
 
 @dataclasses.dataclass

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from emajax.defenses.steering import build_steer_ld
+from emajax.defenses.steering import build_steer_ld, steering_summary
 from emajax.losses import ldifs_layers
 from emajax.models.lora import LoraConfig
 from emajax.paths import write_text
@@ -118,6 +118,8 @@ def train(cfg: Config, run_dir: str | Path, *, loaded: Any = None, callback: Any
     total = cfg.train.epochs * per_epoch
     end = min(total, cfg.train.max_steps) if cfg.train.max_steps is not None else total
     stats_d = {**dataclasses.asdict(stats), "steps_per_epoch": per_epoch, "total_steps": total}
+    if cfg.defenses.steering.vector:
+        stats_d["steering"] = steering_summary(mcfg, cfg.defenses.steering)
     write_json(run, "data_stats.json", stats_d)
     if is_main:
         print(f"emajax train: {stats.summary()}; {per_epoch} steps/epoch, {total} steps", flush=True)
