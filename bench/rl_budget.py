@@ -122,7 +122,8 @@ def render_md(res: dict[str, Any]) -> str:
     budgets = list(res["rows"][0]["ended_within"]) if res["rows"] else []
     head = ["steering", "coef", "norm ratio"] + [f"ended ≤{b}" for b in budgets] + ["len p50", "len p90", "reward"]
     lines = [f"Base policy rollouts on `{res['prompts']}` ({res['n_prompts']} prompts, one sample each, T "
-             f"{res['temperature']}, top-p {res['top_p']}, budget {res['budget']}); `{res['config']}`.", "",
+             f"{res['temperature']}, top-p {res['top_p']}, budget {res['budget']}); `{res['config']}`"
+             + "".join(f" `{o}`" for o in res.get("overrides", [])) + ".", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res["rows"]:
         s = r["steering"] or {}
