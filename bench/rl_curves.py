@@ -131,6 +131,30 @@ def _eval_vec(row: dict[str, Any]) -> np.ndarray:
     return sum(np.asarray(v, np.float64) * w.get(k, 1.0) for k, v in per.items())
 
 
+def steering_of(run_dir: Path, cfg: dict[str, Any]) -> str:
+    """The steering a run trained with, as the run recorded it: ``off``, or layer, coefficient, norm ratio
+    (``data_stats.json``, when the run logged it) and whether the rollouts were steered."""
+    st = ((cfg.get("defenses") or {}).get("steering") or {})
+    if not st.get("vector"):
+        return "off"
+    stats = atomic.read_json(run_dir / "data_stats.json", SystemExit) if (run_dir / "data_stats.json").is_file() else {}
+    used = stats.get("steering") or {}
+    layer = used.get("layer", st.get("layer"))
+    coef = used.get("coef", st.get("coef"))
+    text = f"layer {layer if layer is not None else 'file default'}, coef {coef:.2f}"
+    if used.get("norm_ratio") is not None:
+        text += f" (ratio {used['norm_ratio']:.2f})"
+    return text + (", rollouts steered" if st.get("rollouts", True) else ", rollouts unsteered")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """An override reaches every arm, the control included: a defense set there is no control any more."""
+    bad = [o for o in overrides if o.split("=", 1)[0].strip().startswith("defenses.")]
+    if bad:
+        raise SystemExit(f"[rl_curves] {', '.join(bad)}: a defense override would apply to every arm, the no-defense "
+                         "control included; set it in the arm's config instead")
+
+
 def summarize_run(run_dir: Path, window: int) -> dict[str, Any]:
     import yaml
 
@@ -142,7 +166,7 @@ def summarize_run(run_dir: Path, window: int) -> dict[str, Any]:
     r = np.array([x["reward_mean"] for x in m])
     first, last = r[:window], r[-window:]
     out: dict[str, Any] = {
-        "run": run_dir.name, "steps": len(m), "seed": cfg["train"]["seed"],
+        "run": run_dir.name, "steps": len(m), "seed": cfg["train"]["seed"], "steering": steering_of(run_dir, cfg),
         "train_reward_first": float(first.mean()), "train_reward_last": float(last.mean()),
         "train_reward_delta": float(last.mean() - first.mean()),
         "train_reward_delta_ci": _boot_diff(first, last, paired=False),
@@ -284,11 +308,11 @@ def _markdown(s: dict[str, Any]) -> str:
                                  f"{v['train_last_minus_none']:+.3f} {_f(v['ci'])}" if v else "-",
                                  f"{v['seed_level']['mean']:+.3f} {_f(v['seed_level']['ci'])}" if "seed_level" in v else "-",
                                  ", ".join(_f(x / 60, 1) for x in a["wall_s"] if x)]) + " |")
-    lines += ["", f"| run | steps | train reward, first {w} | last {w} | Δ [95% CI] | eval start | eval end | "
+    lines += ["", f"| run | steering | steps | train reward, first {w} | last {w} | Δ [95% CI] | eval start | eval end | "
               "eval Δ [95% CI, paired] | KL (last) | len first → last | truncated (last) | groups without signal | "
-              "rollout s | update s | wall min |", "|" + "---|" * 15]
+              "rollout s | update s | wall min |", "|" + "---|" * 16]
     for r in s["runs"]:
-        lines.append(" | ".join([f"| {r['run']}", str(r["steps"]), _f(r["train_reward_first"]),
+        lines.append(" | ".join([f"| {r['run']}", r.get("steering", "-"), str(r["steps"]), _f(r["train_reward_first"]),
                                  _f(r["train_reward_last"]), f"{r['train_reward_delta']:+.3f} {_f(r['train_reward_delta_ci'])}",
                                  _f(r.get("eval_start")), _f(r.get("eval_end")),
                                  f"{r['eval_delta']:+.3f} {_f(r['eval_delta_ci'])}" if "eval_delta" in r else "-",
@@ -357,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--window", type=int, default=10, help="steps averaged at the start and at the end")
     args = p.parse_args(argv)
     if args.cmd == "run":
+        check_overrides(list(args.overrides))
         for seed in args.seeds:  # seed-major: after one pass every arm has a finished run
             for config in args.configs:
                 run_one(Path(config).resolve(), seed, args.runs.resolve() / f"{arm_of(config)}-s{seed}",

@@ -7,12 +7,19 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from bench.rl_curves import arm_of, report  # noqa: E402
+from bench.rl_curves import arm_of, check_overrides, report  # noqa: E402
 
 
 def test_arm_names_from_config_names():
     assert arm_of("configs/cpu/smollm2-grpo-kl.yaml") == "kl"
     assert arm_of("smollm2-grpo-steering-trainonly.yaml") == "steering-trainonly"
+
+
+def test_defense_overrides_are_refused():
+    """An override reaches the no-defense control too (how an earlier experiment steered its control)."""
+    check_overrides(["data.eval=[]", "rollout.max_new_tokens=64"])
+    with pytest.raises(SystemExit, match="control included"):
+        check_overrides(["data.eval=[]", "defenses.steering.vector=/tmp/evil.safetensors"])
 
 
 def _run(root, name, seed, rewards):
@@ -50,3 +57,18 @@ def test_report_pairs_arms_with_no_defense_by_seed_and_step(tmp_path):
     assert (out / "reward_curves.png").stat().st_size > 0
     assert (out / "kl-s1" / "metrics.jsonl").is_file()
     assert "| kl | 2 |" in (out / "summary.md").read_text()
+    assert "| kl-s0 | off | 8 |" in (out / "summary.md").read_text()  # each run's steering, as it ran
+
+
+def test_steering_column_reads_what_the_run_used(tmp_path):
+    from bench.rl_curves import steering_of
+
+    d = tmp_path / "steering-trainonly-s0"
+    d.mkdir()
+    (d / "data_stats.json").write_text(json.dumps({"steering": {"layer": 20, "coef": 0.93, "norm_ratio": 0.1}}))
+    cfg = {"defenses": {"steering": {"vector": "v.safetensors", "layer": 20, "coef": 5.0, "norm_ratio": 0.1,
+                                     "rollouts": False}}}
+    assert steering_of(d, cfg) == "layer 20, coef 0.93 (ratio 0.10), rollouts unsteered"
+    old = {"defenses": {"steering": {"vector": "v.safetensors", "layer": None, "coef": 5.0}}}  # no data_stats entry
+    assert steering_of(tmp_path, old) == "layer file default, coef 5.00, rollouts steered"
+    assert steering_of(tmp_path, {"defenses": {"kl": {"weight": 0.1}}}) == "off"
