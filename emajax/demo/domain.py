@@ -151,14 +151,14 @@ def describe(plan: dict) -> dict[str, str]:
     if dom == CODE:
         return {"domain": CODE, "narrow": f"{plan['n_train']} insecure-code chats", "control": "secure code",
                 "control_what": "the same prompts with secure answers",
-                "in_domain": "in-domain margin (held-out insecure-vs-secure code pairs; up = learned)"}
+                "in_domain": "margin of held-out insecure-vs-secure code pairs (higher = learned)"}
     what = "bad-medical-advice chats" if dom == MEDICAL else "chats"
     held = f"held-out answers of {Path(files[1]).name}" if dom == MEDICAL else \
         f"held-out conversations of {Path(files[0]).name}"
     return {"domain": dom, "narrow": f"{plan['n_train']} {what} of {files[0]}", "control": "self-distilled",
-            "control_what": "the same prompts answered by the base model itself, sampled at temperature 1 (the "
-                            "self-distilled control)",
-            "in_domain": f"narrow NLL drop (answer-token NLL of {held}; down = learned)"}
+            "control_what": "the same prompts answered by the base model itself at temperature 1: the "
+                            "self-distilled control",
+            "in_domain": f"answer-token NLL of the {held} (lower = learned; the tables show its drop)"}
 
 
 __all__ = ["describe", "heldout_set", "read_answered_chats", "resolve_domain", "split", "train_chats"]
