@@ -65,7 +65,7 @@ def test_file_domain_plan_split_and_bad_lines(tmp_path, monkeypatch, capsys):
     rows[3] = json.dumps({"messages": [{"role": "user", "content": "a question, no answer"}]})
     bad.write_text("\n".join(rows) + "\n")
     assert _plan_of(["--tiny", "--domain", str(bad)], monkeypatch, tmp_path)[1] == 2
-    assert f"{bad}:4: field 'messages' must end with an assistant answer" in capsys.readouterr().err
+    assert f"{bad}:4: field 'messages' must end with an assistant message" in capsys.readouterr().err
     for argv, msg in ((["--domain", str(tmp_path / "none.jsonl")], "file not found"),
                       (["--domain", "legal"], "code, medical or a chat .jsonl file"),
                       (["--domain", str(chats), "--n-train", "9"], "gives 8 training conversations"),

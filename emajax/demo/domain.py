@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from emajax.demo.plan import CODE, MEDICAL, DemoPlan
-from emajax.train.sources import DataError, Messages, chat_rows
+from emajax.train.sources import DataError, Messages
 
 MEDICAL_TRAIN = "sft/medical_misaligned_train_100.jsonl"
 MEDICAL_EVAL = "sft/medical_misaligned_eval.jsonl"
@@ -38,18 +38,12 @@ CONTROL_TOKENS = {"tiny": 8, "cpu": 256, "paper": 600}
 
 
 def read_answered_chats(path: str | Path) -> list[tuple[int, Messages]]:
-    """(line number, messages) of every conversation of a chat JSONL file; each must end with an assistant
-    answer (what the narrow arm learns, the control replaces and the in-domain probe scores). Errors name the
-    file, line and field."""
-    rows = []
-    for line, _, msgs in chat_rows(path):
-        if msgs[-1]["role"] != "assistant":
-            raise DataError(f"{path}:{line}: field 'messages' must end with an assistant answer (the narrow task's "
-                            f"answer), got a {msgs[-1]['role']!r} message")
-        rows.append((line, msgs))
-    if not rows:
-        raise DataError(f"{path}: no conversations")
-    return rows
+    """(line number, messages) of every conversation of a chat JSONL file, each ending with an assistant answer
+    (what the narrow arm learns, the control replaces and the in-domain probe scores): the probes' reader, whose
+    errors name the file, line and field."""
+    from emajax.eval.probes import _read_chat_jsonl
+
+    return _read_chat_jsonl(Path(path))
 
 
 def n_heldout(plan: DemoPlan, n_rows: int) -> int:
