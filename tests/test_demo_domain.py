@@ -3,6 +3,7 @@ the in-domain probe from its held-out part; the plan records the domain and the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -96,6 +97,10 @@ def test_medical_domain_on_a_fake_data_dir(tmp_path, monkeypatch, capsys):
     assert [list(c) for c in narrow.chats] == [eval_chats[int(i) - 1] for i in narrow.ids]
     cpu, _ = _plan_of(["--domain", "medical", "--data-dir", str(em)], monkeypatch, tmp_path)
     assert (cpu.max_len, cpu.probe_max_len, cpu.control_max_new_tokens) == (384, 512, 256)  # paragraph answers
+    from emajax.demo.power import matches_measured
+
+    code = dataclasses.asdict(make_plan("cpu"))
+    assert matches_measured(code) and not matches_measured({**code, "domain": "medical"})  # its power is unknown
     capsys.readouterr()
 
     (em / MEDICAL_EVAL).unlink()
