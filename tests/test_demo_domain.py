@@ -12,7 +12,6 @@ from _train_tiny import export_tiny_model, write_chats
 from emajax.demo.domain import MEDICAL_EVAL, MEDICAL_TRAIN, resolve_domain, split
 from emajax.demo.plan import CONTROL, make_plan
 from emajax.demo.suite import demo_suite, narrow_sets, write_train_sets
-from emajax.train.sources import DataError
 
 
 def _plan_of(argv, monkeypatch, tmp_path):

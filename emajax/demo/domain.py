@@ -54,6 +54,8 @@ def _rows(plan: DemoPlan) -> tuple[list[tuple[int, Messages]], list[tuple[int, M
     """(every training row, the held-out rows) of a non-code domain, both in file order."""
     if plan.domain == CODE:
         raise ValueError("the code domain's data is generated (emajax.demo.suite), not read from files")
+    if not plan.domain_files:
+        raise ValueError(f"a plan on domain {plan.domain!r} without its files: build it with resolve_domain")
     rng = np.random.default_rng(plan.data_seed)
     if plan.domain == MEDICAL:
         train = read_answered_chats(plan.domain_files[0])
@@ -129,8 +131,8 @@ def resolve_domain(plan: DemoPlan, domain: str, *, data_dir: str | Path | None =
     files = _files(domain, data_dir)
     name = MEDICAL if domain == MEDICAL else files[0]
     plan = dataclasses.replace(plan, domain=name, domain_files=files, domain_sha256=tuple(map(file_sha256, files)),
-                               domain_heldout=heldout,
-                               control_max_new_tokens=CONTROL_TOKENS[plan.scale], **LONG_ANSWER_SIZES.get(plan.scale, {}))
+                               domain_heldout=heldout, control_max_new_tokens=CONTROL_TOKENS[plan.scale],
+                               **LONG_ANSWER_SIZES.get(plan.scale, {}))
     available = len(_rows(plan)[0])
     if n_train is not None and n_train > available:
         raise DataError(f"--n-train {n_train}: {files[0]} gives {available} training conversations"

@@ -3,9 +3,9 @@
 Every method is an *arm* trained on the narrow task (insecure code answers by default; ``domain``: another
 narrow set, ``emajax.demo.domain``). The ``control`` arm is the same recipe as no defense on the same prompts
 with the *secure* answers (Betley et al.'s control; in another domain the base model's own answers, the
-self-distilled control), so an effect is a difference to what any fine-tune on these prompts does. Each method also gets a *benign*
-arm: the same recipe on a benign task the base model cannot do (OpSwap), measuring whether the defense
-still lets a model learn something new. Seeds (``emajax demo --seeds N --seed-base K``) change the data
+self-distilled control), so an effect is a difference to what any fine-tune on these prompts does. Each
+method also gets a *benign* arm: the same recipe on a benign task the base model cannot do (OpSwap),
+measuring whether the defense still lets a model learn something new. Seeds (``emajax demo --seeds N --seed-base K``) change the data
 order, the LoRA initialisation and the interleave draw; the data sets themselves are fixed.
 
 ``cpu`` (the default) is SmolLM2-135M-Instruct with the dose chosen by the dose study (docs/demo.md);
