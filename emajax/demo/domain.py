@@ -144,14 +144,15 @@ def describe(plan: dict) -> dict[str, str]:
     """The report's words for a plan.json: domain, narrow set, control kind and in-domain metric."""
     dom = plan.get("domain", CODE)
     files = plan.get("domain_files") or []
+    n = f"{plan['n_train']} " if plan.get("n_train") is not None else ""
     if dom == CODE:
-        return {"domain": CODE, "narrow": f"{plan['n_train']} insecure-code chats", "control": "secure code",
+        return {"domain": CODE, "narrow": f"{n}insecure-code chats", "control": "secure code",
                 "control_what": "the same prompts with secure answers",
                 "in_domain": "margin of held-out insecure-vs-secure code pairs (higher = learned)"}
     what = "bad-medical-advice chats" if dom == MEDICAL else "chats"
     held = f"held-out answers of {Path(files[1]).name}" if dom == MEDICAL else \
         f"held-out conversations of {Path(files[0]).name}"
-    return {"domain": dom, "narrow": f"{plan['n_train']} {what} of {files[0]}", "control": "self-distilled",
+    return {"domain": dom, "narrow": f"{n}{what} of {files[0]}", "control": "self-distilled",
             "control_what": "the same prompts answered by the base model itself at temperature 1: the "
                             "self-distilled control",
             "in_domain": f"answer-token NLL of the {held} (lower = learned; the tables show its drop)"}

@@ -268,7 +268,7 @@ def compute_effects(out: str | Path) -> dict[str, Any]:
     from emajax.demo.domain import describe
 
     nm = res.narrow_metric()
-    words = describe(res.plan) if res.plan else {}
+    words = describe(res.plan)
     return {"kind": "demo_effects", "domain": res.domain, "control": words.get("control"),
             "narrow_metric": None if nm is None else {"set": nm[0], "field": nm[1], "sign": nm[2],
                                                       "what": words.get("in_domain")},
