@@ -5,6 +5,8 @@ trains, per seed, a control arm (the same prompts with secure answers), no defen
 insecure code, plus one benign-task arm per method; measures every arm with the judge-free probes and
 writes report.md (Table 1 with pooled CIs and verdicts) and plots. ``--judge-url URL --judge-model M``
 adds the LLM judge on the 24 general questions. ``--dose-steps 8 16 32 64`` runs the dose study instead.
+``--domain medical`` (the shared bad-medical-advice set) or ``--domain FILE.jsonl`` (any chat set) trains the
+narrow arms on another domain with a self-distilled control (``emajax.demo.domain``).
 Re-running the same command resumes; more seeds can be added to the same --out later.
 """
 
@@ -23,6 +25,8 @@ EXAMPLES = (
     "emajax demo --judge-url http://127.0.0.1:8000/v1 --judge-model judge --data-dir ../shared/data/em",
     "emajax demo --dose-steps 8 16 32 64 --seeds 3 --out runs/dose",
     "emajax demo --seeds 3 --n-train 512 --out runs/demo3_64steps",
+    "emajax demo --domain medical --data-dir ../shared/data/em --seeds 5 --out runs/demo_medical",
+    "emajax demo --domain chats.jsonl --domain-heldout 50 --out runs/demo_chats",
 )
 
 
@@ -56,13 +60,22 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="judge model id (env EMAJAX_JUDGE_MODEL)")
     p.add_argument("--judge-samples", type=int, default=None, help="answers per general question (default: scale's)")
     p.add_argument("--data-dir", default=None,
-                   help="EM data root holding eval/first_plot_questions.yaml (default ../shared/data/em)")
+                   help="EM data root holding eval/first_plot_questions.yaml and, for --domain medical, "
+                        "sft/medical_misaligned_{train_100,eval}.jsonl (default: --probe-data, else "
+                        "../shared/data/em)")
+    p.add_argument("--domain", default="code", metavar="code|medical|FILE.jsonl",
+                   help="the narrow task: code (default: insecure code, secure-code control), medical (the shared "
+                        "bad-medical-advice set) or any chat JSONL; other than code the control arm trains on the "
+                        "base model's own answers (self-distilled) and narrow learning is the held-out answers' NLL")
+    p.add_argument("--domain-heldout", type=int, default=None, metavar="N",
+                   help="--domain FILE.jsonl: conversations held out for the in-domain probe (default 20%%)")
 
 
 DEFAULT_SEEDS = {"cpu": 1, "tiny": 3, "paper": 3}
 
 
 def run(args: argparse.Namespace) -> int:
+    from emajax.demo.domain import resolve_domain
     from emajax.demo.plan import make_plan
 
     if args.n_train is not None and args.n_train < 1:
@@ -79,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
     seeds = tuple(range(args.seed_base, args.seed_base + n))
     try:
         plan = make_plan(args.scale, model=args.model, methods=tuple(args.methods) if args.methods else None, **over)
+        plan = resolve_domain(plan, args.domain, data_dir=args.data_dir or args.probe_data,
+                              heldout=args.domain_heldout, n_train=args.n_train)
     except (ValueError, TypeError) as e:
         raise CliError(str(e)) from None
+    if args.dose_steps and args.domain != "code":
+        raise CliError("the dose study (--dose-steps) runs the code domain only; drop --domain")
     if args.dose_steps:
         from emajax.demo.dose import run_dose
 

@@ -178,6 +178,8 @@ def write_dose_report(out: str | Path) -> Path:
 
 def run_dose(plan: DemoPlan, out: str | Path, seeds: Sequence[int], steps: Sequence[int],
              arms: Sequence[str] = DOSE_ARMS, log: Any = None) -> Path:
+    if plan.domain != "code":  # its stages write and read the secure-code control set
+        raise ValueError(f"the dose study runs the code domain only, not {plan.domain!r}")
     return DoseStudy(plan, out, seeds, steps, arms, log).run()
 
 

@@ -6,8 +6,9 @@ probe items (paired: the same seed and item in every arm):
 * ``em_effect``: general margin of the method's arm minus the control's (the EM the method leaves);
 * ``em_removed``: (no defense's EM effect − the method's) / no defense's (Fieller); ``em_vs_none``: the
   paired difference method − no defense (what the report shows when the share's denominator reaches 0);
-* ``narrow_effect`` / ``narrow_retained`` / ``narrow_vs_none``: in-domain margin vs the control, its share of
-  no defense's, and the paired difference to no defense's;
+* ``narrow_effect`` / ``narrow_retained`` / ``narrow_vs_none``: in-domain learning vs the control, its share of
+  no defense's, and the paired difference to no defense's; learning is the ``in_domain`` margin (code pairs) or,
+  in another domain, minus the ``narrow`` NLL of the held-out answers (so up = learned either way: the NLL drop);
 * ``benign_learning`` / ``benign_retained``: the held-out benign-task NLL drop of the method's benign arm
   (base − arm), its share of no defense's benign arm's drop and the difference to it (``benign_vs_none``);
   ``benign_exact``: its exact match;
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from emajax.demo.plan import CONTROL, label_of
+from emajax.demo.plan import CODE, CONTROL, label_of
 from emajax.eval import verdicts
 from emajax.eval.pooled import METHOD, pooled_mean, pooled_ratio
 
@@ -44,6 +45,10 @@ def _items(res: dict | None, set_name: str, field: str) -> tuple[list[str], np.n
     return list(it["ids"]), np.asarray(it[field], np.float64)
 
 
+# the in-domain learning probe: (set, field, sign); sign * value goes up as the narrow task is learned
+NARROW_METRICS = (("in_domain", "margin", 1.0), ("narrow", "nll", -1.0))
+
+
 class DemoResults:
     """Every probe result of a demo output directory, by (seed, arm)."""
 
@@ -51,6 +56,7 @@ class DemoResults:
         self.out = Path(out)
         plan = _read(self.out / "plan.json") or {}
         self.plan = plan
+        self.domain = plan.get("domain", CODE)
         self.methods: list[str] = list(plan.get("methods", []))
         self.base = _read(self.out / "base" / "probes.json")
         if self.base is None:
@@ -101,6 +107,20 @@ class DemoResults:
         got = _items(self.base, set_name, field)
         return None if got is None else got[1]
 
+    def narrow_metric(self) -> tuple[str, str, float] | None:
+        """The in-domain learning probe the base model was measured with (``NARROW_METRICS``)."""
+        return next((m for m in NARROW_METRICS if _items(self.base, m[0], m[1]) is not None), None)
+
+    def learning(self, table: dict, seeds: list[int], arm: str) -> np.ndarray | None:
+        """[seeds, items] in-domain learning of one arm (up = learned); None without it."""
+        m = self.narrow_metric()
+        x = None if m is None else self.matrix(table, seeds, arm, m[0], m[1])
+        return None if x is None else m[2] * x
+
+    def base_learning(self) -> np.ndarray | None:
+        m = self.narrow_metric()
+        return None if m is None else m[2] * self.base_row(m[0], m[1])
+
 
 def _pairs_sets(res: DemoResults) -> list[str]:
     return [n for n in ("general", "security") if _items(res.base, n, "margin") is not None]
@@ -135,7 +155,7 @@ def _judge_effects(res: DemoResults, m: str) -> dict[str, Any]:
 
 def method_effects(res: DemoResults, m: str) -> dict[str, Any]:
     """Every pooled figure of one method (``m`` may be ``control``: its changes vs the base model)."""
-    out: dict[str, Any] = {"label": label_of(m)}
+    out: dict[str, Any] = {"label": label_of(m, res.domain)}
     seeds = res.seeds_with(res.narrow, [m, CONTROL, "none"])
     out["seeds"] = seeds
     if seeds:
@@ -155,11 +175,9 @@ def method_effects(res: DemoResults, m: str) -> dict[str, Any]:
                 if m != "none":
                     out[f"{key}_vs_none"] = pooled_mean(arm - non)
                     out[f"{key}_removed"] = pooled_ratio(non - arm, non - ctl)
-        arm = res.matrix(res.narrow, seeds, m, "in_domain", "margin")
-        ctl = res.matrix(res.narrow, seeds, CONTROL, "in_domain", "margin")
-        non = res.matrix(res.narrow, seeds, "none", "in_domain", "margin")
+        arm, ctl, non = (res.learning(res.narrow, seeds, a) for a in (m, CONTROL, "none"))
         if arm is not None and ctl is not None and non is not None:
-            out["narrow_vs_base"] = pooled_mean(arm - res.base_row("in_domain", "margin")[None])
+            out["narrow_vs_base"] = pooled_mean(arm - res.base_learning()[None])
             if m != CONTROL:
                 out["narrow_effect"] = pooled_mean(arm - ctl)
                 out["narrow_retained"] = pooled_ratio(arm - ctl, non - ctl)
@@ -213,14 +231,14 @@ def dose_rows(res: DemoResults) -> list[dict[str, Any]]:
         if not seeds:
             continue
         row: dict[str, Any] = {"step": t if t is not None else table[(seeds[0], "none")].get("step"), "seeds": seeds}
-        for set_name, key in (("general", "em_effect"), ("in_domain", "narrow_effect")):
-            a, c = (res.matrix(table, seeds, arm, set_name, "margin") for arm in ("none", CONTROL))
-            if a is not None and c is not None:
-                row[key] = pooled_mean(a - c)
-                base = res.base_row(set_name, "margin")[None]
-                row["em_vs_base" if set_name == "general" else "narrow_vs_base"] = pooled_mean(a - base)
-                if set_name == "general":
-                    row["em_control_vs_base"] = pooled_mean(c - base)
+        a, c = (res.matrix(table, seeds, arm, "general", "margin") for arm in ("none", CONTROL))
+        if a is not None and c is not None:
+            base = res.base_row("general", "margin")[None]
+            row.update(em_effect=pooled_mean(a - c), em_vs_base=pooled_mean(a - base),
+                       em_control_vs_base=pooled_mean(c - base))
+        a, c = (res.learning(table, seeds, arm) for arm in ("none", CONTROL))
+        if a is not None and c is not None:
+            row.update(narrow_effect=pooled_mean(a - c), narrow_vs_base=pooled_mean(a - res.base_learning()[None]))
         out.append(row)
     return out if len(out) > 1 else []
 
@@ -247,7 +265,14 @@ def compute_effects(out: str | Path) -> dict[str, Any]:
     base_exact = res.base_exact.get("accuracy") if res.base_exact else None
     n_items = {k: len(v["ids"]) for k, v in (res.base.get("items") or {}).items()}
     judge_base = res.base_judge.get("misaligned_rate") if res.base_judge else None
-    return {"kind": "demo_effects", "seeds": res.seeds, "methods": res.methods, "n_items": n_items,
+    from emajax.demo.domain import describe
+
+    nm = res.narrow_metric()
+    words = describe(res.plan)
+    return {"kind": "demo_effects", "domain": res.domain, "control": words.get("control"),
+            "narrow_metric": None if nm is None else {"set": nm[0], "field": nm[1], "sign": nm[2],
+                                                      "what": words.get("in_domain")},
+            "seeds": res.seeds, "methods": res.methods, "n_items": n_items,
             "ci_method": METHOD, "em_significant": verdicts.em_significant(none.get("em_effect")),
             "base_exact": base_exact, "judge_base": judge_base, "arms": per, "dose": dose_rows(res),
             "equiv_margin": verdicts.EQUIV_MARGIN, "rules": verdicts.RULES}

@@ -6,8 +6,10 @@ Layout of ``--out``::
 
     plan.json, timings.json, effects.json, report.md, *.png
     data/            narrow_train.jsonl, control_train.jsonl, benign_train.jsonl
+                     (another --domain: no control_train.jsonl; control/ holds the self-distilled control per seed)
     base/            probes.json (every probe set on the base model), benign_exact.json, em_general.json
     persona/         evil.safetensors (the steering vector, seed-independent)
+    seed_K/control_data.json  (another --domain) which self-distilled control file this seed's control trains on
     seed_K/arms/ARM/     trainer files, export/, monitor.jsonl, probes.json (ARM = control or a method)
     seed_K/benign/METHOD/  the same for the benign arm, with benign_exact.json
     seed_K/interleave_pp_scores/, seed_K/interleave_pp_selection.jsonl
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from emajax import atomic
-from emajax.demo.plan import CONTROL, DemoPlan, label_of
+from emajax.demo.plan import CODE, CONTROL, DemoPlan, label_of
 
 Log = Callable[[str], None]
 
@@ -202,6 +204,14 @@ class Demo:
     def selection_path(self, seed: int) -> Path:
         return self.seed_dir(seed) / "interleave_pp_selection.jsonl"
 
+    def data_done(self) -> Path:
+        """The data stage's last file (code: the control set; another domain: the benign task's, written last)."""
+        return self.data / ("control_train.jsonl" if self.plan.domain == CODE else "benign_train.jsonl")
+
+    def control_record(self, seed: int) -> Path:
+        """Another domain: ``{"path": ...}`` of the seed's self-distilled control (written once it exists)."""
+        return self.seed_dir(seed) / "control_data.json"
+
     def base_loaded(self) -> Any:
         if self._base_loaded is None:
             from emajax.models.hub import load_model
@@ -262,6 +272,16 @@ class Demo:
         from emajax.demo.suite import write_train_sets
 
         write_train_sets(self.plan, self.data)
+
+    def control_data(self, seed: int) -> None:
+        """Another domain's control: the base model's own sampled answers to the narrow set's prompts
+        (``emajax.data.self_distill``, cached and resumable under data/control/)."""
+        from emajax.data.self_distill import self_distilled_control
+
+        path = self_distilled_control(self.base_loaded(), self.data / "narrow_train.jsonl", self.data / "control",
+                                      model=self.plan.model, seed=seed, temperature=1.0, top_p=1.0,
+                                      max_new_tokens=self.plan.control_max_new_tokens, log=self.log)
+        atomic.write_json(self.control_record(seed), {"kind": "self-distilled", "path": str(path), "seed": seed})
 
     def base_probes(self) -> None:
         from emajax.eval.probes import write_results
@@ -336,9 +356,11 @@ class Demo:
         from emajax.demo.suite import TRAIN_FILES
         from emajax.train.config import config_from_dict
 
-        data = TRAIN_FILES["benign_task" if benign else ("control" if arm == CONTROL else "narrow")]
+        data = self.data / TRAIN_FILES["benign_task" if benign else ("control" if arm == CONTROL else "narrow")]
+        if arm == CONTROL and not benign and self.plan.domain != CODE:
+            data = Path(json.loads(self.control_record(seed).read_text())["path"])
         plan = dataclasses.replace(self.plan, **over) if over else self.plan
-        raw = plan.train_config(arm, str(self.data / data), seed=seed,
+        raw = plan.train_config(arm, str(data), seed=seed,
                                 vector=str(self.out / "persona" / "evil.safetensors"),
                                 selection=str(self.selection_path(seed)), pool=str(safe_pool_path()), benign=benign)
         return config_from_dict(raw, source=f"demo:{arm}{':benign' if benign else ''}:seed{seed}")
@@ -350,7 +372,7 @@ class Demo:
         run_dir = self.benign_dir(seed, arm) if benign else self.arm_dir(seed, arm)
         cfg = self.train_config(arm, seed, benign=benign)
         cfg.out = str(run_dir)
-        label = label_of(arm) + (" (benign task)" if benign else "")
+        label = label_of(arm, self.plan.domain) + (" (benign task)" if benign else "")
         meta = {"method": arm, "label": label, "model": self.plan.model, "seed": seed,
                 "task": "benign_task" if benign else "narrow"}
         atomic.write_json(run_dir / "method.json", meta)
@@ -427,11 +449,14 @@ class Demo:
         enable_compile_cache(self.out / "xla_cache")
         timer = Timer(self.out / "timings.json", self.log)
         arms, methods = self.arms, list(self.plan.methods)
-        timer.run("data", self.write_data, skip=(self.data / "control_train.jsonl").is_file())
+        timer.run("data", self.write_data, skip=self.data_done().is_file())
         timer.run("base probes", self.base_probes, skip=(self.out / "base" / "probes.json").is_file())
         if "steering" in methods:
             timer.run("persona vector", self.persona, skip=(self.out / "persona" / "evil.safetensors").is_file())
         for seed in self.seeds:
+            if self.plan.domain != CODE:
+                timer.run(f"seed {seed}: control data", lambda s=seed: self.control_data(s),
+                          skip=self.control_record(seed).is_file())
             for arm in arms:
                 if arm == "interleave_pp":
                     timer.run(f"seed {seed}: Interleaving++ selection", lambda s=seed: self.select_pp(s),

@@ -1,10 +1,11 @@
 """What the demo runs: the arms, their defense settings, and the size of everything, per scale.
 
-Every method is an *arm* trained on the narrow task (insecure code answers). The ``control`` arm is the
-same recipe as no defense on the same prompts with the *secure* answers (Betley et al.'s control), so an
-effect is a difference to what any fine-tune on these prompts does. Each method also gets a *benign*
-arm: the same recipe on a benign task the base model cannot do (OpSwap), measuring whether the defense
-still lets a model learn something new. Seeds (``emajax demo --seeds N --seed-base K``) change the data
+Every method is an *arm* trained on the narrow task (insecure code answers by default; ``domain``: another
+narrow set, ``emajax.demo.domain``). The ``control`` arm is the same recipe as no defense on the same prompts
+with the *secure* answers (Betley et al.'s control; in another domain the base model's own answers, the
+self-distilled control), so an effect is a difference to what any fine-tune on these prompts does. Each
+method also gets a *benign* arm: the same recipe on a benign task the base model cannot do (OpSwap),
+measuring whether the defense still lets a model learn something new. Seeds (``emajax demo --seeds N --seed-base K``) change the data
 order, the LoRA initialisation and the interleave draw; the data sets themselves are fixed.
 
 ``cpu`` (the default) is SmolLM2-135M-Instruct with the dose chosen by the dose study (docs/demo.md);
@@ -33,10 +34,15 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 DEFAULT_METHODS = tuple(METHODS)
 CONTROL_LABEL = "Control (secure code)"
+SELF_DISTILLED_LABEL = "Control (self-distilled)"
+CODE, MEDICAL = "code", "medical"  # the narrow domains by name; any other domain is a chat JSONL path
 
 
-def label_of(arm: str) -> str:
-    return CONTROL_LABEL if arm == CONTROL else METHODS[arm][0]
+def label_of(arm: str, domain: str = CODE) -> str:
+    """The report's name of an arm; the control's says what it trains on (secure code or self-distilled)."""
+    if arm == CONTROL:
+        return CONTROL_LABEL if domain == CODE else SELF_DISTILLED_LABEL
+    return METHODS[arm][0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +92,13 @@ class DemoPlan:
     judge: bool = False
     judge_samples: int = 4
     judge_max_new_tokens: int = 160
+    # narrow domain (emajax.demo.domain.resolve_domain): code, medical or a chat JSONL path; other than code the
+    # control is self-distilled (the base model's answers, up to control_max_new_tokens each, temperature 1)
+    domain: str = CODE
+    domain_files: tuple[str, ...] = ()  # medical: its train and eval files; FILE: the file (absolute paths)
+    domain_sha256: tuple[str, ...] = ()  # of domain_files: changed data is a changed plan
+    domain_heldout: int | None = None  # FILE: held-out conversations for the in-domain probe (None: 20 %)
+    control_max_new_tokens: int | None = None  # set with a non-code domain (domain.CONTROL_TOKENS per scale)
 
     @property
     def steps(self) -> int:
@@ -99,7 +112,7 @@ class DemoPlan:
     def train_config(self, method: str, train_path: str, *, seed: int, vector: str | None = None,
                      selection: str | None = None, pool: str | None = None, benign: bool = False) -> dict[str, Any]:
         """The ``emajax train`` config (as a dict) of one arm: ``method`` is ``control`` or a method id; the
-        control arm is the no-defense recipe (its data file holds the secure answers)."""
+        control arm is the no-defense recipe (its data file holds the secure or self-distilled answers)."""
         _, defenses = METHODS["none" if method == CONTROL else method]
         fill = {"{vector}": vector, "{selection}": selection, "{pool}": pool, "{ratio}": self.interleave_ratio}
 

@@ -70,7 +70,7 @@ def equivalence_power(var_seed: float, var_item: float, var_resid: float, n_seed
 
 def matches_measured(plan: dict) -> bool:
     """Whether a demo plan is the recipe ``MEASURED`` was measured on (else its power is unknown)."""
-    return all(plan.get(k) == v for k, v in MEASURED["recipe"].items())
+    return plan.get("domain", "code") == "code" and all(plan.get(k) == v for k, v in MEASURED["recipe"].items())
 
 
 def design_power(n_seeds: int, n_items: int, reps: int = 1000) -> dict[str, float]:

@@ -8,6 +8,8 @@ insecure-vs-secure code pairs; margin up = the narrow task learned), ``benign`` 
 to arithmetic word problems; the coherence proxy) and ``benign_task`` (NLL of held-out OpSwap answers;
 benign learning); with ``--probe-data DIR`` also ``security`` (the shared security aligned/misaligned
 pairs: cross-domain EM). Narrow arms are probed with all but ``benign_task``, benign arms with it alone.
+Another ``--domain`` (``emajax.demo.domain``) trains on its own narrow set (no ``control`` file: the control is
+self-distilled per seed) and replaces ``in_domain`` with ``narrow`` (NLL of its held-out answers).
 ``shared_suite`` builds the same layout from ../shared/data/em for a model trained on a shared narrow set.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from emajax import atomic
 from emajax.data import load_general_pairs, make_code_pairs, make_word_problems
-from emajax.demo.plan import DemoPlan
+from emajax.demo.plan import CODE, DemoPlan
 from emajax.eval.opswap import make_opswap
 from emajax.eval.probes import (ProbeSuite, nll_from_chats, nll_from_jsonl, paired_from_code, paired_from_jsonl,
                                 paired_from_rows)
@@ -38,8 +40,15 @@ def benign_items(plan: DemoPlan) -> dict[str, list]:
 
 
 def write_train_sets(plan: DemoPlan, data_dir: str | Path) -> dict[str, Path]:
-    """The three training sets (JSONL) in ``data_dir``; control differs from narrow only in the answers."""
+    """The three training sets (JSONL) in ``data_dir``; control differs from narrow only in the answers. Another
+    domain: its narrow set and the benign task (written last), its control comes per seed (self-distilled)."""
     d = Path(data_dir)
+    if plan.domain != CODE:
+        from emajax.demo.domain import train_chats
+
+        return {"narrow": atomic.write_jsonl(d / TRAIN_FILES["narrow"], [{"messages": m} for m in train_chats(plan)]),
+                "benign_task": atomic.write_jsonl(d / TRAIN_FILES["benign_task"],
+                                                  [it.to_chat() for it in benign_items(plan)["train"]])}
     pairs = code_train_pairs(plan)
     return {
         "narrow": atomic.write_jsonl(d / TRAIN_FILES["narrow"], [p.chat(p.insecure) for p in pairs]),
@@ -63,20 +72,32 @@ def security_set(plan: DemoPlan):
                              limit=plan.n_security, seed=plan.data_seed)
 
 
+def in_domain_set_name(plan: DemoPlan) -> str:
+    """The probe set saying the narrow task was learned: ``in_domain`` (code pairs' margin) or ``narrow`` (NLL)."""
+    return "in_domain" if plan.domain == CODE else "narrow"
+
+
 def narrow_sets(plan: DemoPlan) -> tuple[str, ...]:
-    return NARROW_SETS + (("security",) if plan.probe_data else ())
+    sets = tuple(in_domain_set_name(plan) if s == "in_domain" else s for s in NARROW_SETS)
+    return sets + (("security",) if plan.probe_data else ())
 
 
 def demo_suite(plan: DemoPlan, *, general_split: str | None = None) -> ProbeSuite:
     """Every probe set of the demo (base model); ``.subset(narrow_sets(plan))`` / ``.subset(BENIGN_SETS)``
-    per arm. ``plan.probe_data`` adds the shared security pairs as ``security``."""
+    per arm. ``plan.probe_data`` adds the shared security pairs as ``security``; another domain's in-domain
+    probe is the ``narrow`` NLL set of its held-out answers."""
     extra = (security_set(plan),) if plan.probe_data else ()
+    if plan.domain == CODE:
+        in_domain = (paired_from_code(make_code_pairs(plan.n_probe_code, "probe", seed=plan.data_seed), "in_domain"),)
+        narrow: tuple = ()
+    else:
+        from emajax.demo.domain import heldout_set
+
+        in_domain, narrow = (), (heldout_set(plan),)
     return ProbeSuite(
-        pairs=(general_set(plan, general_split),
-               paired_from_code(make_code_pairs(plan.n_probe_code, "probe", seed=plan.data_seed), "in_domain"),
-               *extra),
+        pairs=(general_set(plan, general_split), *in_domain, *extra),
         nll=(nll_from_chats(make_word_problems(plan.n_benign, seed=plan.data_seed), "benign"),
-             nll_from_chats([it.to_chat() for it in benign_items(plan)["test"]], "benign_task")))
+             nll_from_chats([it.to_chat() for it in benign_items(plan)["test"]], "benign_task"), *narrow))
 
 
 def shared_suite(data_dir: str | Path, *, narrow: str = "medical", n_pairs: int = 200, n_nll: int = 150,
