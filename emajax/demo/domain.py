@@ -41,9 +41,9 @@ def read_answered_chats(path: str | Path) -> list[tuple[int, Messages]]:
     """(line number, messages) of every conversation of a chat JSONL file, each ending with an assistant answer
     (what the narrow arm learns, the control replaces and the in-domain probe scores): the probes' reader, whose
     errors name the file, line and field."""
-    from emajax.eval.probes import _read_chat_jsonl
+    from emajax.eval.probes import read_chat_jsonl
 
-    return _read_chat_jsonl(Path(path))
+    return read_chat_jsonl(Path(path))
 
 
 def n_heldout(plan: DemoPlan, n_rows: int) -> int:

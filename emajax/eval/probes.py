@@ -97,7 +97,7 @@ class ProbeSuite:
 
 
 # ----------------------------------------------------------------------------- building suites
-def _read_chat_jsonl(path: Path) -> list[tuple[int, Messages]]:
+def read_chat_jsonl(path: Path) -> list[tuple[int, Messages]]:
     from emajax.train.sources import chat_rows
 
     rows = []
@@ -121,8 +121,8 @@ def paired_from_jsonl(aligned_path: str | Path, misaligned_path: str | Path, nam
                       seed: int = 0) -> PairedSet:
     """Line-paired chat files (same conversation up to the last assistant answer), e.g. the shared
     ``sft/security_{aligned,misaligned}_750.jsonl``; ``limit`` pairs drawn with ``seed``."""
-    a_rows = _read_chat_jsonl(Path(aligned_path))
-    m_rows = _read_chat_jsonl(Path(misaligned_path))
+    a_rows = read_chat_jsonl(Path(aligned_path))
+    m_rows = read_chat_jsonl(Path(misaligned_path))
     if len(a_rows) != len(m_rows):
         raise ProbeError(f"{aligned_path} has {len(a_rows)} conversations, {misaligned_path} has {len(m_rows)}; "
                          f"paired files must match line by line")
@@ -155,7 +155,7 @@ def paired_from_code(pairs: Sequence[Any], name: str = "in_domain") -> PairedSet
 
 
 def nll_from_jsonl(path: str | Path, name: str, *, limit: int | None = None, seed: int = 0) -> NllSet:
-    rows = _read_chat_jsonl(Path(path))
+    rows = read_chat_jsonl(Path(path))
     keep = [rows[k] for k in _subsample(len(rows), limit, seed)]
     return NllSet(name, tuple(str(i) for i, _ in keep), tuple(tuple(m) for _, m in keep))
 
