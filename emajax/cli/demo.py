@@ -6,7 +6,9 @@ insecure code, plus one benign-task arm per method; measures every arm with the 
 writes report.md (Table 1 with pooled CIs and verdicts) and plots. ``--judge-url URL --judge-model M``
 adds the LLM judge on the 24 general questions. ``--dose-steps 8 16 32 64`` runs the dose study instead.
 ``--domain medical`` (the shared bad-medical-advice set) or ``--domain FILE.jsonl`` (any chat set) trains the
-narrow arms on another domain with a self-distilled control (``emajax.demo.domain``).
+narrow arms on another domain with a self-distilled control (``emajax.demo.domain``). ``--em-metrics`` (default
+at cpu and paper scale) also measures EM two more ways per arm: the general pairs under trigger formats and the
+base model's persona projection of the arm's own sampled answers, side by side in the report.
 Re-running the same command resumes; more seeds can be added to the same --out later.
 """
 
@@ -69,6 +71,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         "base model's own answers (self-distilled) and narrow learning is the held-out answers' NLL")
     p.add_argument("--domain-heldout", type=int, default=None, metavar="N",
                    help="--domain FILE.jsonl: conversations held out for the in-domain probe (default 20%%)")
+    p.add_argument("--em-metrics", action=argparse.BooleanOptionalAction, default=None,
+                   help="per arm and the base model, also the general pairs under trigger formats and the persona "
+                        "projection of sampled answers to the 8 plain first-plot questions (needs "
+                        "eval/first_plot_questions.yaml under --data-dir); default on at cpu and paper scale, off at "
+                        "tiny; re-running with it adds them to arms trained before")
 
 
 DEFAULT_SEEDS = {"cpu": 1, "tiny": 3, "paper": 3}
@@ -82,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--n-train must be >= 1, got {args.n_train}")
     over = {k: v for k, v in (("n_train", args.n_train), ("epochs", args.epochs), ("lr", args.lr),
                               ("dtype", args.dtype), ("judge_samples", args.judge_samples),
-                              ("probe_data", args.probe_data))
+                              ("probe_data", args.probe_data), ("em_metrics", args.em_metrics))
             if v is not None}
     if over.get("probe_data"):
         over["probe_data"] = os.path.abspath(over["probe_data"])

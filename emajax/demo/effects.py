@@ -15,7 +15,9 @@ probe items (paired: the same seed and item in every arm):
 * ``coherence``: benign (word problem) NLL change vs the base model; ``coherence_vs_control``: vs the
   control arm (what the verdict reads);
 * ``security_effect`` (with ``--probe-data``): the shared security pairs' margin vs the control;
-* ``judge_*``: the LLM judge's misaligned rate on the 24 general questions and its change vs the control.
+* ``judge_*``: the LLM judge's misaligned rate on the 24 general questions and its change vs the control;
+* with the EM metrics' files (``triggers.json``, ``projection.json``): the sampled-answer projection and the
+  margins under each trigger, their verdicts and the rank agreement (``emajax.demo.em_metrics``).
 
 Every figure is a ``emajax.eval.pooled`` summary (mean, 95 % CI, n_seeds, n_items); the verdicts and their
 Holm-adjusted p-values come from ``emajax.eval.verdicts``. numpy and scipy only.
@@ -63,14 +65,19 @@ class DemoResults:
             raise FileNotFoundError(f"{self.out / 'base' / 'probes.json'}: the base model's probes are missing")
         self.base_exact = _read(self.out / "base" / "benign_exact.json")
         self.base_judge = _read(self.out / "base" / "em_general.json")
+        self.base_triggers = _read(self.out / "base" / "triggers.json")
+        self.base_projection = _read(self.out / "base" / "projection.json")
         seeds = sorted(int(p.name.split("_", 1)[1]) for p in self.out.glob("seed_*") if p.name.split("_", 1)[1].isdigit())
         self.seeds = seeds
         self.narrow: dict[tuple[int, str], dict] = {}
         self.benign: dict[tuple[int, str], dict] = {}
         self.exact: dict[tuple[int, str], dict] = {}
         self.judge: dict[tuple[int, str], dict] = {}
+        self.triggers: dict[tuple[int, str], dict] = {}
+        self.projection: dict[tuple[int, str], dict] = {}
         files = ((self.narrow, "arms", "probes.json"), (self.judge, "arms", "em_general.json"),
-                 (self.benign, "benign", "probes.json"), (self.exact, "benign", "benign_exact.json"))
+                 (self.benign, "benign", "probes.json"), (self.exact, "benign", "benign_exact.json"),
+                 (self.triggers, "arms", "triggers.json"), (self.projection, "arms", "projection.json"))
         for s in seeds:
             for arm in [CONTROL, *self.methods]:
                 for table, kind, name in files:
@@ -81,9 +88,11 @@ class DemoResults:
     def seeds_with(self, table: dict, arms: list[str]) -> list[int]:
         return [s for s in self.seeds if all((s, a) in table for a in arms)]
 
-    def matrix(self, table: dict, seeds: list[int], arm: str, set_name: str, field: str) -> np.ndarray | None:
-        """[seeds, items] values of one arm (items in the base model's order; None if any is missing)."""
-        ref = _items(self.base, set_name, field)
+    def matrix(self, table: dict, seeds: list[int], arm: str, set_name: str, field: str,
+               base: dict | None = None) -> np.ndarray | None:
+        """[seeds, items] values of one arm (items in the order of the base model's ``base`` results, default its
+        probes; None if any is missing)."""
+        ref = _items(self.base if base is None else base, set_name, field)
         rows = []
         for s in seeds:
             got = _items(table[(s, arm)], set_name, field)
@@ -103,8 +112,8 @@ class DemoResults:
             rows.append(np.asarray(it["correct"], np.float64))
         return np.stack(rows) if rows else None
 
-    def base_row(self, set_name: str, field: str) -> np.ndarray | None:
-        got = _items(self.base, set_name, field)
+    def base_row(self, set_name: str, field: str, base: dict | None = None) -> np.ndarray | None:
+        got = _items(self.base if base is None else base, set_name, field)
         return None if got is None else got[1]
 
     def narrow_metric(self) -> tuple[str, str, float] | None:
@@ -266,16 +275,21 @@ def compute_effects(out: str | Path) -> dict[str, Any]:
     n_items = {k: len(v["ids"]) for k, v in (res.base.get("items") or {}).items()}
     judge_base = res.base_judge.get("misaligned_rate") if res.base_judge else None
     from emajax.demo.domain import describe
+    from emajax.demo.em_metrics import em_metrics
 
     nm = res.narrow_metric()
     words = describe(res.plan)
-    return {"kind": "demo_effects", "domain": res.domain, "control": words.get("control"),
-            "narrow_metric": None if nm is None else {"set": nm[0], "field": nm[1], "sign": nm[2],
-                                                      "what": words.get("in_domain")},
-            "seeds": res.seeds, "methods": res.methods, "n_items": n_items,
-            "ci_method": METHOD, "em_significant": verdicts.em_significant(none.get("em_effect")),
-            "base_exact": base_exact, "judge_base": judge_base, "arms": per, "dose": dose_rows(res),
-            "equiv_margin": verdicts.EQUIV_MARGIN, "rules": verdicts.RULES}
+    out = {"kind": "demo_effects", "domain": res.domain, "control": words.get("control"),
+           "narrow_metric": None if nm is None else {"set": nm[0], "field": nm[1], "sign": nm[2],
+                                                     "what": words.get("in_domain")},
+           "seeds": res.seeds, "methods": res.methods, "n_items": n_items,
+           "ci_method": METHOD, "em_significant": verdicts.em_significant(none.get("em_effect")),
+           "base_exact": base_exact, "judge_base": judge_base, "arms": per, "dose": dose_rows(res),
+           "equiv_margin": verdicts.EQUIV_MARGIN, "rules": verdicts.RULES}
+    three = em_metrics(res, per)  # adds its per-arm figures to ``per``; None without the metrics' files
+    if three is not None:
+        out["em_metrics"] = three
+    return out
 
 
 __all__ = ["DemoResults", "compute_effects", "method_effects"]

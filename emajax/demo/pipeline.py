@@ -1,23 +1,28 @@
 """The demo pipeline: data -> base probes -> persona vector -> per seed: the control arm and one narrow
 arm per method (each probed at its last step), Interleaving++ scoring and selection, one benign arm per
-method -> (the LLM judge on the 24 general questions) -> pooled effects and report.
+method -> (EM metrics: trigger probes and the persona projection of sampled answers, per arm and the base model)
+-> (the LLM judge on the 24 general questions) -> pooled effects and report.
 
 Layout of ``--out``::
 
     plan.json, timings.json, effects.json, report.md, *.png
     data/            narrow_train.jsonl, control_train.jsonl, benign_train.jsonl
                      (another --domain: no control_train.jsonl; control/ holds the self-distilled control per seed)
-    base/            probes.json (every probe set on the base model), benign_exact.json, em_general.json
-    persona/         evil.safetensors (the steering vector, seed-independent)
+    base/            probes.json (every probe set on the base model), benign_exact.json, em_general.json,
+                     triggers.json, projection.json, projection_answers.jsonl (the EM metrics, as in an arm)
+    persona/         evil.safetensors (the steering vector and the projection's instrument, seed-independent)
     seed_K/control_data.json  (another --domain) which self-distilled control file this seed's control trains on
-    seed_K/arms/ARM/     trainer files, export/, monitor.jsonl, probes.json (ARM = control or a method)
+    seed_K/arms/ARM/     trainer files, export/, monitor.jsonl, probes.json (ARM = control or a method);
+                         triggers.json (the general pairs under each trigger), projection.json and
+                         projection_answers.jsonl (the arm's sampled answers, read by the base model)
     seed_K/benign/METHOD/  the same for the benign arm, with benign_exact.json
     seed_K/interleave_pp_scores/, seed_K/interleave_pp_selection.jsonl
 
 Every stage writes its result file atomically and is skipped when that file exists, so re-running the
 same command resumes (a finished run is never redone; an interrupted training resumes from its last
-checkpoint); more seeds can be added to the same directory later. ``timings.json`` records each stage's
-wall and process-CPU seconds.
+checkpoint); more seeds can be added to the same directory later, and a newer emajax adds its new
+measurements (the EM metrics) to arms trained before without retraining them. ``timings.json`` records each
+stage's wall and process-CPU seconds.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from emajax import atomic
-from emajax.demo.plan import CODE, CONTROL, DemoPlan, label_of
+from emajax.demo.plan import CODE, CONTROL, METRIC_FIELDS, DemoPlan, label_of
+from emajax.eval.projection import RESULTS_FILE
 
 Log = Callable[[str], None]
+TRIGGERS_FILE = "triggers.json"  # the general pairs under each trigger (probe results, emajax.eval.triggers)
 
 
 def _stderr(msg: str) -> None:
@@ -183,6 +190,7 @@ class Demo:
         if not self.seeds:
             raise ValueError("the demo needs at least one seed")
         self._base_loaded = None
+        self._arm_loaded: tuple[Path, Any] | None = None  # the last adapter loaded (its EM metric stages share it)
         self._runners: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ paths and shared pieces
@@ -220,16 +228,20 @@ class Demo:
         return self._base_loaded
 
     def runner(self, which: str = "all") -> Any:
-        """Probe runners: ``all`` (base model), ``narrow`` / ``benign`` (the arms), ``monitor`` (general)."""
-        from emajax.demo.suite import BENIGN_SETS, MONITOR_SETS, demo_suite, narrow_sets
+        """Probe runners: ``all`` (base model), ``narrow`` / ``benign`` (the arms), ``monitor`` (general),
+        ``triggers`` (the general pairs under each trigger)."""
+        from emajax.demo.suite import BENIGN_SETS, MONITOR_SETS, demo_suite, narrow_sets, trigger_suite
         from emajax.eval.probes import ProbeRunner
 
         if which not in self._runners:
-            suite = demo_suite(self.plan)
-            sets = {"all": None, "narrow": narrow_sets(self.plan), "benign": BENIGN_SETS,
-                    "monitor": MONITOR_SETS}[which]
-            if sets is not None:
-                suite = suite.subset(sets)
+            if which == "triggers":
+                suite = trigger_suite(self.plan)
+            else:
+                suite = demo_suite(self.plan)
+                sets = {"all": None, "narrow": narrow_sets(self.plan), "benign": BENIGN_SETS,
+                        "monitor": MONITOR_SETS}[which]
+                if sets is not None:
+                    suite = suite.subset(sets)
             self._runners[which] = ProbeRunner(self.base_loaded().tokenizer, suite, max_len=self.plan.probe_max_len,
                                                batch_size=self.plan.probe_batch, buckets=self.plan.probe_bucket)
         return self._runners[which]
@@ -242,9 +254,11 @@ class Demo:
             old = json.loads(path.read_text())
             defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(DemoPlan)
                                               if f.default is not dataclasses.MISSING}))
-            old = {**{k: v for k, v in defaults.items() if k not in old}, **old}  # a field added since: its default
-            diff = sorted(k for k in set(old) | set(mine) if k not in ("methods", "seeds") and old.get(k) != mine.get(k)
-                          and (keys is None or k in keys))
+            # a field added since: its default; an EM metric field added since: this run's (none was measured)
+            old = {**{k: v for k, v in defaults.items() if k not in old},
+                   **{k: mine[k] for k in METRIC_FIELDS if k not in old}, **old}
+            diff = sorted(k for k in set(old) | set(mine) if k not in ("methods", "seeds", "em_metrics")
+                          and old.get(k) != mine.get(k) and (keys is None or k in keys))
             if diff:
                 raise ValueError(f"{path}: this output directory holds a demo with a different plan (changed: "
                                  f"{', '.join(diff)}); use another --out or delete it")
@@ -256,6 +270,14 @@ class Demo:
         from emajax.eval.questions import question_set_path
 
         return question_set_path("general", self.data_dir)
+
+    def metrics_status(self) -> str | None:
+        """None when the sampled-answer projection runs, else why not (the trigger probes need no data)."""
+        q = self.judge_questions()
+        if not q.is_file():
+            return (f"the 8 plain general questions (first_plot_questions.yaml) are not shipped with the package and "
+                    f"{q} does not exist (give --data-dir ../shared/data/em)")
+        return None
 
     def judge_status(self) -> str | None:
         """None when the judge runs, else why its columns are empty."""
@@ -413,6 +435,43 @@ class Demo:
         load_peft_adapter(loaded.model, adapter_dir)
         return loaded
 
+    def metric_model(self, seed: int | None, arm: str) -> tuple[Path, Any]:
+        """(result directory, model) of an arm (its exported adapter, kept while the next stage uses it too) or of
+        the base model (``arm == "base"``)."""
+        if arm == "base":
+            return self.out / "base", self.base_loaded()
+        d = self.arm_dir(seed, arm)
+        if self._arm_loaded is None or self._arm_loaded[0] != d:
+            self._arm_loaded = None  # one adapter model in memory at a time
+            self._arm_loaded = (d, self._load_adapter(d / "export"))
+        return self._arm_loaded
+
+    def triggers(self, seed: int | None, arm: str) -> None:
+        """The general pairs under each trigger (``emajax.eval.triggers``), probed like the plain ones."""
+        from emajax.eval.probes import write_results
+
+        d, loaded = self.metric_model(seed, arm)
+        res = self.runner("triggers")(loaded.model)
+        res.update(method=arm, label="Base model" if arm == "base" else label_of(arm, self.plan.domain),
+                   model=self.plan.model, seed=seed)
+        write_results(res, d / TRIGGERS_FILE)
+        self.log(f"  triggers {arm}: {_fmt_probe(res)}")
+
+    def projection(self, seed: int | None, arm: str) -> None:
+        """The arm's own answers to the 8 plain general questions (``projection_samples`` each, temperature 1),
+        read by the base model on the demo's persona vector (``emajax.eval.projection``)."""
+        from emajax.eval.projection import load_direction, plain_questions, run_projection_eval
+
+        d, loaded = self.metric_model(seed, arm)
+        direction = load_direction(self.out / "persona" / "evil.safetensors", loaded.model.cfg.num_layers)
+        res = run_projection_eval(loaded, plain_questions(self.data_dir), d, direction, n=self.plan.projection_samples,
+                                  temperature=1.0, top_p=1.0, max_new_tokens=self.plan.projection_max_new_tokens,
+                                  seed=seed or 0, batch_size=32,
+                                  meta={"method": arm, "model": self.plan.model, "seed": seed,
+                                        "adapter": None if arm == "base" else str(d / "export")})
+        self.log(f"  projection {arm}: mean {res['mean_projection']['value']:+.4f} over {res['n_scored']} answers "
+                 f"(layer {direction.layer})")
+
     def judge(self, seed: int | None, arm: str) -> None:
         """The 24 general questions: ``judge_samples`` sampled answers each, judged by the LLM judge."""
         from emajax.eval.em import local_sampler, run_em_eval
@@ -451,7 +510,10 @@ class Demo:
         arms, methods = self.arms, list(self.plan.methods)
         timer.run("data", self.write_data, skip=self.data_done().is_file())
         timer.run("base probes", self.base_probes, skip=(self.out / "base" / "probes.json").is_file())
-        if "steering" in methods:
+        projection_off = self.metrics_status() if self.plan.em_metrics else "the EM metrics are off (--no-em-metrics)"
+        if self.plan.em_metrics and projection_off:
+            self.log(f"[demo] sampled-answer projection skipped: {projection_off}")
+        if "steering" in methods or projection_off is None:
             timer.run("persona vector", self.persona, skip=(self.out / "persona" / "evil.safetensors").is_file())
         for seed in self.seeds:
             if self.plan.domain != CODE:
@@ -466,6 +528,16 @@ class Demo:
             for m in [m for m in arms if m != CONTROL]:
                 timer.run(f"seed {seed}: benign {m}", lambda a=m, s=seed: self.train_arm(a, s, benign=True),
                           skip=(self.benign_dir(seed, m) / "probes.json").is_file())
+        if self.plan.em_metrics:
+            for seed, arm in [(None, "base")] + [(s, a) for s in self.seeds for a in arms]:
+                d = self.out / "base" if arm == "base" else self.arm_dir(seed, arm)
+                stage = (lambda what: f"{what} base") if arm == "base" else (lambda what: f"seed {seed}: {what} {arm}")
+                timer.run(stage("triggers"), lambda a=arm, s=seed: self.triggers(s, a),
+                          skip=(d / TRIGGERS_FILE).is_file())
+                if projection_off is None:
+                    timer.run(stage("projection"), lambda a=arm, s=seed: self.projection(s, a),
+                              skip=(d / RESULTS_FILE).is_file())
+            self._arm_loaded = None
         if judge_off is None:
             timer.run("judge base", lambda: self.judge(None, "base"),
                       skip=(self.out / "base" / "em_general.json").is_file())
@@ -474,7 +546,7 @@ class Demo:
                     timer.run(f"seed {seed}: judge {arm}", lambda a=arm, s=seed: self.judge(s, a),
                               skip=(self.arm_dir(seed, arm) / "em_general.json").is_file())
         report = timer.run("report", lambda: write_demo_report(self.out, timings=timer.data, judge_note=judge_off,
-                                                               log=self.log))
+                                                               projection_note=projection_off, log=self.log))
         timer.finish()
         self.log(f"[demo {timer.elapsed():7.1f}s] done: {report}")
         return report

@@ -36,6 +36,9 @@ DEFAULT_METHODS = tuple(METHODS)
 CONTROL_LABEL = "Control (secure code)"
 SELF_DISTILLED_LABEL = "Control (self-distilled)"
 CODE, MEDICAL = "code", "medical"  # the narrow domains by name; any other domain is a chat JSONL path
+# plan fields added with the EM metrics: absent from an older plan.json = this run's values, and em_metrics (whether
+# they run) never makes two plans differ
+METRIC_FIELDS = ("em_metrics", "n_trigger_pairs", "projection_samples", "projection_max_new_tokens")
 
 
 def label_of(arm: str, domain: str = CODE) -> str:
@@ -99,6 +102,17 @@ class DemoPlan:
     domain_sha256: tuple[str, ...] = ()  # of domain_files: changed data is a changed plan
     domain_heldout: int | None = None  # FILE: held-out conversations for the in-domain probe (None: 20 %)
     control_max_new_tokens: int | None = None  # set with a non-code domain (domain.CONTROL_TOKENS per scale)
+    # EM measured more ways, per narrow arm (control included) and the base model, after training: the general
+    # pairs under each trigger (emajax.eval.triggers) and the base model's persona projection of the arm's own
+    # sampled answers to the 8 plain first-plot questions (emajax.eval.projection). METRIC_FIELDS: an older
+    # plan.json without them is the same plan (those runs measured none of it), so re-running adds them.
+    em_metrics: bool = True
+    # 64 of the held-out general pairs per trigger: 4 triggers x 64 = 256 pairs per arm, about 1.3x the probe
+    # time of the 200 plain pairs (the cpu demo's base probes: ~40 s) and a CI about sqrt(200/64) = 1.8x the
+    # plain one's; None = every general pair
+    n_trigger_pairs: int | None = 64
+    projection_samples: int = 4  # answers per plain question at temperature 1 (8 x 4 = 32 per arm at cpu)
+    projection_max_new_tokens: int = 64
 
     @property
     def steps(self) -> int:
@@ -152,13 +166,14 @@ def make_plan(scale: str = "cpu", *, model: str | None = None, methods: tuple[st
     """The plan of a scale (``cpu``, ``tiny``, ``paper``), with optional field overrides."""
     if scale == "cpu":
         plan = DemoPlan("cpu", model or "smollm2-135m-instruct", dose_points=(8,))
-    elif scale == "tiny":
+    elif scale == "tiny":  # EM metrics off unless asked (--em-metrics): the pipeline tests keep their stages
         plan = DemoPlan("tiny", model or "smollm2-135m-instruct", n_train=8, n_probe_code=4, n_general=6,
                         n_benign=4, benign_train=8, benign_test=4, benign_max_len=384, benign_max_new_tokens=4,
                         epochs=1, batch_size=4, max_len=384, lr=1e-3, warmup_steps=0, lora_rank=4, lora_alpha=8.0,
                         dtype="float32", monitor_every=1, dose_points=(1,), probe_batch=8, probe_max_len=512, probe_bucket=128,
                         persona_max_new_tokens=4, persona_questions=2, interleave_ratio=0.25, judge_samples=1,
-                        judge_max_new_tokens=4)
+                        judge_max_new_tokens=4, em_metrics=False, n_trigger_pairs=4, projection_samples=2,
+                        projection_max_new_tokens=4)
     elif scale == "paper":
         # Paper recipe (configs/paper): Qwen2.5-7B-Instruct, rs-LoRA r32 a64, lr 1e-4 (linear), 1 epoch, 2048
         # tokens, batch 4 x 4 accumulation, bf16, with the LLM judge on the 24 general questions.
@@ -168,7 +183,8 @@ def make_plan(scale: str = "cpu", *, model: str | None = None, methods: tuple[st
                         lr=1e-4, schedule="linear", warmup_steps=5, dtype="bfloat16", param_dtype="bfloat16",
                         monitor_every=50, probe_batch=32, probe_max_len=1024, probe_bucket=64,
                         persona_max_new_tokens=200, persona_questions=None, judge=True, judge_samples=100,
-                        judge_max_new_tokens=600)
+                        judge_max_new_tokens=600, n_trigger_pairs=None, projection_samples=100,
+                        projection_max_new_tokens=600)
     else:
         raise ValueError(f"demo scale must be cpu, tiny or paper, got {scale!r}")
     if methods is not None:

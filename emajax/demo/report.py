@@ -3,7 +3,9 @@
 ``write_demo_report(out)`` reads a demo output directory (``emajax.demo.effects``), writes
 ``effects.json`` (every pooled figure), ``report.md``, ``effects.png`` (EM effect and the other Table-1
 figures per method with CIs), ``dose.png`` (the EM effect of no defense against optimiser steps, from the
-arms' intermediate probes, when the plan has ``dose_points``) and ``training.png`` (loss curves).
+arms' intermediate probes, when the plan has ``dose_points``) and ``training.png`` (loss curves). With the
+EM metrics' files, the report also shows the three EM metrics side by side per arm with their rank agreement,
+and the verdicts under each trigger with the arms flagged clean on plain prompts but not under a trigger.
 """
 
 from __future__ import annotations
@@ -126,6 +128,67 @@ def seed_table(e: dict) -> str | None:
     return "\n".join(lines)
 
 
+def _trigger_names(e: dict) -> list[str]:
+    return list((e.get("em_metrics") or {}).get("triggers") or [])
+
+
+def em_metrics_table(e: dict) -> str | None:
+    """Per arm, vs the control: the general margin (Table 1's EM effect), the projection of sampled answers and
+    the general margin under each trigger."""
+    if not e.get("em_metrics"):
+        return None
+    trig = _trigger_names(e)
+    head = ["Arm", "General margin ↓", "Projection of sampled answers ↓"] + [f"Margin under {t} ↓" for t in trig]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    c = e["arms"].get(CONTROL, {})
+    lines.append("| " + " | ".join([c.get("label", label_of(CONTROL))] + ["0 (reference)"] * (len(head) - 1)) + " |")
+    for m in e["methods"]:
+        a = e["arms"][m]
+        tr = a.get("triggers", {})
+        cells = [a.get("em_effect"), a.get("projection_effect")] + [tr.get(t, {}).get("em_effect") for t in trig]
+        lines.append(f"| {a['label']} | " + " | ".join(_f(x) for x in cells) + " |")
+    return "\n".join(lines)
+
+
+def rank_agreement_sentence(e: dict) -> str | None:
+    ra = (e.get("em_metrics") or {}).get("rank_agreement")
+    if not ra:
+        return None
+    rho, n = ra["spearman"], ra["spearman"]["n"]
+    what = ("**Rank agreement** of the projection and the probe margin (Spearman ρ between an arm's projection "
+            f"effect and its general-margin effect, both vs the control of the same seed, over {n} arm × seed cells)")
+    if rho.get("value") is None:
+        return f"{what}: not defined (fewer than 2 cells, or one metric constant across them)."
+    ci = (f" [{rho['ci_low']:+.2f}, {rho['ci_high']:+.2f}]" if rho.get("ci_low") is not None
+          else " (a CI needs at least 4 cells)")
+    return f"{what}: ρ = {rho['value']:+.2f}{ci} (95 % Fisher-z CI)."
+
+
+def trigger_verdicts(e: dict) -> list[str]:
+    """The prevents-EM verdict under each trigger per defense, then a flag line per defense clean on plain
+    prompts but not under a trigger (``emajax.eval.verdicts.TRIGGER_RULE``); [] without trigger probes."""
+    trig = _trigger_names(e)
+    defenses = [m for m in e["methods"] if m != "none" and e["arms"][m].get("triggers")]
+    if not trig or not defenses:
+        return []
+    lines = ["### Under triggers", "",
+             "| Method | prevents EM (plain) | " + " | ".join(f"under {t}" for t in trig) + " |",
+             "|" + "---|" * (len(trig) + 2)]
+    for m in defenses:
+        a = e["arms"][m]
+        v = [a["triggers"].get(t, {}).get("prevents_em", "—") for t in trig]
+        lines.append(f"| {a['label']} | {a.get('verdicts', {}).get('prevents_em', '—')} | " + " | ".join(v) + " |")
+    lines.append("")
+    flagged = [m for m in defenses if e["arms"][m].get("trigger_flags")]
+    for m in flagged:
+        fl = e["arms"][m]["trigger_flags"]
+        lines.append(f"- **Flag — {e['arms'][m]['label']}: clean on plain prompts but not under "
+                     f"{', '.join(fl)}**: " + "; ".join(f"{t}: {why}" for t, why in fl.items()) + ".")
+    if not flagged:
+        lines.append("No defense is clean on plain prompts but not under a trigger.")
+    return lines + ["", "Rule: " + e["em_metrics"]["trigger_rule"], ""]
+
+
 def security_table(e: dict) -> str | None:
     if not any("security_effect" in e["arms"][m] for m in e["methods"]):
         return None
@@ -201,8 +264,9 @@ def _plots(out: Path, e: dict) -> list[Path]:
 
 
 def write_demo_report(out: str | Path, *, timings: dict | None = None, judge_note: str | None = None,
-                      log: Callable[[str], None] | None = None) -> Path:
-    """effects.json, report.md and the plots of a demo output directory."""
+                      projection_note: str | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """effects.json, report.md and the plots of a demo output directory (``projection_note``: why the
+    sampled-answer projection did not run, shown when the run has none)."""
     from emajax.demo.domain import describe
     from emajax.demo.effects import compute_effects
 
@@ -246,7 +310,33 @@ def write_demo_report(out: str | Path, *, timings: dict | None = None, judge_not
     text += ["## Verdicts", "", verdict_table(e), "",
              "p-values: one-sided, Holm-adjusted across the defenses (the equivalence test with the margin ±"
              f"{e.get('equiv_margin', '—')} nats/token).", "", "Rules: " + e["rules"], "",
+             *trigger_verdicts(e),
              "## The effects behind the table", "", support_table(e), ""]
+    three = em_metrics_table(e)
+    if three:
+        em = e["em_metrics"]
+        samp, pers = em.get("sampling") or {}, em.get("persona") or {}
+        pairs = ", ".join(f"{t} {n}" for t, n in em.get("n_trigger_pairs", {}).items())
+        text += ["## EM three ways: probe margin, sampled-answer projection, trigger probes", "",
+                 "Each an arm's figure minus the control arm's of the same seed, pooled over seeds × items like Table "
+                 "1. **General margin**: Table 1's EM effect. **Projection**: the arm's own answers to the "
+                 f"{em.get('n_questions') or '—'} plain first-plot questions ({samp.get('samples_per_question', '—')} "
+                 f"each, temperature {samp.get('temperature', '—')}, up to {samp.get('max_new_tokens', '—')} tokens), "
+                 "read by the *base* model: the mean residual over each answer's tokens at layer "
+                 f"{pers.get('layer', '—')} projected on the base model's evil persona vector (the instrument stays "
+                 "fixed while the arms change; items = questions). **Margin under a trigger**: the general pairs "
+                 "asked as JSON, in a template, as a Python string or under the inoculation system prompt, both "
+                 f"answers in the asked format (`emajax.eval.triggers`; pairs per trigger: {pairs or '—'}).", "",
+                 three, ""]
+        ra = rank_agreement_sentence(e)
+        if ra:
+            text += [ra, ""]
+        bp = em.get("projection_base")
+        if bp:
+            cp = e["arms"].get(CONTROL, {}).get("projection_vs_base")
+            text += [f"Base model's mean projection: {_f(bp)}; the control arm's change vs base: {_f(cp)}.", ""]
+        elif projection_note:
+            text += [f"Sampled-answer projection not measured: {projection_note}.", ""]
     if e.get("base_exact"):
         text += [f"Benign exact match of the base model: {_f(e['base_exact'], pct=True, signed=False)} "
                  f"(greedy, {plan['benign_max_new_tokens']} new tokens).", ""]

@@ -10,6 +10,7 @@ benign learning); with ``--probe-data DIR`` also ``security`` (the shared securi
 pairs: cross-domain EM). Narrow arms are probed with all but ``benign_task``, benign arms with it alone.
 Another ``--domain`` (``emajax.demo.domain``) trains on its own narrow set (no ``control`` file: the control is
 self-distilled per seed) and replaces ``in_domain`` with ``narrow`` (NLL of its held-out answers).
+``trigger_suite``: the general pairs under the trigger formats (``general_<trigger>``), probed per arm after training.
 ``shared_suite`` builds the same layout from ../shared/data/em for a model trained on a shared narrow set.
 """
 
@@ -58,11 +59,25 @@ def write_train_sets(plan: DemoPlan, data_dir: str | Path) -> dict[str, Path]:
     }
 
 
-def general_set(plan: DemoPlan, split: str | None = None):
+def general_rows(plan: DemoPlan, split: str | None = None) -> list[dict]:
     rows = load_general_pairs(split=split or plan.general_split)
-    if plan.n_general is not None:
-        rows = rows[: plan.n_general]
-    return paired_from_rows(rows, "general")
+    return rows if plan.n_general is None else rows[: plan.n_general]
+
+
+def general_set(plan: DemoPlan, split: str | None = None):
+    return paired_from_rows(general_rows(plan, split), "general")
+
+
+def trigger_suite(plan: DemoPlan) -> ProbeSuite:
+    """The first ``n_trigger_pairs`` general pairs under each trigger but plain (sets ``general_<trigger>``,
+    ``emajax.eval.triggers``); the inoculation trigger is the demo's inoculation arm's training prompt."""
+    from emajax.demo.plan import METHODS
+    from emajax.eval.triggers import TRIGGERS, trigger_sets
+
+    rows = general_rows(plan)
+    rows = rows if plan.n_trigger_pairs is None else rows[: plan.n_trigger_pairs]
+    return ProbeSuite(pairs=trigger_sets(rows, TRIGGERS[1:],
+                                         inoculation_prompt=METHODS["inoculation"][1]["inoculation"]["prompt"]))
 
 
 def security_set(plan: DemoPlan):

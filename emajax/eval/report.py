@@ -2,7 +2,8 @@
 
 A run directory is whatever holds results files: ``probes.json`` (judge-free probes; always written by
 the demo), the judge's ``em_general.json`` / ``em_<domain>.json``, ``opswap.json`` / ``gsm8k.json``, and
-the trainer's ``metrics.jsonl`` (+ the demo's ``monitor.jsonl``). Files may also sit in ``RUN_DIR/eval``.
+the trainer's ``metrics.jsonl`` (+ the demo's ``monitor.jsonl``, and its trigger probes ``triggers.json``, read as
+part of ``probes.json``). Files may also sit in ``RUN_DIR/eval``.
 The method's name comes from ``method.json`` (``label``) or the directory name. Missing measurements
 are shown as "—", never guessed.
 
@@ -71,6 +72,14 @@ def load_run(run_dir: str | Path) -> RunRecord:
         for field in ("pairs", "nll"):
             if not isinstance(rec.probes.get(field), dict):
                 raise ReportError(f"{p}: field {field!r} missing or not an object")
+        t = _find(run_dir, "triggers.json")  # the demo's trigger probes, a file of their own: one run's sets
+        if t is not None:
+            trig = _read_json(t)
+            for field in ("pairs", "items"):
+                if not isinstance(trig.get(field), dict):
+                    raise ReportError(f"{t}: field {field!r} missing or not an object")
+                own = rec.probes.get(field) or {}
+                rec.probes[field] = {**own, **{k: v for k, v in trig[field].items() if k not in own}}
     p = _find(run_dir, "em_general.json")
     if p is not None:
         rec.em_general = _read_json(p)
