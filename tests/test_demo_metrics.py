@@ -131,6 +131,14 @@ def test_tiny_demo_gains_the_metrics_without_retraining(tiny_dir, tmp_path, caps
             "| Margin under python ↓ | Margin under inoculation ↓ |") in md
     assert "over 4 arm × seed cells" in md and "### Under triggers" in md
 
+    # `emajax report` on the arm directories reads triggers.json with probes.json
+    from emajax.eval.report import em_metrics_table, load_run
+
+    runs = [load_run(out / "base"), load_run(out / "seed_0" / "arms" / "none")]
+    table = em_metrics_table(runs, runs[0])
+    assert "| Margin under json ↓ |" in table and "| Projection of sampled answers ↓ |" in table
+    assert set(runs[1].probes["pairs"]) == {"general", "in_domain", *(set_name(t) for t in TRIGGERED)}
+
     capsys.readouterr()
     assert main(cmd + ["--em-metrics"]) == 0  # done: every stage skipped, the metrics included
     err = capsys.readouterr().err
