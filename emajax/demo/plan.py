@@ -107,11 +107,13 @@ class DemoPlan:
     # sampled answers to the 8 plain first-plot questions (emajax.eval.projection). METRIC_FIELDS: an older
     # plan.json without them is the same plan (those runs measured none of it), so re-running adds them.
     em_metrics: bool = True
-    # 64 of the held-out general pairs per trigger: 4 triggers x 64 = 256 pairs per arm, about 1.3x the probe
-    # time of the 200 plain pairs (the cpu demo's base probes: ~40 s) and a CI about sqrt(200/64) = 1.8x the
-    # plain one's; None = every general pair
+    # 64 of the held-out general pairs per trigger: 4 triggers x 64 = 256 pairs per arm, about as many scored
+    # sequences as an arm's final probes (200 general + 32 code pairs + 32 word problems; ~24 s at cpu), with a
+    # CI about sqrt(200/64) = 1.8x the plain one's; make demo's 9 runs (base, control, 7 methods) est. ~4 min,
+    # not measured. None = every general pair
     n_trigger_pairs: int | None = 64
-    projection_samples: int = 4  # answers per plain question at temperature 1 (8 x 4 = 32 per arm at cpu)
+    # answers per plain question at temperature 1: 8 x 4 = 32 answers of <= 64 tokens per arm, one batch
+    projection_samples: int = 4
     projection_max_new_tokens: int = 64
 
     @property
