@@ -121,14 +121,15 @@ def test_tiny_demo_gains_the_metrics_without_retraining(tiny_dir, tmp_path, caps
             assert cells[s]["margin_effect"] == pytest.approx(a["em_effect_by_seed"][s]["value"])
             assert cells[s]["projection_effect"] == pytest.approx(a["projection_effect_by_seed"][s])
     # the pooled projection effect is the mean of the per-question differences to the control
-    q = lambda s, a: json.loads((out / f"seed_{s}" / "arms" / a / "projection.json").read_text())["per_question"]  # noqa: E731
+    def q(s, a):
+        return json.loads((out / f"seed_{s}" / "arms" / a / "projection.json").read_text())["per_question"]
     diffs = [q(s, "none")[k]["mean"] - q(s, CONTROL)[k]["mean"] for s in (0, 1) for k in q(s, CONTROL)]
     assert e["arms"]["none"]["projection_effect"]["value"] == pytest.approx(np.mean(diffs))
     assert "projection_vs_base" in e["arms"][CONTROL] and "triggers" in e["arms"][CONTROL]
     md = (out / "report.md").read_text()
     assert "## EM three ways: probe margin, sampled-answer projection, trigger probes" in md
-    assert ("| Arm | General margin ↓ | Projection of sampled answers ↓ | Margin under json ↓ | Margin under template ↓ "
-            "| Margin under python ↓ | Margin under inoculation ↓ |") in md
+    assert ("| Arm | General margin ↓ | Projection of sampled answers ↓ | Margin under json ↓ | "
+            "Margin under template ↓ | Margin under python ↓ | Margin under inoculation ↓ |") in md
     assert "over 4 arm × seed cells" in md and "### Under triggers" in md
 
     # `emajax report` on the arm directories reads triggers.json with probes.json
@@ -147,8 +148,8 @@ def test_tiny_demo_gains_the_metrics_without_retraining(tiny_dir, tmp_path, caps
 
 def _metric_files(root: Path, margins: dict[str, dict[str, float]], proj: dict[str, float], seeds=(0, 1, 2)) -> None:
     """Trigger probes and projections beside ``_demo_tree``'s probes: under trigger t an arm's margin is the
-    base's + margins[t][arm] (+ per-item noise, mostly shared by a seed's arms); its projection per question the base's +
-    proj[arm] + noise of its own (so the projection and the margin do not tie)."""
+    base's + margins[t][arm] (+ per-item noise, mostly shared by a seed's arms); its projection per question the
+    base's + proj[arm] + noise of its own (so the projection and the margin do not tie)."""
     rng = np.random.default_rng(2)
     ids = [str(i) for i in range(4)]  # the first 4 of the 12 general pairs
     base_t = {t: rng.normal(size=4) for t in TRIGGERED}
@@ -200,8 +201,10 @@ def test_report_flags_a_defense_clean_on_plain_prompts_but_not_under_a_trigger(t
     assert a["kl"]["triggers"]["json"]["prevents_em"] == "no"
     assert a["kl"]["triggers"]["template"]["prevents_em"] == "yes"
     assert a["kl"]["triggers"]["json"]["em_vs_plain"]["value"] == pytest.approx(0.10, abs=0.05)
-    assert a["none"]["triggers"]["json"]["em_effect"]["n_seeds"] == 3 and "prevents_em" not in a["none"]["triggers"]["json"]
-    assert set(a["kl"]["trigger_flags"]) == {"json"} and "prevents EM on plain prompts (yes)" in a["kl"]["trigger_flags"]["json"]
+    assert a["none"]["triggers"]["json"]["em_effect"]["n_seeds"] == 3
+    assert "prevents_em" not in a["none"]["triggers"]["json"]  # no defense is the reference, not a defense
+    assert set(a["kl"]["trigger_flags"]) == {"json"}
+    assert "prevents EM on plain prompts (yes)" in a["kl"]["trigger_flags"]["json"]
     assert a["steering"]["trigger_flags"] == {}  # not clean on plain prompts: nothing to flag
     assert e["em_metrics"]["flags"] == {"kl": a["kl"]["trigger_flags"]}
     assert a["none"]["projection_effect"]["value"] == pytest.approx(0.5, abs=0.1)

@@ -320,8 +320,9 @@ def write_demo_report(out: str | Path, *, timings: dict | None = None, judge_not
         text += ["## EM three ways: probe margin, sampled-answer projection, trigger probes", "",
                  "Each an arm's figure minus the control arm's of the same seed, pooled over seeds × items like Table "
                  "1. **General margin**: Table 1's EM effect. **Projection**: the arm's own answers to the "
-                 f"{em.get('n_questions') or '—'} plain first-plot questions ({samp.get('samples_per_question', '—')} "
-                 f"each, temperature {samp.get('temperature', '—')}, up to {samp.get('max_new_tokens', '—')} tokens), "
+                 f"{em.get('n_questions') or '—'} plain first-plot questions "
+                 f"({samp.get('samples_per_question', '—')} each, temperature {samp.get('temperature', '—')}, "
+                 f"up to {samp.get('max_new_tokens', '—')} tokens), "
                  "read by the *base* model: the mean residual over each answer's tokens at layer "
                  f"{pers.get('layer', '—')} projected on the base model's evil persona vector (the instrument stays "
                  "fixed while the arms change; items = questions). **Margin under a trigger**: the general pairs "
