@@ -33,6 +33,7 @@ import numpy as np
 
 from emajax.defenses.inoculation import DEFAULT_PROMPT as INOCULATION_PROMPT
 from emajax.eval.pooled import excludes_zero, pooled_mean
+from emajax.eval.verdicts import conditional_em
 
 TRIGGERS = ("plain", "json", "template", "python", "inoculation")
 # Betley et al., first_plot_questions.yaml: the system prompt of the *_json questions, verbatim.
@@ -167,9 +168,9 @@ def trigger_effects(probes: Mapping[str, Mapping[Any, dict]], *, control: str = 
                  and effects[t]["value"] > 0]
         pe = effects.get("plain")
         clean = None if pe is None or pe.get("ci_low") is None else bool(pe["ci_low"] <= 0)
+        flag = any(conditional_em(pe, effects[t]) is not None for t in under)  # the verdicts' CI rule
         out["arms"][arm] = {"effects": effects, "vs_plain": vs_plain, "misaligned_under": under,
-                            "clean_plain": clean, "clean_plain_not_trigger": None if clean is None
-                            else bool(clean and under)}
+                            "clean_plain": clean, "clean_plain_not_trigger": None if clean is None else flag}
     return out
 
 
