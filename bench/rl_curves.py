@@ -13,13 +13,16 @@ chunk's start (once it holds the lock) to its end: load, compiles, steps, export
 ``metrics.jsonl``, ``eval.jsonl``, ``config.yaml`` and ``chunks.json`` (the raw results), ``summary.json``
 and ``summary.md`` (per arm: training reward over the first and last ``--window`` steps, mean over seeds
 with a t-interval, and the last steps against no defense paired by (seed, step) - in a seed every arm sees
-the same prompts at a step - with a bootstrap CI; per run: the same, the greedy held-out reward at the
+the same prompts at a step - with a bootstrap CI and with the seeds as the unit (a t-interval over the seeds' paired means); per run: its
+steering as it ran, the same, the greedy held-out reward at the
 start and end when the runs have ``data.eval``, wall time, rollout and update seconds) and
 ``reward_curves.png`` (mean over seeds per arm, the seeds' range as a band).
 
-    python -m bench.rl_curves run --runs /tmp/rl/exp --configs configs/cpu/smollm2-grpo-{none,kl,steering,interleave}.yaml \\
-        --seeds 0 1 --lock /tmp/emajax-heavy.lock -- defenses.steering.vector=/tmp/rl/persona/evil.safetensors
-    python -m bench.rl_curves report --runs /tmp/rl/exp --out bench/results/rl_cpu
+    python -m bench.rl_curves run --runs /tmp/rl/steer --configs configs/cpu/smollm2-grpo-{none,steering-rollouts,steering-trainonly}.yaml \\
+        --seeds 0 1 2 --steps 14 --lock /tmp/emajax-heavy.lock -- 'data.eval=[]'
+    python -m bench.rl_curves report --runs /tmp/rl/steer --out bench/results/rl_steering_cpu --window 4
+
+Overrides after ``--`` reach every arm, so ``run`` refuses one that sets a defense (the control would get it too).
 """
 
 from __future__ import annotations
@@ -284,6 +287,7 @@ def report(runs: Path, out: Path, window: int) -> dict[str, Any]:
     atomic.write_json(out / "summary.json", summary, indent=1)
     atomic.write_text(out / "summary.md", _markdown(summary))
     plot(by_arm, out / "reward_curves.png", window)
+    plot(by_arm, out / "mechanism.png", 1, keys=MECHANISM_KEYS)
     return summary
 
 
@@ -333,15 +337,22 @@ def _markdown(s: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(by_arm: dict[str, dict[int, Path]], path: Path, window: int) -> None:
-    """Per arm: the seeds' mean training reward per step (moving average over ``window`` steps), the band
-    spanning the seeds; panels for the total reward and each reward function."""
+# what a step's rollouts and update looked like: cut off by the budget, groups without signal (all rewards
+# equal), the policy's KL to the unsteered reference, its entropy, the completions' length
+MECHANISM_KEYS = ("truncated_frac", "zero_std_groups", "kl", "entropy", "response_len")
+
+
+def plot(by_arm: dict[str, dict[int, Path]], path: Path, window: int, keys: tuple[str, ...] | None = None) -> None:
+    """Per arm: the seeds' mean per step (moving average over ``window`` steps), the band spanning the
+    seeds; panels for the total reward and each reward function, or for ``keys`` (those the runs log)."""
     from emajax.eval.plots import _color, _plt, _save
 
     plt = _plt()
     arms = sorted(by_arm, key=lambda a: (a != "none", a))
     first = _rows(next(iter(by_arm[arms[0]].values())) / "metrics.jsonl")
-    keys = ["reward_mean"] + sorted(k for k in first[0] if k.startswith("reward/"))
+    if keys is None:
+        keys = ["reward_mean"] + sorted(k for k in first[0] if k.startswith("reward/"))
+    keys = [k for k in keys if k in first[0]]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 4.0), layout="constrained", squeeze=False)
     for i, arm in enumerate(arms):
         ms = [_rows(d / "metrics.jsonl") for _, d in sorted(by_arm[arm].items())]
@@ -355,7 +366,7 @@ def plot(by_arm: dict[str, dict[int, Path]], path: Path, window: int) -> None:
             ax.fill_between(steps[k - 1:], y.min(0), y.max(0), color=_color(i), alpha=0.15, lw=0)
     for ax, key in zip(axes[0], keys):
         ax.set_title(("training reward" if key == "reward_mean" else key) +
-                     f"\n(rollout mean; mean over seeds, band = seeds' range; moving avg {k})", fontsize=9)
+                     f"\n(mean over seeds, band = seeds' range" + (f"; moving avg {k})" if k > 1 else ")"), fontsize=9)
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

@@ -55,6 +55,7 @@ def test_report_pairs_arms_with_no_defense_by_seed_and_step(tmp_path):
     assert (lo, hi) == pytest.approx((np.mean(firsts) - half, np.mean(firsts) + half))
     assert none["wall_s"] == [60.0, 60.0]  # from the chunk's start under the lock, not from asking
     assert (out / "reward_curves.png").stat().st_size > 0
+    assert (out / "mechanism.png").stat().st_size > 0  # the logged kl and response_len per step
     assert (out / "kl-s1" / "metrics.jsonl").is_file()
     assert "| kl | 2 |" in (out / "summary.md").read_text()
     assert "| kl-s0 | off | 8 |" in (out / "summary.md").read_text()  # each run's steering, as it ran
