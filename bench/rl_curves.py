@@ -20,7 +20,8 @@ start and end when the runs have ``data.eval``, wall time, rollout and update se
 
     python -m bench.rl_curves run --runs /tmp/rl/steer --configs configs/cpu/smollm2-grpo-{none,steering-rollouts,steering-trainonly}.yaml \\
         --seeds 0 1 2 --steps 14 --lock /tmp/emajax-heavy.lock -- 'data.eval=[]'
-    python -m bench.rl_curves report --runs /tmp/rl/steer --out bench/results/rl_steering_cpu --window 4
+    python -m bench.rl_curves report --runs /tmp/rl/steer --out bench/results/rl_steering_cpu --window 4 \\
+        --contrast steering-rollouts steering-trainonly
 
 Overrides after ``--`` reach every arm, so ``run`` refuses one that sets a defense (the control would get it too).
 """
@@ -242,7 +243,7 @@ def _mean_ci(x: list[float]) -> dict[str, Any]:
             "min": float(a.min()), "max": float(a.max()), "n": int(len(a))}
 
 
-def report(runs: Path, out: Path, window: int) -> dict[str, Any]:
+def report(runs: Path, out: Path, window: int, contrasts: list[tuple[str, str]] = ()) -> dict[str, Any]:
     dirs = sorted(d for d in runs.iterdir() if (d / "metrics.jsonl").is_file())
     if not dirs:
         raise SystemExit(f"[rl_curves] no runs under {runs}")
@@ -284,6 +285,11 @@ def report(runs: Path, out: Path, window: int) -> dict[str, Any]:
     for r in per_run:
         r.pop("_eval_end_vec", None)
     summary = {"window": window, "runs": per_run, "arms": per_arm}
+    if contrasts:  # arm a minus arm b, paired as each arm against no defense
+        missing = [x for c in contrasts for x in c if x not in by_arm]
+        if missing:
+            raise SystemExit(f"[rl_curves] --contrast: no runs of arm(s) {', '.join(sorted(set(missing)))}")
+        summary["contrasts"] = {f"{a} - {b}": _paired_vs_none(by_arm[a], by_arm[b], window) for a, b in contrasts}
     atomic.write_json(out / "summary.json", summary, indent=1)
     atomic.write_text(out / "summary.md", _markdown(summary))
     plot(by_arm, out / "reward_curves.png", window)
@@ -329,6 +335,16 @@ def _markdown(s: dict[str, Any]) -> str:
         lines += ["", f"| arm | seed | training reward minus no defense, last {w} steps [95% CI over steps] |",
                   "|---|---|---|"]
         lines += [f"| {arm} | {v['seed']} | {v['train_last_minus_none']:+.3f} {_f(v['ci'])} |" for arm, v in per_seed]
+    if s.get("contrasts"):
+        lines += ["", f"| contrast | last {w} steps, paired by (seed, step) [95% CI] | seeds as the unit [95% t-CI] | per seed |",
+                  "|---|---|---|---|"]
+        for name, v in s["contrasts"].items():
+            if not v:
+                continue
+            sl = v.get("seed_level")
+            lines.append(f"| {name} | {v['train_last_minus_none']:+.3f} {_f(v['ci'])} | "
+                         + (f"{sl['mean']:+.3f} {_f(sl['ci'])}" if sl else "-") + " | "
+                         + ", ".join(f"s{p['seed']} {p['train_last_minus_none']:+.3f}" for p in v["per_seed"]) + " |")
     ev = [(arm, v) for arm, a in s["arms"].items() for v in a.get("eval_vs_none", [])]
     if ev:
         lines += ["", "| arm | seed | held-out reward at the end minus no defense [95% CI, paired over prompts] |",
@@ -390,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--runs", type=Path, required=True)
     rep.add_argument("--out", type=Path, required=True)
     rep.add_argument("--window", type=int, default=10, help="steps averaged at the start and at the end")
+    rep.add_argument("--contrast", nargs=2, action="append", default=[], metavar=("A", "B"),
+                     help="also report arm A minus arm B over the last steps, paired by (seed, step) (repeatable)")
     args = p.parse_args(argv)
     if args.cmd == "run":
         check_overrides(list(args.overrides))
@@ -399,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                         list(args.overrides), args.chunk_min * 60, args.lock, args.first_step_s, args.steps,
                         args.jax_cache)
         return 0
-    s = report(args.runs, args.out, args.window)
+    s = report(args.runs, args.out, args.window, [tuple(c) for c in args.contrast])
     print(_markdown(s))
     return 0
 

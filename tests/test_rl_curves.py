@@ -40,8 +40,11 @@ def test_report_pairs_arms_with_no_defense_by_seed_and_step(tmp_path):
         _run(tmp_path / "runs", f"none-s{s}", s, base[s])
         _run(tmp_path / "runs", f"kl-s{s}", s, base[s] + shift)
     out = tmp_path / "out"
-    summary = report(tmp_path / "runs", out, window=3)
+    summary = report(tmp_path / "runs", out, window=3, contrasts=[("kl", "none"), ("none", "kl")])
     vs = summary["arms"]["kl"]["vs_none"]
+    assert summary["contrasts"]["kl - none"]["train_last_minus_none"] == pytest.approx(vs["train_last_minus_none"])
+    assert summary["contrasts"]["none - kl"]["train_last_minus_none"] == pytest.approx(-vs["train_last_minus_none"])
+    assert "| none - kl |" in (out / "summary.md").read_text()
     assert vs["n_pairs"] == 6
     assert vs["train_last_minus_none"] == pytest.approx(shift[-3:].mean())
     assert [v["seed"] for v in vs["per_seed"]] == [0, 1]
