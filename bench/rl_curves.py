@@ -301,6 +301,8 @@ def _f(x: Any, nd: int = 3) -> str:
     if x is None:
         return "-"
     if isinstance(x, (list, tuple)) and len(x) == 2:
+        if any(v != v for v in x):  # NaN: one seed has no interval over seeds
+            return "[n/a: 1 seed]"
         return f"[{x[0]:+.{nd}f}, {x[1]:+.{nd}f}]"
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
