@@ -61,7 +61,8 @@ def _policy(refs, **gate):
     }
 
 
-def test_guard_run_end_to_end_on_a_tiny_model(tiny_refs, tmp_path, capsys):
+def test_guard_run_end_to_end_on_a_tiny_model(tiny_refs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EMAJAX_CACHE", str(tmp_path / "cache"))  # the base model's cached probe values
     data = write_chats(tmp_path / "customer.jsonl", 10)
     with data.open("a") as f:
         f.write("{broken\n")  # one format error: allowed by the policy, reported with its line
@@ -219,4 +220,40 @@ def test_trigger_and_projection_metrics_join_the_registry(tmp_path):
     a, b = plain.values(Loaded()), json_m.values(Loaded())
     assert a.shape == b.shape == (3,) and np.all(np.isfinite(b)) and not np.allclose(a, b)
     assert "no persona vector" in METRICS["persona_projection"].prepare(ctx)
+    # the cache key follows the scored tokens: the same items again give the same key, a trigger another
+    assert METRICS["general"].prepare(ctx).key == plain.key != json_m.key
+    assert METRICS["general"].prepare(GateContext(tiny_tokenizer(), ctx.holdout, GateCfg(n_general=2))).key != plain.key
     assert all(not METRICS[n].default_required for n in ("persona_projection", "general_json", "general_python"))
+
+
+def test_the_base_models_values_are_computed_once_per_model_items_and_dtype(tiny_refs, tmp_path, monkeypatch):
+    """Every job on one base model shares its probe values (a cache keyed on the weights, the dtypes and the
+    scored tokens); a metric without a key (sampled answers) is measured every time."""
+    from types import SimpleNamespace
+
+    from emajax.guard.metrics import Measure
+    from emajax.guard.pipeline import base_values
+
+    monkeypatch.setenv("EMAJAX_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def probe(loaded):
+        calls.append("probe")
+        return np.array([0.25, np.nan])
+
+    def sampled(loaded):
+        calls.append("sampled")
+        return np.array([0.5])
+
+    live = {"general": Measure(("a", "b"), probe, key="items-1"), "judge": Measure(("q",), sampled)}
+
+    def spec(dtype):
+        return SimpleNamespace(model=str(tiny_refs / "model"), policy=SimpleNamespace(recipe={"model": {"dtype": dtype}}))
+
+    first = base_values(spec("float32"), None, live)
+    again = base_values(spec("float32"), None, live)
+    assert calls == ["probe", "sampled", "sampled"]
+    assert again["general"][0] == 0.25 and np.isnan(again["general"][1]) and first["judge"] == again["judge"] == [0.5]
+    base_values(spec("bfloat16"), None, live)  # another dtype: other values
+    base_values(spec("float32"), None, {"general": Measure(("a", "b"), probe, key="items-2")})  # other items
+    assert calls.count("probe") == 3

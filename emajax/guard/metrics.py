@@ -32,6 +32,8 @@ class Measure:
     ids: tuple[str, ...]
     values: Callable[[Any], np.ndarray]  # loaded model (``.model``, ``.tokenizer``) -> one value per id
     unit: str = "nats/token"
+    key: str | None = None  # a hash of everything but the model the values depend on (None: not cacheable)
+    runner: Any = None  # the ProbeRunner that scores a probe metric (its shapes and token counts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +73,22 @@ def register(metric: GateMetric) -> GateMetric:
 
 
 def _probe_measure(ctx: GateContext, pset: Any, field: str) -> Measure:
+    import hashlib
+
+    from emajax.batching import octave_buckets
     from emajax.eval.probes import ProbeRunner, ProbeSuite
 
     pairs, nll = ((pset,), ()) if field == "margin" else ((), (pset,))
-    runner = ProbeRunner(ctx.tokenizer, ProbeSuite(pairs, nll), max_len=ctx.gate.probe_max_len, batch_size=16)
+    max_len = ctx.gate.probe_max_len
+    runner = ProbeRunner(ctx.tokenizer, ProbeSuite(pairs, nll), max_len=max_len, batch_size=16,
+                         buckets=octave_buckets(max_len, 32, ctx.gate.probe_buckets_per_octave))
+    h = hashlib.sha256(f"{pset.name}/{field}/{max_len}/{len(runner.keys)}".encode())
+    for b in runner.batches:  # the scored tokens themselves: a changed item or tokenizer changes the key
+        for a in (np.asarray(b.rows), *b.arrays):
+            h.update(np.ascontiguousarray(a).tobytes())
     return Measure(tuple(pset.ids), lambda loaded: np.asarray(
-        runner(loaded.model, n_boot=0)["items"][pset.name][field], np.float64))
+        runner(loaded.model, n_boot=0)["items"][pset.name][field], np.float64), key=h.hexdigest(),
+                   runner=runner)
 
 
 def general_margin(ctx: GateContext) -> Measure | str:
@@ -116,7 +128,7 @@ def narrow_learning(ctx: GateContext) -> Measure | str:
         return f"every held-out chat's prompt is longer than gate.probe_max_len = {max_len} tokens"
     held = NllSet("narrow", tuple(held.ids[i] for i in keep), tuple(held.chats[i] for i in keep))
     m = _probe_measure(ctx, held, "nll")
-    return Measure(m.ids, lambda loaded: -m.values(loaded), m.unit)
+    return Measure(m.ids, lambda loaded: -m.values(loaded), m.unit, key=f"{m.key}/negated", runner=m.runner)
 
 
 def judge_rate(ctx: GateContext) -> Measure | str:

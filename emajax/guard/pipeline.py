@@ -184,6 +184,33 @@ def load_arm(spec: JobSpec, out: Path, seed: int, arm: str) -> Any:
     return loaded
 
 
+def base_values(spec: JobSpec, base: Any, live: dict, log: Log = _quiet) -> dict[str, list[float]]:
+    """Every metric's per-item values for the base model (the report's reference column). A metric whose
+    values depend only on the model and its items (``Measure.key``: the probe sets) is computed once per
+    base model and dtype and cached in ``emajax.paths.cache_dir()/guard/base``: every job on that model
+    shares it, so a provider's gate probes two models per seed, not three."""
+    import hashlib
+
+    from emajax.models.hub import model_identity
+    from emajax.paths import cache_dir
+
+    ident = model_identity(spec.model)
+    out = {}
+    for name, m in live.items():
+        path = None
+        if m.key is not None:
+            key = hashlib.sha256("/".join([ident, *_model_dtypes(spec), m.key]).encode()).hexdigest()[:24]
+            path = cache_dir() / "guard" / "base" / f"{name}_{key}.json"
+            if path.is_file():
+                out[name] = json.loads(path.read_text())
+                continue
+        log(f"gate: base model, {name}")
+        out[name] = np.asarray(m.values(base), np.float64).tolist()
+        if path is not None:
+            atomic.write_json(path, out[name])
+    return out
+
+
 def stage_gate(spec: JobSpec, out: Path, log: Log = _quiet) -> dict | None:
     from emajax.eval.pooled import METHOD, pooled_mean
     from emajax.guard.metrics import METRICS, GateContext, Measure
@@ -210,7 +237,7 @@ def stage_gate(spec: JobSpec, out: Path, log: Log = _quiet) -> dict | None:
                 log(f"gate: seed {seed}, {arm} arm")
                 atomic.write_json(path, values(load_arm(spec, out, seed, arm)))
             per[f"{seed}/{arm}"] = json.loads(path.read_text())
-    base_vals = values(base)
+    base_vals = base_values(spec, base, live, log)
     rows = []
     for name, rule in spec.policy.gate.metrics.items():
         m, meas = METRICS[name], measures[name]

@@ -83,6 +83,7 @@ class GateCfg:
     n_security: int = 100
     n_general: int | None = None  # None = every held-out general pair
     probe_max_len: int = 512
+    probe_buckets_per_octave: int = 4  # padded probe lengths per doubling: more pad less, compile more shapes
     judge_url: str | None = None  # an OpenAI-compatible LLM judge; unset = the judge metric is not measured
     judge_model: str | None = None
     judge_questions: str = "general"  # the 24 first-plot questions (../shared/data/em/eval), or a YAML path

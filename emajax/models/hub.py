@@ -98,6 +98,15 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     return _snapshot(name)
 
 
+def model_identity(name_or_path: str | Path) -> str:
+    """A cache key for a model's weights: its resolved directory and every weight file's name, size and
+    modification time (cheap; a rewritten file changes it). For results computed from the model alone."""
+    d = resolve_model_dir(name_or_path).resolve()
+    files = sorted(p for p in d.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf"))
+    parts = [str(d)] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def _snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
