@@ -14,7 +14,8 @@ forward pass per answer, so they run on a CPU in seconds and can monitor a run e
   a fine-tune that damages general ability raises it).
 
 ``ProbeRunner`` tokenizes a ``ProbeSuite`` once into length-bucketed fixed-shape batches and runs one
-jitted forward per shape (``emajax.losses.token_nll``: the vocabulary projection in sequence chunks).
+jitted forward per shape (``emajax.losses.masked_nll_sums``: the vocabulary projection on answer tokens
+only, in chunks; prompts and padding never reach it).
 It takes any Decoder, or a graphdef and its states (what the trainer holds), and ``lora_scale``
 (0 = the base model under the adapters). ``ProbeRunner.monitor`` returns flat scalars for a
 training loop's metrics.
@@ -37,7 +38,7 @@ from emajax import atomic
 from emajax.batching import Batch, Example, length_batches, octave_buckets
 from emajax.chat import encode_chat, shift_for_loss
 from emajax.eval.probe_stats import flat_metrics, paired_delta, summarize_items
-from emajax.losses import token_nll
+from emajax.losses import masked_nll_sums
 
 Messages = list[dict[str, str]]
 
@@ -174,9 +175,7 @@ def _answer_sums(graphdef: Any, states: tuple, inputs_bt, targets_bt, loss_bt, a
     model = nnx.merge(graphdef, *states)
     out = model(inputs_bt, positions_bt=pos_bt, attn_mask_bt=attn_bt, lora_scale=lora_scale,
                 const_weights=True)
-    nll_bt = token_nll(out.hidden_btd, model.lm_head_dv(), targets_bt, seq_chunk=seq_chunk)
-    w_bt = loss_bt.astype(jnp.float32)
-    return jnp.sum(nll_bt * w_bt, axis=1), jnp.sum(w_bt, axis=1)
+    return masked_nll_sums(out.hidden_btd, model.lm_head_dv(), targets_bt, loss_bt, chunk=seq_chunk)
 
 
 class ProbeRunner:
