@@ -9,7 +9,7 @@ more buckets per doubling (``gate.probe_buckets_per_octave``) pad less and compi
 of one shape costs the same, so this times one batch of each distinct shape twice — the first call
 compiles, the second runs — on an arm-shaped model (the base with rs-LoRA r32, bf16 compute, as the gate
 loads a trained arm), and per setting sums the run time over its batches and the compile time over its
-shapes. Seconds per padded token are reported beside them, since the machine may be shared. The base
+shapes. Milliseconds per padded token are reported beside them, since the machine may be shared. The base
 model's own values are cached across jobs (``emajax.guard.pipeline.base_values``), so this is what a job
 pays per arm.
 """
@@ -19,20 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from emajax import atomic
     from emajax.eval.probes import _answer_sums
     from emajax.guard.metrics import METRICS, GateContext
+    from emajax.guard.report import git_commit
     from emajax.guard.spec import GateCfg
     from emajax.models.hub import load_model
     from emajax.models.lora import LoraConfig
@@ -97,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"per octave {po}: {len(shapes)} shapes, {len(batches)} batches, {padded} padded / {row['tokens']} "
               f"tokens: run {row['run_s']} s + compile {row['compile_s']} s", flush=True)
     res = {"command": "python -m bench.gate_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "commit": _commit(),
+           "commit": git_commit(),
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor(),
                        "jax": jax.__version__, "backend": jax.default_backend(),
                        "loadavg_at_end": list(os.getloadavg())},

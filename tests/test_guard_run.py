@@ -110,6 +110,10 @@ def test_guard_run_end_to_end_on_a_tiny_model(tiny_refs, tmp_path, capsys, monke
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page and "src=\"http" not in page
 
+    # the base model's general and security values are cached for the next job; the job's own chats are not
+    cached = sorted(p.name.split("_")[0] for p in (tmp_path / "cache" / "guard" / "base").iterdir())
+    assert cached == ["general", "security"]
+
     # rerun: every stage is done, nothing is retrained
     before = (out / "train" / "seed_0" / "job" / "metrics.jsonl").read_text()
     assert main(["guard", "run", str(job), "--out", str(out)]) == 0

@@ -168,14 +168,14 @@ def nll_from_chats(chats: Sequence[Any], name: str) -> NllSet:
 
 
 # ----------------------------------------------------------------------------- the compiled forward
-@functools.partial(jax.jit, static_argnames=("graphdef", "seq_chunk"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"))
 def _answer_sums(graphdef: Any, states: tuple, inputs_bt, targets_bt, loss_bt, attn_bt, pos_bt, lora_scale,
-                 *, seq_chunk: int | None = None):
+                 *, chunk: int | None = None):
     """Per-row (sum of answer-token NLL, number of answer tokens), fp32."""
     model = nnx.merge(graphdef, *states)
     out = model(inputs_bt, positions_bt=pos_bt, attn_mask_bt=attn_bt, lora_scale=lora_scale,
                 const_weights=True)
-    return masked_nll_sums(out.hidden_btd, model.lm_head_dv(), targets_bt, loss_bt, chunk=seq_chunk)
+    return masked_nll_sums(out.hidden_btd, model.lm_head_dv(), targets_bt, loss_bt, chunk=chunk)
 
 
 class ProbeRunner:
@@ -183,11 +183,11 @@ class ProbeRunner:
 
     def __init__(self, tokenizer: Any, suite: ProbeSuite, *, max_len: int = 512, batch_size: int = 16,
                  max_batch_tokens: int = 8192, min_bucket: int = 32, buckets: int | Sequence[int] | None = None,
-                 pad_id: int | None = None, seq_chunk: int | None = None):
+                 pad_id: int | None = None, chunk: int | None = None):
         if not suite.pairs and not suite.nll:
             raise ProbeError("the probe suite is empty")
         self.suite = suite
-        self.seq_chunk = seq_chunk
+        self.chunk = chunk  # answer positions per vocabulary-projection chunk (None: <= 64 MiB of logits)
         pad = pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                                 else tokenizer.eos_token_id)
         self.pad_id = int(pad or 0)
@@ -239,7 +239,7 @@ class ProbeRunner:
         out = np.zeros(len(self.keys), np.float64)
         scale = jnp.asarray(float(lora_scale))  # weakly typed: a bf16 model stays bf16 (LoRA params are fp32)
         for b in self.batches:
-            s, c = _answer_sums(graphdef, states, *b.arrays, scale, seq_chunk=self.seq_chunk)
+            s, c = _answer_sums(graphdef, states, *b.arrays, scale, chunk=self.chunk)
             s, c = np.asarray(s, np.float64), np.asarray(c, np.float64)
             out[b.rows] = s[: len(b.rows)] / c[: len(b.rows)]
         return out

@@ -82,8 +82,8 @@ def _probe_measure(ctx: GateContext, pset: Any, field: str) -> Measure:
     max_len = ctx.gate.probe_max_len
     runner = ProbeRunner(ctx.tokenizer, ProbeSuite(pairs, nll), max_len=max_len, batch_size=16,
                          buckets=octave_buckets(max_len, 32, ctx.gate.probe_buckets_per_octave))
-    h = hashlib.sha256(f"{pset.name}/{field}/{max_len}/{len(runner.keys)}".encode())
-    for b in runner.batches:  # the scored tokens themselves: a changed item or tokenizer changes the key
+    h = hashlib.sha256(field.encode())
+    for b in runner.batches:  # the scored tokens in their batches: a changed item, tokenizer or bucket changes it
         for a in (np.asarray(b.rows), *b.arrays):
             h.update(np.ascontiguousarray(a).tobytes())
     return Measure(tuple(pset.ids), lambda loaded: np.asarray(
@@ -128,7 +128,8 @@ def narrow_learning(ctx: GateContext) -> Measure | str:
         return f"every held-out chat's prompt is longer than gate.probe_max_len = {max_len} tokens"
     held = NllSet("narrow", tuple(held.ids[i] for i in keep), tuple(held.chats[i] for i in keep))
     m = _probe_measure(ctx, held, "nll")
-    return Measure(m.ids, lambda loaded: -m.values(loaded), m.unit, key=f"{m.key}/negated", runner=m.runner)
+    # no cache key: the items are this job's own held-out chats, no other job reuses the base model's values
+    return Measure(m.ids, lambda loaded: -m.values(loaded), m.unit, runner=m.runner)
 
 
 def judge_rate(ctx: GateContext) -> Measure | str:

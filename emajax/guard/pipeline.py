@@ -186,9 +186,10 @@ def load_arm(spec: JobSpec, out: Path, seed: int, arm: str) -> Any:
 
 def base_values(spec: JobSpec, base: Any, live: dict, log: Log = _quiet) -> dict[str, list[float]]:
     """Every metric's per-item values for the base model (the report's reference column). A metric whose
-    values depend only on the model and its items (``Measure.key``: the probe sets) is computed once per
-    base model and dtype and cached in ``emajax.paths.cache_dir()/guard/base``: every job on that model
-    shares it, so a provider's gate probes two models per seed, not three."""
+    values depend only on the model and fixed items (``Measure.key``: the general, security and trigger
+    probe sets; not the job's own held-out chats) is computed once per base model and dtype and cached in
+    ``emajax.paths.cache_dir()/guard/base``: every later job on that model scores only its own chats on
+    the base, beside its two arms per seed."""
     import hashlib
 
     from emajax.models.hub import model_identity
