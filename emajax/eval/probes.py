@@ -168,14 +168,20 @@ def nll_from_chats(chats: Sequence[Any], name: str) -> NllSet:
 
 
 # ----------------------------------------------------------------------------- the compiled forward
+def answer_nll_sums(model: Any, inputs_bt, targets_bt, loss_bt, attn_bt, pos_bt, *, lora_scale: Any = 1.0,
+                    chunk: int | None = None, per_row: bool = False):
+    """Per-row (sum of answer-token NLL, number of answer tokens), fp32, of a decoder on one padded batch.
+    The vocabulary projection runs on answer positions only (``masked_nll_sums``; gathered within each row
+    with ``per_row``, for a batch sharded over the mesh). The probes and ``emajax score`` both use it."""
+    out = model(inputs_bt, positions_bt=pos_bt, attn_mask_bt=attn_bt, lora_scale=lora_scale, const_weights=True)
+    return masked_nll_sums(out.hidden_btd, model.lm_head_dv(), targets_bt, loss_bt, per_row=per_row, chunk=chunk)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk"))
 def _answer_sums(graphdef: Any, states: tuple, inputs_bt, targets_bt, loss_bt, attn_bt, pos_bt, lora_scale,
                  *, chunk: int | None = None):
-    """Per-row (sum of answer-token NLL, number of answer tokens), fp32."""
-    model = nnx.merge(graphdef, *states)
-    out = model(inputs_bt, positions_bt=pos_bt, attn_mask_bt=attn_bt, lora_scale=lora_scale,
-                const_weights=True)
-    return masked_nll_sums(out.hidden_btd, model.lm_head_dv(), targets_bt, loss_bt, chunk=chunk)
+    return answer_nll_sums(nnx.merge(graphdef, *states), inputs_bt, targets_bt, loss_bt, attn_bt, pos_bt,
+                           lora_scale=lora_scale, chunk=chunk)
 
 
 class ProbeRunner:
@@ -273,6 +279,6 @@ def read_results(path: str | Path) -> dict:
     return res
 
 
-__all__ = ["NllSet", "PairedSet", "ProbeError", "ProbeRunner", "ProbeSuite", "flat_metrics", "nll_from_chats",
+__all__ = ["NllSet", "PairedSet", "ProbeError", "ProbeRunner", "ProbeSuite", "answer_nll_sums", "flat_metrics", "nll_from_chats",
            "nll_from_jsonl", "paired_delta", "paired_from_code", "paired_from_jsonl", "paired_from_rows",
            "read_results", "summarize_items", "write_results"]

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from emajax.losses import masked_nll_sums
+from emajax.eval.probes import answer_nll_sums
 from emajax.models.lora import merge_lora_kernels
 from emajax.models.sharding import activation_mesh, batch_rows
 from emajax.scoring.adapters import (AdapterError, ModelSpec, ensemble_lora_config, padded_lora_state,
@@ -39,12 +39,9 @@ from emajax.scoring.formula import DEFAULT_EPSILON, ensemble_score
 from emajax.scoring.shards import check_or_write_manifest, shard_path, write_shard
 
 
-def _example_sums(model: Any, tokens_bt, mask_bt, pos_bt, targets_bt, loss_bt, seq_chunk, per_row):
-    """Per-row (sum of answer-token NLL, number of answer tokens), fp32. The vocabulary projection runs
-    on answer positions only (``masked_nll_sums``; gathered per row when the batch is sharded)."""
-    out = model(tokens_bt, positions_bt=pos_bt, attn_mask_bt=mask_bt, const_weights=True)
-    return masked_nll_sums(out.hidden_btd, model.lm_head_dv(), targets_bt, loss_bt, per_row=per_row,
-                           chunk=seq_chunk)
+def _example_sums(model: Any, tokens_bt, mask_bt, pos_bt, targets_bt, loss_bt, chunk, per_row):
+    """A scoring batch (its field order) through ``emajax.eval.probes.answer_nll_sums``."""
+    return answer_nll_sums(model, tokens_bt, targets_bt, loss_bt, mask_bt, pos_bt, chunk=chunk, per_row=per_row)
 
 
 @dataclasses.dataclass
