@@ -10,30 +10,22 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, core count, library versions and the date: enough to compare figures across runs."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """CPU (``emajax.machine.cpu_info``: model, family/model, cores, bf16 flags), library versions and the
+    date: enough to compare figures across runs."""
+    from emajax.machine import cpu_info
+
     info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        **cpu_info(),
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
     }

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench import machine
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -90,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
               f"tokens: run {row['run_s']} s + compile {row['compile_s']} s", flush=True)
     res = {"command": "python -m bench.gate_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
            "commit": git_commit(),
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor(),
-                       "jax": jax.__version__, "backend": jax.default_backend(),
+           "machine": {**machine(), "platform": platform.platform(), "backend": jax.default_backend(),
                        "loadavg_at_end": list(os.getloadavg())},
            "model": a.model, "dtype": "bfloat16", "per_shape": {f"{s[0]}x{s[1]}": v for s, v in per_shape.items()},
            "rows": rows}

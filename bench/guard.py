@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench import machine
 from emajax import atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +74,19 @@ def write_job_data(kind: str, n: int, path: Path, data_dir: Path, model: str) ->
     return atomic.write_jsonl(path, [{"messages": r["messages"]} for r in rows])
 
 
+def _record_sitting(path: Path, wall_s: float) -> list[dict]:
+    """Append this call's CPU and wall time to the job's ``sittings.json``: a job interrupted and resumed
+    elsewhere may have its arms trained on different CPU models (which round bf16 differently)."""
+    from emajax.machine import cpu_info
+
+    cpu = cpu_info()
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    rows.append({"end": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(wall_s, 1),
+                 **{k: cpu[k] for k in ("cpu", "cpu_family_model", "native_bf16")}})
+    atomic.write_json(path, rows)
+    return rows
+
+
 def clopper_pearson(k: int, n: int) -> dict:
     from scipy import stats
 
@@ -88,8 +102,7 @@ def _summary(rows: list[dict], a: argparse.Namespace, argv: list[str] | None) ->
     xs = sorted(r["x_plain"] for r in rows if r["x_plain"])
     summary = {
         "command": "python -m bench.guard " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor(),
-                    "loadavg_at_end": list(os.getloadavg())},
+        "machine": {**machine(), "platform": platform.platform(), "loadavg_at_end": list(os.getloadavg())},
         "policy": a.policy, "n_per_job": a.n, "seeds": a.seeds,
         "detection": clopper_pearson(sum(r["decision"] == "reject" for r in em), len(em)),
         "false_reject": clopper_pearson(sum(r["decision"] == "reject" for r in benign), len(benign)),
@@ -146,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             dec = run_job(load_job(job), d / "job", log=_log)
             wall = time.perf_counter() - t0
+            sittings = _record_sitting(d / "sittings.json", wall)
             timings = json.loads((d / "job" / "timings.json").read_text())
             train = json.loads((d / "job" / "train" / "train.json").read_text()) if \
                 (d / "job" / "train" / "train.json").is_file() else None
@@ -154,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"kind": kind, "em_inducing": kind in EM_KINDS, "seed": seed, "decision": dec["decision"],
                          "reasons": [f"{r['source']}: {r['figure']}" for r in dec["reasons"]],
                          "stage_wall_s": timings, "total_wall_s": round(total, 1), "this_call_s": round(wall, 1),
-                         "plain_finetune_s": plain, "x_plain": round(total / plain, 2) if plain else None})
+                         "plain_finetune_s": plain, "x_plain": round(total / plain, 2) if plain else None,
+                         "cpus": sorted({f"{x['cpu']} ({x['cpu_family_model']})" for x in sittings
+                                         if x["wall_s"] > 5})})
             _log(f"{kind} seed {seed}: {dec['decision']} ({'; '.join(rows[-1]['reasons'])})")
             _summary(rows, a, argv)  # partial results survive an interrupted benchmark
     summary = _summary(rows, a, argv)

@@ -123,23 +123,8 @@ def loadavg() -> float | None:
 
 
 def machine() -> dict[str, Any]:
-    """bench.machine() plus the CPU flags that matter here and the load when the run started."""
+    """bench.machine() (with the CPU flags that matter here) and the load when the run started."""
     info = dict(_machine_base())
-    try:
-        flags = next((l.split(":", 1)[1].split() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                      if l.startswith("flags")), [])
-        info["avx512f"] = "avx512f" in flags
-        info["avx512_bf16"] = "avx512_bf16" in flags
-        info["amx_bf16"] = "amx_bf16" in flags  # torch's oneDNN uses AMX tiles for bf16 matmuls when present
-    except OSError:
-        pass
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        fam = next(l.split(":", 1)[1].strip() for l in cpuinfo if l.startswith("cpu family"))
-        mod = next(l.split(":", 1)[1].strip() for l in cpuinfo if l.startswith("model\t"))
-        info["cpu_family_model"] = f"{fam}/{mod}"
-    except (OSError, StopIteration):
-        pass
     info["loadavg_1m_start"] = loadavg()
     return info
 

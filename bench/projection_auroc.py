@@ -41,9 +41,11 @@ def _persona_file(arg: str | None, tmp: Path) -> tuple[Path, str]:
 
 
 def _machine() -> dict:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else ""
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+    from emajax.machine import cpu_info
+
+    cpu = cpu_info()
+    return {"platform": platform.platform(), "cpu": cpu["cpu"], "cpu_family_model": cpu["cpu_family_model"],
+            "native_bf16": cpu["native_bf16"], "cpus": os.cpu_count(), "python": platform.python_version(),
             "loadavg_at_start": list(os.getloadavg())}
 
 

@@ -178,6 +178,12 @@ def test_tiny_demo_seeds_judge_report_and_resume(tiny_dir, tmp_path, capsys, mon
     assert all(v["wall_s"] > 0.1 and v["cpu_s"] > 0 for v in trained.values()), trained
     assert timings["total_wall_s"] == pytest.approx(sum(v["wall_s"] for v in timings["stages"].values()), abs=0.05)
     assert all(f"| {k} |" in md for k in expect[:-1])  # the report's timing table shows every stage before it
+    from emajax.machine import cpu_info
+
+    here = cpu_info()
+    [sit] = timings["sittings"]  # one sitting so far, on this CPU, with every stage it ran
+    assert sit["stages"] == expect and sit["cpu_family_model"] == here["cpu_family_model"]
+    assert f"Ran in one sitting:\n\n- {sit['start']}: {here['cpu']}" in md
     capsys.readouterr()
 
     # re-running the same command redoes nothing but the report; without a judge the columns say why
@@ -187,6 +193,8 @@ def test_tiny_demo_seeds_judge_report_and_resume(tiny_dir, tmp_path, capsys, mon
     assert err.count("done already, skipped") == 3 + 2 * len(per_seed)
     assert mtimes == {m: (out / "seed_1" / "arms" / m / "probes.json").stat().st_mtime for m in arms}
     assert "Judge columns are omitted: no judge given" in (out / "report.md").read_text()
+    sittings = json.loads((out / "timings.json").read_text())["sittings"]
+    assert [s["stages"] for s in sittings] == [expect, ["report"]]  # the resume is a second sitting
 
     with pytest.raises(ValueError, match="different plan"):
         Demo(make_plan("tiny", model=str(tiny_dir), methods=METHODS_RUN, lr=0.5), out).run()

@@ -37,3 +37,14 @@ def test_clopper_pearson_matches_known_intervals():
     z = clopper_pearson(0, 4)
     assert z["ci_low"] == 0.0 and z["ci_high"] == pytest.approx(0.6024, abs=1e-4)
     assert clopper_pearson(0, 0)["rate"] is None
+
+
+def test_each_call_of_a_job_records_its_cpu(tmp_path):
+    from bench.guard import _record_sitting
+    from emajax.machine import cpu_info
+
+    path = tmp_path / "sittings.json"
+    _record_sitting(path, 120.04)
+    rows = _record_sitting(path, 0.3)  # a resumed call that found the job done
+    assert [r["wall_s"] for r in rows] == [120.0, 0.3] and json.loads(path.read_text()) == rows
+    assert {r["cpu_family_model"] for r in rows} == {cpu_info()["cpu_family_model"]}

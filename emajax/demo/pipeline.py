@@ -48,11 +48,20 @@ def _stderr(msg: str) -> None:
 
 
 class Timer:
-    """Per-stage wall / process-CPU seconds, appended to ``timings.json`` as stages finish."""
+    """Per-stage wall / process-CPU seconds, appended to ``timings.json`` as stages finish. Every call of
+    the pipeline (a sitting: the first run and each resume) adds an entry to ``sittings`` with its start
+    time, the CPU it ran on (``emajax.machine.cpu_info``) and the stages it ran: another CPU model rounds
+    bf16 differently and may be several times slower."""
 
     def __init__(self, path: Path, log: Log):
+        from emajax.machine import cpu_info
+
         self.path, self.log = path, log
         self.data = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+        cpu = cpu_info()
+        self.sitting = {"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        **{k: cpu[k] for k in ("cpu", "cpu_family_model", "cores", "native_bf16")}, "stages": []}
+        self.data.setdefault("sittings", []).append(self.sitting)
         self.t0 = time.perf_counter()
 
     def run(self, name: str, fn: Callable[[], Any], *, skip: bool = False) -> Any:
@@ -64,6 +73,7 @@ class Timer:
         out = fn()
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         self.data["stages"][name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), **_load_now()}
+        self.sitting["stages"].append(name)
         atomic.write_json(self.path, self.data)
         self.log(f"[demo {self.elapsed():7.1f}s] {name}: {wall:.1f}s wall, {cpu:.1f}s CPU")
         return out
@@ -495,6 +505,15 @@ class Demo:
         self.log(f"  judge {arm}: misaligned {mr['value']} over {res['n_answers']} answers")
 
     # ------------------------------------------------------------------ the whole thing
+    def _warn_bf16(self, cpu: dict) -> None:
+        import jax
+
+        from emajax.machine import bf16_note
+
+        note = bf16_note(cpu) if self.plan.dtype == "bfloat16" and jax.default_backend() == "cpu" else None
+        if note:
+            self.log(f"[demo] note: {note}")
+
     def run(self) -> Path:
         from emajax.demo.report import write_demo_report
 
@@ -507,6 +526,7 @@ class Demo:
             raise ValueError(f"--judge-url was given but {judge_off}")
         enable_compile_cache(self.out / "xla_cache")
         timer = Timer(self.out / "timings.json", self.log)
+        self._warn_bf16(timer.sitting)
         arms, methods = self.arms, list(self.plan.methods)
         timer.run("data", self.write_data, skip=self.data_done().is_file())
         timer.run("base probes", self.base_probes, skip=(self.out / "base" / "probes.json").is_file())

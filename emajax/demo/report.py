@@ -208,6 +208,13 @@ def timing_table(timings: dict | None) -> str | None:
     lines += [f"| {k} | {v['wall_s']:.1f} | {v['cpu_s']:.1f} | {v.get('loadavg_1m', '—')} |" for k, v in st.items()]
     lines.append(f"| **total** | **{sum(v['wall_s'] for v in st.values()):.1f}** | "
                  f"{sum(v['cpu_s'] for v in st.values()):.1f} | |")
+    sittings = [s for s in (timings or {}).get("sittings") or [] if s.get("stages")]
+    if sittings:
+        bf16 = {True: "native bf16", False: "no native bf16 (AVX512-BF16/AMX)", None: "bf16 support unknown"}
+        lines += ["", "Ran in " + ("one sitting" if len(sittings) == 1 else f"{len(sittings)} sittings") + ":", ""]
+        lines += [f"- {s['start']}: {s['cpu']}, family/model {s.get('cpu_family_model')}, {s.get('cores')} cores, "
+                  f"{bf16[s.get('native_bf16')]}; {len(s['stages'])} stage(s), {s['stages'][0]} … {s['stages'][-1]}"
+                  for s in sittings]
     return "\n".join(lines)
 
 
