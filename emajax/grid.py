@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from emajax import atomic
+from emajax.hosts import barrier, is_main, start
 from emajax.train.config import (TrainConfigError, config_from_dict, parse_overrides, parse_section,
                                  read_config_yaml, resolve_path)
 
@@ -242,21 +243,6 @@ def _log(msg: str) -> None:
     print(f"emajax grid: {msg}", file=sys.stderr, flush=True)
 
 
-def _main_process() -> bool:
-    import jax
-
-    return jax.process_index() == 0
-
-
-def _barrier(name: str) -> None:
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 def _judge(spec: GridSpec) -> Any:
     from emajax.eval.judge import JudgeClient
     from emajax.paths import cache_dir
@@ -279,7 +265,7 @@ def train_cell(spec: GridSpec, cell: Cell) -> Path:
         cfg = cell_config(spec, cell)
         t0 = time.perf_counter()
         res = train(cfg, tdir)
-        if _main_process():
+        if is_main():
             atomic.write_json(done, {"steps": res.final_step, "total_steps": res.total_steps,
                                      "final": res.last_metrics, "wall_s": time.perf_counter() - t0})
     return tdir / "export"
@@ -392,6 +378,7 @@ def run_grid(spec: GridSpec, *, only: Callable[[Cell], bool] | None = None, judg
     """Run (or resume) every cell, then write ``grid.json`` and the paper-layout report. Returns grid.json."""
     from emajax.eval.paper_table import write_grid_report
 
+    start()  # a multi-process run is one JAX system before anything asks which process this is
     cells = [c for c in spec.cells() if only is None or only(c)]
     if not cells:
         raise GridError(f"{spec.source}: no cell matches the selection")
@@ -403,16 +390,16 @@ def run_grid(spec: GridSpec, *, only: Callable[[Cell], bool] | None = None, judg
     t0 = time.perf_counter()
     for k, cell in enumerate(order, 1):
         if needs_sel and spec.arms[cell.defense].select is not None:
-            if _main_process():
+            if is_main():
                 select_safe_data(spec)
-            _barrier("emajax-grid-selection")
+            barrier("emajax-grid-selection")
         _log(f"[{k}/{len(order)}] {cell.key}: train ({time.perf_counter() - t0:.0f} s so far)")
         train_cell(spec, cell)
-        if _main_process():
+        if is_main():
             _log(f"[{k}/{len(order)}] {cell.key}: eval")
             eval_cell(spec, cell, judge)
-        _barrier(f"emajax-grid-{cell.key}")
-    if not _main_process():
+        barrier(f"emajax-grid-{cell.key}")
+    if not is_main():
         return spec.out / "grid.json"
     manifest = write_manifest(spec)
     report = write_grid_report(spec.out)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _launch import LAUNCH_TIMEOUT_S, finish, gloo_available, launch  # noqa: E402
 from _train_tiny import export_tiny_model, tiny_model, tiny_tokenizer, write_chats  # noqa: E402
 
 import jax  # noqa: E402
@@ -27,46 +27,8 @@ import jax  # noqa: E402
 from emajax.cli import main  # noqa: E402
 from emajax.train.metrics import read_metrics  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-ENTRY = "import sys; from emajax.cli import main; sys.exit(main())"
-LAUNCH_TIMEOUT_S = 240
-
-
-def _gloo_available() -> bool:
-    try:
-        jax.config.jax_cpu_collectives_implementation  # noqa: B018
-        return True
-    except AttributeError:
-        return False
-
-
-pytestmark = [pytest.mark.skipif(not _gloo_available(), reason="this jaxlib has no CPU (gloo) collectives option"),
+pytestmark = [pytest.mark.skipif(not gloo_available(), reason="this jaxlib has no CPU (gloo) collectives option"),
               pytest.mark.devices(8)]  # the one-process references run on the suite's 8 simulated CPU devices
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
-def launch(args: list[str], log: Path, *, processes: int = 2, devices: int = 4) -> subprocess.Popen:
-    """`emajax launch` in its own process group (so a test can kill the launcher and its children at once)."""
-    f = log.open("wb")
-    return subprocess.Popen([sys.executable, "-c", ENTRY, "launch", "--processes", str(processes),
-                             "--devices-per-process", str(devices), "--timeout", str(LAUNCH_TIMEOUT_S), "--", *args],
-                            env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(p: subprocess.Popen, log: Path) -> str:
-    try:
-        p.wait(timeout=LAUNCH_TIMEOUT_S + 30)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-    text = log.read_text(errors="replace")
-    assert p.returncode == 0, f"emajax launch exited {p.returncode}:\n{text[-4000:]}"
-    return text
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
+from _launch import finish, gloo_available, launch
 from _train_tiny import TINY, tiny_model, tiny_tokenizer, write_chats
 from emajax.cli import main
+from emajax.guard.pipeline import STAGES
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +120,24 @@ def test_guard_run_end_to_end_on_a_tiny_model(tiny_refs, tmp_path, capsys, monke
     before = (out / "train" / "seed_0" / "job" / "metrics.jsonl").read_text()
     assert main(["guard", "run", str(job), "--out", str(out)]) == 0
     assert (out / "train" / "seed_0" / "job" / "metrics.jsonl").read_text() == before
+
+    # the same job as two processes x 2 devices of one JAX system (a pod slice in miniature): both train
+    # over one fsdp mesh of the 4 devices (this process trained on one), process 0 alone screens, samples the
+    # control's answers, gates and decides; the same figures and decision
+    if not gloo_available():
+        pytest.skip("this jaxlib has no CPU (gloo) collectives option: the two-process run is not possible")
+    monkeypatch.setenv("EMAJAX_CACHE", str(tmp_path / "cache2"))  # the base values are measured again
+    out2, log2 = tmp_path / "jobs" / "two", tmp_path / "two.log"
+    text = finish(launch(["guard", "run", str(job), "--out", str(out2)], log2, devices=2), log2)
+    assert "[p0] emajax guard: screen: 10/11 valid rows" in text and "[p1] emajax guard: screen" not in text
+    assert "[p0] emajax guard: train: seed 0, job arm" in text and "[p1] emajax guard: train: seed 0, job arm" in text
+    assert "[p0] emajax guard: gate: seed 0, job arm" in text and "[p1] emajax guard: gate" not in text
+    assert text.count('"decision": "release"') == 2  # each process prints the decision process 0 wrote
+    gate2 = json.loads((out2 / "gate" / "gate.json").read_text())
+    for a, b in zip(gate["metrics"], gate2["metrics"]):
+        assert b["name"] == a["name"] and b["effect"]["value"] == pytest.approx(a["effect"]["value"], abs=1e-4)
+    assert json.loads((out2 / "decision.json").read_text())["decision"] == "release"
+    assert list(json.loads((out2 / "timings.json").read_text())) == list(STAGES)
 
 
 def test_worker_runs_a_job_the_screen_rejects(tiny_refs, tmp_path, capsys):

@@ -16,6 +16,11 @@ Layout of a job directory (``--out jobs/ID``)::
 
 Every stage writes its marker last and atomically and is skipped when it exists, so rerunning a killed job
 resumes at the stage (and, inside training, at the checkpoint) where it stopped.
+
+Multi-process (a pod slice or multi-GPU host, started by its launcher or `emajax launch`; ``--out`` on a
+filesystem every host sees): training is one SPMD run over the mesh on every process; the screen, the
+control's answers, the Interleaving++ selection, the gate and the decision run on process 0, on its own
+devices, while the others wait (``emajax.hosts``), so every file is written once.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 
 from emajax import atomic
 from emajax.guard.spec import JobSpec
+from emajax.hosts import barrier, is_main, main_first
 
 Log = Callable[[str], None]
 ARMS = ("job", "control")
@@ -75,6 +81,17 @@ def screened(out: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- screen
+def _main_first(stage: Callable[[JobSpec, Path, Log], Any]) -> Callable[[JobSpec, Path, Log], Any]:
+    """A stage that is not SPMD: process 0 runs it, the others wait, then read its result (the stage
+    finds its marker and returns what process 0 wrote)."""
+    def run(spec: JobSpec, out: Path, log: Log = _quiet) -> Any:
+        return main_first(f"emajax-guard-{stage.__name__}", lambda: stage(spec, out, log),
+                          lambda: stage(spec, out, _quiet))
+
+    run.__name__, run.__doc__ = stage.__name__, stage.__doc__
+    return run
+
+
 def stage_screen(spec: JobSpec, out: Path, log: Log = _quiet) -> dict:
     from emajax.guard.screen import screen
 
@@ -86,6 +103,14 @@ def stage_screen(spec: JobSpec, out: Path, log: Log = _quiet) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- train
+def _default_mesh() -> dict:
+    """The mesh when the policy's recipe names none: one device in one process; under a multi-process
+    launch every device of every process, parameters and batch rows sharded over them (fsdp)."""
+    import jax
+
+    return {"fsdp": -1} if jax.process_count() > 1 else {"allow_unused": True}
+
+
 def arm_config(spec: JobSpec, data: str, seed: int, defenses: dict, run_dir: Path) -> Any:
     """The trainer Config of one arm: the policy's recipe on ``data`` with ``defenses``."""
     from emajax.train.config import config_from_dict
@@ -95,7 +120,7 @@ def arm_config(spec: JobSpec, data: str, seed: int, defenses: dict, run_dir: Pat
     r["data"] = {**(r.get("data") or {}), "train": [data]}
     r["defenses"] = defenses
     r["train"] = {"progress": False, "tensorboard": False, **(r.get("train") or {}), "seed": seed, "export": True}
-    r.setdefault("mesh", {"allow_unused": True})
+    r.setdefault("mesh", _default_mesh())
     r["out"] = str(run_dir)
     return config_from_dict(r, base_dir=Path(spec.policy.base), source=f"guard:{spec.id}:seed{seed}")
 
@@ -141,7 +166,7 @@ def stage_train(spec: JobSpec, out: Path, log: Log = _quiet) -> dict | None:
     if scr["reject"]:
         return None
     data = str(out / "screen" / "train.jsonl")
-    defenses, net_words = safety_net(spec, out, scr["n_train"])
+    defenses, net_words = main_first("emajax-guard-selection", lambda: safety_net(spec, out, scr["n_train"]))
     base = _Lazy(spec)
     c = spec.policy.control
     runs: dict[str, dict] = {}
@@ -149,11 +174,12 @@ def stage_train(spec: JobSpec, out: Path, log: Log = _quiet) -> dict | None:
     for seed in spec.policy.seeds:
         t0 = time.perf_counter()
         ctrl_file = out / "control" / f"seed_{seed}.path"
-        if not ctrl_file.is_file():
+        if not ctrl_file.is_file() and is_main():  # sampled on process 0's devices, once
             p = self_distilled_control(base(), data, out / "control", model=spec.model, seed=seed,
                                        temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
                                        log=log)
             atomic.write_text(ctrl_file, str(p))
+        barrier(f"emajax-guard-control-{seed}")
         ctrl = ctrl_file.read_text()
         times[f"seed_{seed}/control_data"] = time.perf_counter() - t0
         for arm, arm_data, arm_def in (("job", data, defenses), ("control", ctrl, {})):
@@ -167,7 +193,8 @@ def stage_train(spec: JobSpec, out: Path, log: Log = _quiet) -> dict | None:
     base.value = None
     res = {"seeds": spec.policy.seeds, "safety_net": net_words, "defenses": defenses, "runs": runs,
            "wall_s": {k: round(v, 2) for k, v in times.items()}}
-    atomic.write_json(done, res)
+    if is_main():
+        atomic.write_json(done, res)
     return res
 
 
@@ -278,12 +305,17 @@ def stage_decide(spec: JobSpec, out: Path, log: Log = _quiet) -> dict:
 
 
 STAGE_FUNCS: dict[str, Callable[[JobSpec, Path, Log], Any]] = {
-    "screening": stage_screen, "training": stage_train, "gating": stage_gate, "deciding": stage_decide}
+    "screening": _main_first(stage_screen), "training": stage_train, "gating": _main_first(stage_gate),
+    "deciding": _main_first(stage_decide)}
 
 
 def run_job(spec: JobSpec, out: str | Path, *, log: Log = _quiet, stages: dict | None = None,
             on_stage: Callable[[str], None] | None = None) -> dict:
-    """Run (or resume) every stage of ``spec`` in ``out``; returns decision.json's content."""
+    """Run (or resume) every stage of ``spec`` in ``out``; returns decision.json's content. Under a
+    multi-process launch every process calls it (module docstring)."""
+    from emajax.hosts import start
+
+    start()  # before any JAX computation: a multi-process launch is one JAX system
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     job_json = out / "job.json"
@@ -294,8 +326,9 @@ def run_job(spec: JobSpec, out: str | Path, *, log: Log = _quiet, stages: dict |
                 {k: mine.get(k) for k in ("data", "model", "job", "policy")}:
             raise ValueError(f"{job_json}: this directory holds another job (data, model or policy differ); "
                              f"use another --out or delete it")
-    else:
+    elif is_main():
         atomic.write_json(job_json, mine)
+    barrier("emajax-guard-job")
     funcs = {**STAGE_FUNCS, **(stages or {})}
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
@@ -306,7 +339,8 @@ def run_job(spec: JobSpec, out: str | Path, *, log: Log = _quiet, stages: dict |
         t0 = time.perf_counter()
         result = funcs[st](spec, out, log)
         timings[st] = round(timings.get(st, 0.0) + time.perf_counter() - t0, 2)
-        atomic.write_json(timings_path, timings)
+        if is_main():
+            atomic.write_json(timings_path, timings)
     return result
 
 

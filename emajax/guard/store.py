@@ -293,7 +293,16 @@ def work(store: JobStore, stages: Mapping[str, Callable[[dict], Any]], *, worker
          once: bool = False, poll: float = 10.0, stale_after: float = 600.0, max_attempts: int = 3,
          log: Callable[[str], None] = lambda m: None) -> int:
     """The worker loop (one per host): claim, process, repeat; ``once``: stop when no job is left. Returns the
-    number of jobs it finished."""
+    number of jobs it finished. One process: a job that spans the hosts of a pod slice runs as
+    ``emajax guard run`` under the slice's launcher (every process runs it; docs/guard.md)."""
+    import jax
+
+    from emajax.hosts import start
+
+    start()
+    if jax.process_count() > 1:
+        raise StoreError(f"the guard worker runs as one process per host, not under a {jax.process_count()}-process "
+                         f"launch: run a multi-host job with `emajax guard run JOB.yaml --out DIR` on every process")
     worker = worker or host_id()
     n = 0
     with host_lock(store.root, worker):
