@@ -99,3 +99,18 @@ def test_cli_needs_a_command(capsys):
 
     assert main(["launch", "--processes", "2"]) == 2
     assert "after --" in capsys.readouterr().err
+
+
+def test_a_process_that_fails_in_a_multiprocess_run_leaves_at_once(monkeypatch, capsys):
+    """A failing process must not wait in jax.distributed's shutdown for peers that wait for it: it exits
+    with os._exit so the launcher sees it and stops the others."""
+    from emajax.cli import main
+    from emajax.train import mesh
+
+    exits: list[int] = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    monkeypatch.setitem(mesh._initialized, "done", True)  # as after jax.distributed.initialize
+    assert main(["guard", "run", "no-such-job.yaml"]) == 2
+    assert exits == [2] and "emajax guard: error: " in capsys.readouterr().err
+    monkeypatch.setitem(mesh._initialized, "done", False)  # one process: the ordinary return
+    assert main(["guard", "run", "no-such-job.yaml"]) == 2 and exits == [2]

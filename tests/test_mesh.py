@@ -28,6 +28,16 @@ def test_mesh_uses_every_device_or_says_why_not():
     assert build_mesh(MeshCfg(fsdp=-1)).shape["fsdp"] == 8
     with pytest.raises(ValueError, match="uses 1 of the 8"):
         build_mesh(MeshCfg())
+
+
+def test_a_mesh_that_leaves_a_process_without_devices_is_an_error():
+    class Dev:  # what make_mesh reads of a device before building the mesh
+        def __init__(self, i: int, process: int):
+            self.id, self.process_index = i, process
+
+    two_hosts = [Dev(i, i // 4) for i in range(8)]
+    with pytest.raises(ValueError, match=r"uses 2 of the 8 devices and none of process\(es\) 1: in a multi-process"):
+        make_mesh(1, 2, 1, devices=two_hosts, allow_unused=True)
     with pytest.raises(ValueError, match="needs 16 devices"):
         make_mesh(4, 2, 2)
     with pytest.raises(ValueError, match="at most one may be -1"):

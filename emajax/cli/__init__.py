@@ -113,19 +113,42 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _in_multiprocess_run() -> bool:
+    mesh = sys.modules.get("emajax.train.mesh")  # never imported (nor jax) by a verb that runs no JAX
+    return mesh is not None and mesh.distributed_started()
+
+
+def _exit_now(code: int) -> None:
+    """Leave a multi-process run at once: a normal exit waits in jax.distributed's shutdown for the other
+    processes, which may be waiting for this one in a collective, so a process that failed alone would
+    hang the run instead of letting the launcher (`emajax launch`, a slice's supervisor) stop the rest."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except CliError as e:
-        print(f"emajax {args.verb}: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (CliError, FileNotFoundError, ValueError) as e:
         # Library errors name the file / field / limit; show them as one line, not a traceback.
         print(f"emajax {args.verb}: error: {e}", file=sys.stderr)
+        if _in_multiprocess_run():
+            _exit_now(2)
         return 2
+    except Exception:
+        if not _in_multiprocess_run():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        _exit_now(1)
+        raise  # only when os._exit is replaced (tests)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,11 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Any = None
     if n < len(devices) and not allow_unused:
         raise ValueError(f"{what} uses {n} of the {len(devices)} devices; use them all (e.g. mesh.fsdp=-1) "
                          f"or set mesh.allow_unused=true")
+    idle = sorted({d.process_index for d in devices} - {d.process_index for d in devices[:n]})
+    if idle and n_dcn == 1:
+        raise ValueError(f"{what} uses {n} of the {len(devices)} devices and none of process(es) "
+                         f"{', '.join(map(str, idle))}: in a multi-process run every process must hold part of the "
+                         f"mesh (e.g. mesh.fsdp=-1)")
     auto = (jax.sharding.AxisType.Auto,) * 3
     if n_dcn > 1:
         # Multi-slice TPUs name their slices; elsewhere (GPU hosts, CPU processes) each process is one.

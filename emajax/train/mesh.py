@@ -69,6 +69,11 @@ def maybe_initialize_distributed(mode: str) -> None:
         _initialized["done"] = True
 
 
+def distributed_started() -> bool:
+    """Whether this process has joined a multi-process JAX system (:func:`maybe_initialize_distributed`)."""
+    return _initialized["done"]
+
+
 def build_mesh(mesh_cfg: Any) -> Mesh:
     return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, dcn_data=mesh_cfg.dcn_data,
                      dcn_fsdp=mesh_cfg.dcn_fsdp, allow_unused=mesh_cfg.allow_unused)
