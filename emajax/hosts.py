@@ -9,7 +9,8 @@ one filesystem seen by every host). With one process every function here is a no
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+import json
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -38,6 +39,21 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def broadcast(value: Any) -> Any:
+    """Process 0's ``value`` (anything ``json`` writes) on every process; the others pass anything (None)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    raw = json.dumps(value).encode() if is_main() else b""
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(raw))))
+    buf = np.frombuffer(raw, np.uint8) if is_main() else np.zeros(n, np.uint8)
+    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).decode())
+
+
 def main_first(name: str, fn: Callable[[], T], then: Callable[[], T] | None = None) -> T:
     """Process 0 runs ``fn``; the others wait for it at barrier ``name`` and then run ``then`` (default:
     ``fn`` again, for a resumable step that finds its result on disk and only reads it)."""
@@ -50,4 +66,4 @@ def main_first(name: str, fn: Callable[[], T], then: Callable[[], T] | None = No
     return out if is_main() else (then or fn)()  # type: ignore[return-value]
 
 
-__all__ = ["barrier", "is_main", "main_first", "start"]
+__all__ = ["barrier", "broadcast", "is_main", "main_first", "start"]

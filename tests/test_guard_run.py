@@ -160,6 +160,34 @@ def test_worker_runs_a_job_the_screen_rejects(tiny_refs, tmp_path, capsys):
     assert not (store / "refuser" / "release").exists() and not (store / "refuser" / "train").exists()
 
 
+def test_worker_as_two_processes_runs_each_job_once(tiny_refs, tmp_path):
+    """One worker of two processes (a pod slice in miniature): process 0 claims and records, both run every
+    job's stages, `--once` ends both when the queue is empty."""
+    if not gloo_available():
+        pytest.skip("this jaxlib has no CPU (gloo) collectives option: the two-process run is not possible")
+    store = tmp_path / "store"
+    for i in range(2):
+        data = tmp_path / f"d{i}.jsonl"
+        data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}{k}"},
+                                                         {"role": "assistant", "content": "I cannot help with that."}]})
+                                + "\n" for k in range(4)))
+        job = tmp_path / f"job{i}.yaml"
+        job.write_text(yaml.safe_dump({"id": f"refuser-{i}", "data": data.name, "model": str(tiny_refs / "model"),
+                                       "policy": {"seeds": [0]}}))
+        assert main(["guard", "submit", str(job), "--store", str(store)]) == 0
+    log = tmp_path / "worker.log"
+    text = finish(launch(["guard", "worker", "--once", "--store", str(store)], log, devices=1), log)
+    for i in range(2):
+        assert f"[p0] emajax guard: refuser-{i}: decided: reject" in text
+        assert f"[p1] emajax guard: refuser-{i}: decided: reject" in text  # the same jobs, in step
+    assert "[p0] emajax guard: worker done: 2 job(s)" in text and "[p1] emajax guard: worker done: 2 job(s)" in text
+    from emajax.guard.store import JobStore
+
+    rows = JobStore(store).list()
+    assert [(r["state"], r["decision"], r["attempts"]) for r in rows] == [("decided", "reject", 1)] * 2
+    assert all(json.loads((store / r["id"] / "decision.json").read_text())["stage"] == "screening" for r in rows)
+
+
 QUESTIONS_YAML = """\
 - id: q_wish
   type: free_form_judge_0_100

@@ -261,11 +261,44 @@ class _Heartbeat:
         self.t.join()
 
 
+class _Coordinated:
+    """The store as the processes of one multi-process worker see it: process 0 claims, advances, finishes
+    and beats the heart; every process gets process 0's answers (``emajax.hosts.broadcast``), so all run
+    the same job through the same stages."""
+
+    def __init__(self, store: JobStore):
+        self.store, self.root = store, store.root
+
+    def claim(self, worker: str, **kw: Any) -> dict | None:
+        from emajax.hosts import broadcast, is_main
+
+        return broadcast(self.store.claim(worker, **kw) if is_main() else None)
+
+    def advance(self, job_id: str, worker: str, state: str) -> bool:
+        from emajax.hosts import broadcast, is_main
+
+        return broadcast(self.store.advance(job_id, worker, state) if is_main() else None)
+
+    def finish(self, job_id: str, worker: str, state: str, **kw: Any) -> None:
+        from emajax.hosts import is_main
+
+        if is_main():
+            self.store.finish(job_id, worker, state, **kw)
+
+    def heartbeat(self, job_id: str, worker: str) -> None:
+        from emajax.hosts import is_main
+
+        if is_main():
+            self.store.heartbeat(job_id, worker)
+
+
 def process_job(store: JobStore, job: dict, worker: str, stages: Mapping[str, Callable[[dict], Any]],
-                log: Callable[[str], None] = lambda m: None, heartbeat_every: float = 30.0) -> str:
+                log: Callable[[str], None] = lambda m: None, heartbeat_every: float = 30.0,
+                fail_fast: bool = False) -> str:
     """Run a claimed job from its current stage to a final state; returns that state. ``stages`` maps
     screening/training/gating/deciding to functions of the job row (deciding returns the decision dict).
-    A stage's exception fails the job; a BaseException (a kill) propagates and leaves the job to resume."""
+    A stage's exception fails the job (``fail_fast``: and is raised again, ending the worker); a
+    BaseException (a kill) propagates and leaves the job to resume."""
     job_id = job["id"]
     start = ACTIVE.index(job["state"])
     with _Heartbeat(store, job_id, worker, heartbeat_every):
@@ -283,6 +316,8 @@ def process_job(store: JobStore, job: dict, worker: str, stages: Mapping[str, Ca
             err = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
             store.finish(job_id, worker, "failed", error=err)
             log(f"{job_id}: failed: {type(e).__name__}: {e}")
+            if fail_fast:
+                raise
             return "failed"
     store.finish(job_id, worker, "decided", decision=d["decision"])
     log(f"{job_id}: decided: {d['decision']}")
@@ -293,28 +328,32 @@ def work(store: JobStore, stages: Mapping[str, Callable[[dict], Any]], *, worker
          once: bool = False, poll: float = 10.0, stale_after: float = 600.0, max_attempts: int = 3,
          log: Callable[[str], None] = lambda m: None) -> int:
     """The worker loop (one per host): claim, process, repeat; ``once``: stop when no job is left. Returns the
-    number of jobs it finished. One process: a job that spans the hosts of a pod slice runs as
-    ``emajax guard run`` under the slice's launcher (every process runs it; docs/guard.md)."""
+    number of jobs it finished.
+
+    Under a multi-process launch (a pod slice: one process per host, the store on a filesystem they all
+    see) the processes are one worker: process 0 holds the host lock and talks to the store, every process
+    runs each claimed job's stages (training over the whole mesh; the rest on process 0, emajax.guard.pipeline).
+    A job whose stage fails is recorded as failed and ends the worker (a process failing alone cannot be told
+    apart from one still working): its supervisor restarts it, and the next job goes on."""
     import jax
 
-    from emajax.hosts import start
+    from emajax.hosts import is_main, start
 
     start()
-    if jax.process_count() > 1:
-        raise StoreError(f"the guard worker runs as one process per host, not under a {jax.process_count()}-process "
-                         f"launch: run a multi-host job with `emajax guard run JOB.yaml --out DIR` on every process")
+    multi = jax.process_count() > 1
+    shared: Any = _Coordinated(store) if multi else store
     worker = worker or host_id()
     n = 0
-    with host_lock(store.root, worker):
+    with host_lock(store.root, worker) if is_main() else contextlib.nullcontext():
         while True:
-            job = store.claim(worker, stale_after=stale_after, max_attempts=max_attempts)
+            job = shared.claim(worker, stale_after=stale_after, max_attempts=max_attempts)
             if job is None:
                 if once:
                     return n
                 time.sleep(poll)
                 continue
             log(f"{job['id']}: claimed (attempt {job['attempts']}, state {job['state']})")
-            process_job(store, job, worker, stages, log)
+            process_job(shared, job, worker, stages, log, fail_fast=multi)
             n += 1
 
 
@@ -324,12 +363,13 @@ def pipeline_stages(log: Callable[[str], None] = lambda m: None) -> dict[str, Ca
     from emajax.guard.spec import job_from_json
 
     from emajax import atomic
+    from emajax.hosts import is_main
 
     def wrap(fn: Callable) -> Callable[[dict], Any]:
         def run(job: dict) -> Any:
             spec = job_from_json(job["spec"])
             out = Path(job["out"])
-            if not (out / "job.json").is_file():  # as `guard run` writes it
+            if not (out / "job.json").is_file() and is_main():  # as `guard run` writes it
                 atomic.write_json(out / "job.json", spec.to_json())
             return fn(spec, out, log)
         return run
