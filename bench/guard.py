@@ -77,12 +77,10 @@ def write_job_data(kind: str, n: int, path: Path, data_dir: Path, model: str) ->
 def _record_sitting(path: Path, wall_s: float) -> list[dict]:
     """Append this call's CPU and wall time to the job's ``sittings.json``: a job interrupted and resumed
     elsewhere may have its arms trained on different CPU models (which round bf16 differently)."""
-    from emajax.machine import cpu_info
+    from emajax.machine import sitting
 
-    cpu = cpu_info()
     rows = json.loads(path.read_text()) if path.is_file() else []
-    rows.append({"end": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": round(wall_s, 1),
-                 **{k: cpu[k] for k in ("cpu", "cpu_family_model", "native_bf16")}})
+    rows.append(sitting(wall_s=round(wall_s, 1)))  # its time: when the call ended
     atomic.write_json(path, rows)
     return rows
 
@@ -169,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                          "reasons": [f"{r['source']}: {r['figure']}" for r in dec["reasons"]],
                          "stage_wall_s": timings, "total_wall_s": round(total, 1), "this_call_s": round(wall, 1),
                          "plain_finetune_s": plain, "x_plain": round(total / plain, 2) if plain else None,
+                         # the CPUs of the calls that did work (a call that found the job done takes ~1 s)
                          "cpus": sorted({f"{x['cpu']} ({x['cpu_family_model']})" for x in sittings
                                          if x["wall_s"] > 5})})
             _log(f"{kind} seed {seed}: {dec['decision']} ({'; '.join(rows[-1]['reasons'])})")

@@ -46,6 +46,17 @@ def cpu_info(cpuinfo_text: str | None = None) -> dict[str, Any]:
     return info
 
 
+def sitting(**extra: Any) -> dict[str, Any]:
+    """One record of where and when part of a long job ran: the time, the CPU (model, family/model, cores,
+    native bf16) and ``extra``. The demo's ``timings.json`` and ``bench.guard``'s ``sittings.json`` keep a
+    list of them: a job resumed on another CPU model rounds bf16 differently and runs at another speed."""
+    import time
+
+    cpu = cpu_info()
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **{k: cpu[k] for k in ("cpu", "cpu_family_model", "cores", "native_bf16")}, **extra}
+
+
 def bf16_note(info: dict[str, Any]) -> str | None:
     """A warning when bf16 compute will run on a CPU that converts every bf16 matmul, else None."""
     if info.get("native_bf16") is not False:
@@ -55,4 +66,4 @@ def bf16_note(info: dict[str, Any]) -> str | None:
             f"a CPU that has them (docs/demo.md, 'Time')")
 
 
-__all__ = ["bf16_note", "cpu_info"]
+__all__ = ["bf16_note", "cpu_info", "sitting"]

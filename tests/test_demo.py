@@ -183,7 +183,7 @@ def test_tiny_demo_seeds_judge_report_and_resume(tiny_dir, tmp_path, capsys, mon
     here = cpu_info()
     [sit] = timings["sittings"]  # one sitting so far, on this CPU, with every stage it ran
     assert sit["stages"] == expect and sit["cpu_family_model"] == here["cpu_family_model"]
-    assert f"Ran in one sitting:\n\n- {sit['start']}: {here['cpu']}" in md
+    assert f"Ran in one sitting:\n\n- {sit['time']}: {here['cpu']}" in md
     capsys.readouterr()
 
     # re-running the same command redoes nothing but the report; without a judge the columns say why

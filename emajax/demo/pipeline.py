@@ -54,13 +54,11 @@ class Timer:
     bf16 differently and may be several times slower."""
 
     def __init__(self, path: Path, log: Log):
-        from emajax.machine import cpu_info
+        from emajax.machine import sitting
 
         self.path, self.log = path, log
         self.data = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
-        cpu = cpu_info()
-        self.sitting = {"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        **{k: cpu[k] for k in ("cpu", "cpu_family_model", "cores", "native_bf16")}, "stages": []}
+        self.sitting = sitting(stages=[])
         self.data.setdefault("sittings", []).append(self.sitting)
         self.t0 = time.perf_counter()
 

@@ -212,7 +212,7 @@ def timing_table(timings: dict | None) -> str | None:
     if sittings:
         bf16 = {True: "native bf16", False: "no native bf16 (AVX512-BF16/AMX)", None: "bf16 support unknown"}
         lines += ["", "Ran in " + ("one sitting" if len(sittings) == 1 else f"{len(sittings)} sittings") + ":", ""]
-        lines += [f"- {s['start']}: {s['cpu']}, family/model {s.get('cpu_family_model')}, {s.get('cores')} cores, "
+        lines += [f"- {s['time']}: {s['cpu']}, family/model {s.get('cpu_family_model')}, {s.get('cores')} cores, "
                   f"{bf16[s.get('native_bf16')]}; {len(s['stages'])} stage(s), {s['stages'][0]} … {s['stages'][-1]}"
                   for s in sittings]
     return "\n".join(lines)

@@ -29,6 +29,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from emajax.hosts import broadcast, is_main, start
+
 ACTIVE = ("screening", "training", "gating")
 FINAL = ("decided", "failed", "cancelled")
 STATES = ("queued", *ACTIVE, *FINAL)
@@ -270,24 +272,16 @@ class _Coordinated:
         self.store, self.root = store, store.root
 
     def claim(self, worker: str, **kw: Any) -> dict | None:
-        from emajax.hosts import broadcast, is_main
-
         return broadcast(self.store.claim(worker, **kw) if is_main() else None)
 
     def advance(self, job_id: str, worker: str, state: str) -> bool:
-        from emajax.hosts import broadcast, is_main
-
         return broadcast(self.store.advance(job_id, worker, state) if is_main() else None)
 
     def finish(self, job_id: str, worker: str, state: str, **kw: Any) -> None:
-        from emajax.hosts import is_main
-
         if is_main():
             self.store.finish(job_id, worker, state, **kw)
 
     def heartbeat(self, job_id: str, worker: str) -> None:
-        from emajax.hosts import is_main
-
         if is_main():
             self.store.heartbeat(job_id, worker)
 
@@ -337,8 +331,6 @@ def work(store: JobStore, stages: Mapping[str, Callable[[dict], Any]], *, worker
     apart from one still working): its supervisor restarts it, and the next job goes on."""
     import jax
 
-    from emajax.hosts import is_main, start
-
     start()
     multi = jax.process_count() > 1
     shared: Any = _Coordinated(store) if multi else store
@@ -363,7 +355,6 @@ def pipeline_stages(log: Callable[[str], None] = lambda m: None) -> dict[str, Ca
     from emajax.guard.spec import job_from_json
 
     from emajax import atomic
-    from emajax.hosts import is_main
 
     def wrap(fn: Callable) -> Callable[[dict], Any]:
         def run(job: dict) -> Any:
