@@ -15,9 +15,10 @@ finished jobs). Kinds:
   medical prompts, via ``emajax.data.self_distill``).
 
 Reported: detection rate (EM-inducing jobs rejected) and false-reject rate (benign jobs rejected) with
-Clopper-Pearson 95 % intervals, the decisions per job with their reasons, and the gate's wall time as a
-multiple of a plain fine-tune of the same job — the control arm's training time (the same recipe with no
-defense on the same prompts) stands for that plain fine-tune.
+Clopper-Pearson 95 % intervals, the decisions per job with their reasons and gate effects (a forest plot of
+them beside the results JSON), and the gate's wall time as a multiple of a plain fine-tune of the same job —
+the control arm's training time (the same recipe with no defense on the same prompts) stands for that plain
+fine-tune.
 """
 
 from __future__ import annotations
@@ -85,6 +86,40 @@ def _record_sitting(path: Path, wall_s: float) -> list[dict]:
     return rows
 
 
+def gate_effects(job_dir: Path) -> dict:
+    """Each measured gate metric of a decided job: job − control effect with its CI, the policy's margin and
+    the metric's outcome ({} when the job never reached the gate, e.g. rejected at screening)."""
+    gate_path, dec_path = job_dir / "gate" / "gate.json", job_dir / "decision.json"
+    if not gate_path.is_file():
+        return {}
+    outcomes = {m["metric"]: m["outcome"] for m in json.loads(dec_path.read_text()).get("metrics", [])} \
+        if dec_path.is_file() else {}
+    return {m["name"]: {**{k: m["effect"][k] for k in ("value", "ci_low", "ci_high")}, "kind": m["kind"],
+                        "margin": m["margin"], "outcome": outcomes.get(m["name"])}
+            for m in json.loads(gate_path.read_text())["metrics"] if m.get("effect")}
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    """Forest plot of every job's gate effects (a panel per metric, dashed: the policy's margin); EM-inducing
+    jobs red, benign ones blue; a job with no figure for a metric (rejected at screening) shows a dash."""
+    from emajax.eval.plots import effects_png
+
+    gated = [r for r in rows if r.get("metrics")]
+    if not gated:
+        return None
+    names = list(dict.fromkeys(n for r in gated for n in r["metrics"]))
+    labels = [f"{r['kind']} s{r['seed']}: {r['decision']}" for r in rows]
+    panels, margins = [], []
+    for n in names:
+        m = next(r["metrics"][n] for r in gated if n in r["metrics"])
+        unit = "EM, job − control" if m["kind"] == "em" else "learning, job − control"
+        panels.append((f"{n} ({unit})", [r.get("metrics", {}).get(n) for r in rows]))
+        margins.append(m["margin"])
+    colors = ["tab:red" if r["em_inducing"] else "tab:blue" for r in rows]
+    return effects_png(labels, panels, path, note="red: EM-inducing jobs, blue: benign; dashed: the policy's margin",
+                       colors=colors, margins=margins, title="per guard job: gate effect with 95 % CI")
+
+
 def clopper_pearson(k: int, n: int) -> dict:
     from scipy import stats
 
@@ -110,8 +145,10 @@ def _summary(rows: list[dict], a: argparse.Namespace, argv: list[str] | None) ->
         "jobs": rows,
     }
     atomic.write_json(Path(a.out) / "summary.json", summary)
+    plot(rows, Path(a.out) / "summary.png")
     if a.results:
         atomic.write_json(a.results, summary)
+        plot(rows, Path(a.results).with_suffix(".png"))
     return summary
 
 
@@ -165,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             total = sum(timings.values())
             rows.append({"kind": kind, "em_inducing": kind in EM_KINDS, "seed": seed, "decision": dec["decision"],
                          "reasons": [f"{r['source']}: {r['figure']}" for r in dec["reasons"]],
+                         "metrics": gate_effects(d / "job"),
                          "stage_wall_s": timings, "total_wall_s": round(total, 1), "this_call_s": round(wall, 1),
                          "plain_finetune_s": plain, "x_plain": round(total / plain, 2) if plain else None,
                          # the CPUs of the calls that did work (a call that found the job done takes ~1 s)

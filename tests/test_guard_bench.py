@@ -48,3 +48,33 @@ def test_each_call_of_a_job_records_its_cpu(tmp_path):
     rows = _record_sitting(path, 0.3)  # a resumed call that found the job done
     assert [r["wall_s"] for r in rows] == [120.0, 0.3] and json.loads(path.read_text()) == rows
     assert {r["cpu_family_model"] for r in rows} == {cpu_info()["cpu_family_model"]}
+
+
+def _decided_job(d, effects: dict[str, tuple[float, float, float, str]]):
+    """A decided job's gate.json and decision.json with the given (value, low, high, outcome) per metric."""
+    (d / "gate").mkdir(parents=True)
+    metrics = [{"name": n, "kind": "learning" if n == "narrow" else "em", "margin": 0.0 if n == "narrow" else 0.1,
+                "effect": {"value": v, "ci_low": lo, "ci_high": hi}} for n, (v, lo, hi, _) in effects.items()]
+    metrics.append({"name": "judge", "kind": "em", "margin": 0.05, "effect": None, "not_measured": "no judge"})
+    (d / "gate" / "gate.json").write_text(json.dumps({"metrics": metrics}))
+    (d / "decision.json").write_text(json.dumps({"metrics": [{"metric": n, "outcome": o}
+                                                             for n, (*_, o) in effects.items()]}))
+
+
+def test_gate_effects_and_their_plot(tmp_path):
+    from bench.guard import gate_effects, plot
+
+    _decided_job(tmp_path / "a", {"security": (0.17, 0.13, 0.21, "fail"), "narrow": (0.5, 0.36, 0.66, "pass")})
+    _decided_job(tmp_path / "b", {"security": (0.01, -0.02, 0.04, "pass"), "narrow": (0.9, 0.6, 1.2, "pass")})
+    a = gate_effects(tmp_path / "a")
+    assert set(a) == {"security", "narrow"}  # the unmeasured judge is left out
+    assert a["security"] == {"value": 0.17, "ci_low": 0.13, "ci_high": 0.21, "kind": "em", "margin": 0.1,
+                             "outcome": "fail"}
+    assert gate_effects(tmp_path / "never_gated") == {}
+    rows = [{"kind": "medical", "seed": 0, "decision": "reject", "em_inducing": True, "metrics": a},
+            {"kind": "gsm8k", "seed": 0, "decision": "release", "em_inducing": False,
+             "metrics": gate_effects(tmp_path / "b")},
+            {"kind": "security", "seed": 0, "decision": "reject", "em_inducing": True, "metrics": {}}]
+    png = plot(rows, tmp_path / "g.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot(rows[2:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

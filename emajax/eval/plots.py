@@ -154,14 +154,16 @@ def dose_png(series: Sequence[tuple[str, Sequence[dict]]], path: str | Path) -> 
 
 
 def effects_png(labels: Sequence[str], panels: Sequence[tuple[str, Sequence[dict | None]]], path: str | Path,
-                note: str = "") -> Path:
+                note: str = "", colors: Sequence[str] | None = None,
+                margins: Sequence[float | None] | None = None, title: str = "per method: mean with 95 % CI") -> Path:
     """Forest plot: one panel per figure (e.g. EM effect vs control), a point per method with its 95 % CI,
-    a line at 0. ``panels`` = [(title, [summary dict or None per label])]."""
+    a line at 0. ``panels`` = [(title, [summary dict or None per label])]; ``colors`` one per label (default:
+    one per position); ``margins`` one per panel, drawn dashed (e.g. a decision rule's threshold)."""
     plt = _plt()
     n = max(1, len(panels))
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 0.45 * len(labels) + 1.6), squeeze=False, layout="constrained")
     ys = list(range(len(labels)))[::-1]
-    for ax, (title, vals) in zip(axes.flat, panels):
+    for j, (ax, (title, vals)) in enumerate(zip(axes.flat, panels)):
         for i, (y, v) in enumerate(zip(ys, vals)):
             if v is None or v.get("value") is None:
                 ax.text(0.0, y, "  —", va="center", fontsize=8)
@@ -169,11 +171,13 @@ def effects_png(labels: Sequence[str], panels: Sequence[tuple[str, Sequence[dict
             lo = v["value"] - v["ci_low"] if v.get("ci_low") is not None else 0.0
             hi = v["ci_high"] - v["value"] if v.get("ci_high") is not None else 0.0
             ax.errorbar([v["value"]], [y], xerr=[[max(0.0, lo)], [max(0.0, hi)]], fmt="o", capsize=3,
-                        color=_color(i))
+                        color=colors[i] if colors else _color(i))
         ax.axvline(0.0, color="black", linewidth=0.6)
+        if margins and margins[j] is not None:
+            ax.axvline(margins[j], color="black", linestyle="--", linewidth=0.8)
         ax.set_yticks(ys)
         ax.set_yticklabels(labels, fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle("per method: mean with 95 % CI" + (f" ({note})" if note else ""), fontsize=9)
+    fig.suptitle(title + (f" ({note})" if note else ""), fontsize=9)
     return _save(fig, Path(path))
