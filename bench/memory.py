@@ -24,7 +24,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 MODES = ("lora", "full")

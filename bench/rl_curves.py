@@ -29,7 +29,6 @@ Overrides after ``--`` reach every arm, so ``run`` refuses one that sets a defen
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -384,7 +383,7 @@ def plot(by_arm: dict[str, dict[int, Path]], path: Path, window: int, keys: tupl
             ax.fill_between(steps[k - 1:], y.min(0), y.max(0), color=_color(i), alpha=0.15, lw=0)
     for ax, key in zip(axes[0], keys):
         ax.set_title(("training reward" if key == "reward_mean" else key) +
-                     f"\n(mean over seeds, band = seeds' range" + (f"; moving avg {k})" if k > 1 else ")"), fontsize=9)
+                     "\n(mean over seeds, band = seeds' range" + (f"; moving avg {k})" if k > 1 else ")"), fontsize=9)
         ax.set_xlabel("GRPO step")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)

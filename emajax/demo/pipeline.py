@@ -408,15 +408,14 @@ class Demo:
         atomic.write_json(run_dir / "method.json", meta)
         base = {"pairs": {}, "nll": {}} if benign else read_results(self.out / "base" / "probes.json")
         full = self.runner("benign" if benign else "narrow")
-        extra = None
-        if benign:
-            def extra(graphdef: Any, states: tuple) -> dict:
-                from flax import nnx
+        def benign_exact(graphdef: Any, states: tuple) -> dict:
+            from flax import nnx
 
-                model = nnx.merge(graphdef, *states)
-                return self._benign_exact(_Loaded(model, self.base_loaded().tokenizer))
+            model = nnx.merge(graphdef, *states)
+            return self._benign_exact(_Loaded(model, self.base_loaded().tokenizer))
+
         mon = Monitor(run_dir, self.runner("monitor"), full, 0 if benign else self.plan.monitor_every, base, meta,
-                      self.log, extra=extra)
+                      self.log, extra=benign_exact if benign else None)
         callback = mon
         points = [t for t in self.plan.dose_points if t < self.plan.steps]
         if not benign and arm in ("none", CONTROL) and points:  # the report's dose curve
