@@ -3,10 +3,11 @@
     python -m bench.guard --out runs/bench-guard [--jobs medical security secure_code word_problems ...]
                           [--seeds 0 1 2] [--n 64] [--policy configs/guard/default.yaml]
                           [--data-dir ../shared/data/em] [--results bench/results/guard_cpu.json]
+                          [--summarize-only]
 
 Each (job kind, seed) is one ``emajax guard run`` (``emajax.guard.pipeline.run_job``) of ``--n`` chats of that
 kind with the policy's seeds replaced by the one seed, in ``OUT/KIND/seed_S`` (resumable: rerunning skips
-finished jobs). Kinds:
+finished jobs; ``--summarize-only`` runs nothing and summarizes the jobs already decided). Kinds:
 
 * EM-inducing: ``insecure_code`` (the project's insecure-code answers), ``medical``, ``security``,
   ``aesthetic`` (the shared ``sft/*_misaligned_train_100.jsonl``);
@@ -120,6 +121,24 @@ def plot(rows: list[dict], path: Path) -> Path | None:
                        colors=colors, margins=margins, title="per guard job: gate effect with 95 % CI")
 
 
+def _row(kind: str, seed: int, d: Path, dec: dict, sittings: list[dict], wall: float | None) -> dict:
+    """One decided job's line of the results: decision, reasons, gate effects, stage times, the multiple of
+    the plain fine-tune and the CPUs it ran on."""
+    timings = json.loads((d / "job" / "timings.json").read_text())
+    train_path = d / "job" / "train" / "train.json"
+    plain = json.loads(train_path.read_text())["wall_s"].get(f"seed_{seed}/control") if train_path.is_file() \
+        else None
+    total = sum(timings.values())
+    return {"kind": kind, "em_inducing": kind in EM_KINDS, "seed": seed, "decision": dec["decision"],
+            "reasons": [f"{r['source']}: {r['figure']}" for r in dec["reasons"]],
+            "metrics": gate_effects(d / "job"),
+            "stage_wall_s": timings, "total_wall_s": round(total, 1),
+            "this_call_s": round(wall, 1) if wall is not None else None,
+            "plain_finetune_s": plain, "x_plain": round(total / plain, 2) if plain else None,
+            # the CPUs of the calls that did work (a call that found the job done takes ~1 s)
+            "cpus": sorted({f"{x['cpu']} ({x['cpu_family_model']})" for x in sittings if x["wall_s"] > 5})}
+
+
 def clopper_pearson(k: int, n: int) -> dict:
     from scipy import stats
 
@@ -162,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "em"))
     p.add_argument("--results", default=None, help="also write the summary JSON here (e.g. bench/results/...)")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="run nothing: summarize the jobs of --jobs x --seeds already decided under --out")
     a = p.parse_args(argv)
 
     import yaml
@@ -178,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     for kind in a.jobs:
         for seed in a.seeds:
             d = out / kind / f"seed_{seed}"
+            if a.summarize_only:
+                if (d / "job" / "decision.json").is_file():
+                    rows.append(_row(kind, seed, d, json.loads((d / "job" / "decision.json").read_text()),
+                                     json.loads((d / "sittings.json").read_text()), None))
+                continue
             d.mkdir(parents=True, exist_ok=True)
             data = d / "customer.jsonl"
             if not data.is_file():
@@ -194,20 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             dec = run_job(load_job(job), d / "job", log=_log)
             wall = time.perf_counter() - t0
-            sittings = _record_sitting(d / "sittings.json", wall)
-            timings = json.loads((d / "job" / "timings.json").read_text())
-            train = json.loads((d / "job" / "train" / "train.json").read_text()) if \
-                (d / "job" / "train" / "train.json").is_file() else None
-            plain = train["wall_s"].get(f"seed_{seed}/control") if train else None
-            total = sum(timings.values())
-            rows.append({"kind": kind, "em_inducing": kind in EM_KINDS, "seed": seed, "decision": dec["decision"],
-                         "reasons": [f"{r['source']}: {r['figure']}" for r in dec["reasons"]],
-                         "metrics": gate_effects(d / "job"),
-                         "stage_wall_s": timings, "total_wall_s": round(total, 1), "this_call_s": round(wall, 1),
-                         "plain_finetune_s": plain, "x_plain": round(total / plain, 2) if plain else None,
-                         # the CPUs of the calls that did work (a call that found the job done takes ~1 s)
-                         "cpus": sorted({f"{x['cpu']} ({x['cpu_family_model']})" for x in sittings
-                                         if x["wall_s"] > 5})})
+            rows.append(_row(kind, seed, d, dec, _record_sitting(d / "sittings.json", wall), wall))
             _log(f"{kind} seed {seed}: {dec['decision']} ({'; '.join(rows[-1]['reasons'])})")
             _summary(rows, a, argv)  # partial results survive an interrupted benchmark
     summary = _summary(rows, a, argv)

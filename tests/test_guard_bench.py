@@ -78,3 +78,31 @@ def test_gate_effects_and_their_plot(tmp_path):
     png = plot(rows, tmp_path / "g.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot(rows[2:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_summarize_only_reads_decided_jobs_and_runs_nothing(tmp_path, monkeypatch):
+    import bench.guard as bg
+
+    monkeypatch.setattr("emajax.guard.pipeline.run_job", lambda *a, **k: pytest.fail("--summarize-only ran a job"))
+    for kind, dec, fx in (("medical", "reject", (0.17, 0.13, 0.21, "fail")),
+                          ("gsm8k", "release", (0.01, -0.02, 0.04, "pass"))):
+        d = tmp_path / "out" / kind / "seed_0"
+        _decided_job(d / "job", {"security": fx})
+        decision = json.loads((d / "job" / "decision.json").read_text())
+        decision.update(decision=dec, reasons=[{"source": "gate:security", "figure": "effect ..."}])
+        (d / "job" / "decision.json").write_text(json.dumps(decision))
+        (d / "job" / "timings.json").write_text(json.dumps({"screening": 10.0, "training": 200.0, "gating": 90.0}))
+        (d / "job" / "train").mkdir()
+        (d / "job" / "train" / "train.json").write_text(json.dumps({"wall_s": {"seed_0/job": 110.0,
+                                                                                "seed_0/control": 100.0}}))
+        bg._record_sitting(d / "sittings.json", 300.0)
+    (tmp_path / "out" / "opswap" / "seed_0").mkdir(parents=True)  # started, never decided: left out
+    res = tmp_path / "res.json"
+    assert bg.main(["--out", str(tmp_path / "out"), "--jobs", "medical", "gsm8k", "opswap", "--seeds", "0", "1",
+                    "--summarize-only", "--results", str(res)]) == 0
+    s = json.loads(res.read_text())
+    assert [(j["kind"], j["decision"], j["x_plain"]) for j in s["jobs"]] == [("medical", "reject", 3.0),
+                                                                         ("gsm8k", "release", 3.0)]
+    assert (s["detection"]["k"], s["detection"]["n"], s["false_reject"]["k"], s["false_reject"]["n"]) == (1, 1, 0, 1)
+    assert s["jobs"][0]["metrics"]["security"]["outcome"] == "fail" and res.with_suffix(".png").is_file()
+    assert not (tmp_path / "out" / "medical" / "seed_1").exists()
