@@ -163,7 +163,7 @@ def effects_png(labels: Sequence[str], panels: Sequence[tuple[str, Sequence[dict
     n = max(1, len(panels))
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 0.45 * len(labels) + 1.6), squeeze=False, layout="constrained")
     ys = list(range(len(labels)))[::-1]
-    for j, (ax, (title, vals)) in enumerate(zip(axes.flat, panels)):
+    for j, (ax, (head, vals)) in enumerate(zip(axes.flat, panels)):
         for i, (y, v) in enumerate(zip(ys, vals)):
             if v is None or v.get("value") is None:
                 ax.text(0.0, y, "  —", va="center", fontsize=8)
@@ -177,7 +177,7 @@ def effects_png(labels: Sequence[str], panels: Sequence[tuple[str, Sequence[dict
             ax.axvline(margins[j], color="black", linestyle="--", linewidth=0.8)
         ax.set_yticks(ys)
         ax.set_yticklabels(labels, fontsize=8)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(head, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title + (f" ({note})" if note else ""), fontsize=9)
     return _save(fig, Path(path))
