@@ -17,9 +17,10 @@ finished jobs; ``--summarize-only`` runs nothing and summarizes the jobs already
 
 Reported: detection rate (EM-inducing jobs rejected) and false-reject rate (benign jobs rejected) with
 Clopper-Pearson 95 % intervals, the decisions per job with their reasons and gate effects (a forest plot of
-them beside the results JSON), and the gate's wall time as a multiple of a plain fine-tune of the same job —
+them beside the results JSON), and the whole job's wall time as a multiple of a plain fine-tune of the same job —
 the control arm's training time (the same recipe with no defense on the same prompts) stands for that plain
-fine-tune.
+fine-tune. A job's ``timings.json`` adds up the stage calls that finished: a job killed mid-stage and resumed
+loses the killed call's part, so for its timing rerun it in an empty directory.
 """
 
 from __future__ import annotations
