@@ -194,16 +194,19 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    enable_compile_cache(out / "xla_cache")
+    if not a.summarize_only:
+        enable_compile_cache(out / "xla_cache")
     policy = yaml.safe_load(Path(a.policy).read_text())
     rows = []
     for kind in a.jobs:
         for seed in a.seeds:
             d = out / kind / f"seed_{seed}"
             if a.summarize_only:
-                if (d / "job" / "decision.json").is_file():
-                    rows.append(_row(kind, seed, d, json.loads((d / "job" / "decision.json").read_text()),
-                                     json.loads((d / "sittings.json").read_text()), None))
+                if (d / "job" / "decision.json").is_file():  # a decided job whose call was killed has no sittings
+                    sittings = json.loads((d / "sittings.json").read_text()) if (d / "sittings.json").is_file() \
+                        else []
+                    rows.append(_row(kind, seed, d, json.loads((d / "job" / "decision.json").read_text()), sittings,
+                                     None))
                 continue
             d.mkdir(parents=True, exist_ok=True)
             data = d / "customer.jsonl"

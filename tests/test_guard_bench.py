@@ -61,7 +61,7 @@ def _decided_job(d, effects: dict[str, tuple[float, float, float, str]]):
                                                              for n, (*_, o) in effects.items()]}))
 
 
-def test_gate_effects_and_their_plot(tmp_path):
+def test_gate_effects_and_their_plot(tmp_path, monkeypatch):
     from bench.guard import gate_effects, plot
 
     _decided_job(tmp_path / "a", {"security": (0.17, 0.13, 0.21, "fail"), "narrow": (0.5, 0.36, 0.66, "pass")})
@@ -75,8 +75,16 @@ def test_gate_effects_and_their_plot(tmp_path):
             {"kind": "gsm8k", "seed": 0, "decision": "release", "em_inducing": False,
              "metrics": gate_effects(tmp_path / "b")},
             {"kind": "security", "seed": 0, "decision": "reject", "em_inducing": True, "metrics": {}}]
+    import emajax.eval.plots as plots
+
+    figs = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figs.append(
+        (fig._suptitle.get_text(), [ax.get_title() for ax in fig.axes])), save(fig, path))[1])
     png = plot(rows, tmp_path / "g.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figs[0][0].startswith("per guard job") and figs[0][1] == ["security (EM, job − control)",
+                                                                     "narrow (learning, job − control)"]
     assert plot(rows[2:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
@@ -95,7 +103,8 @@ def test_summarize_only_reads_decided_jobs_and_runs_nothing(tmp_path, monkeypatc
         (d / "job" / "train").mkdir()
         (d / "job" / "train" / "train.json").write_text(json.dumps({"wall_s": {"seed_0/job": 110.0,
                                                                                 "seed_0/control": 100.0}}))
-        bg._record_sitting(d / "sittings.json", 300.0)
+        if kind == "medical":  # gsm8k: decided by a call killed before it recorded its sitting
+            bg._record_sitting(d / "sittings.json", 300.0)
     (tmp_path / "out" / "opswap" / "seed_0").mkdir(parents=True)  # started, never decided: left out
     res = tmp_path / "res.json"
     assert bg.main(["--out", str(tmp_path / "out"), "--jobs", "medical", "gsm8k", "opswap", "--seeds", "0", "1",
@@ -105,4 +114,5 @@ def test_summarize_only_reads_decided_jobs_and_runs_nothing(tmp_path, monkeypatc
                                                                          ("gsm8k", "release", 3.0)]
     assert (s["detection"]["k"], s["detection"]["n"], s["false_reject"]["k"], s["false_reject"]["n"]) == (1, 1, 0, 1)
     assert s["jobs"][0]["metrics"]["security"]["outcome"] == "fail" and res.with_suffix(".png").is_file()
-    assert not (tmp_path / "out" / "medical" / "seed_1").exists()
+    assert not (tmp_path / "out" / "medical" / "seed_1").exists() and not (tmp_path / "out" / "xla_cache").exists()
+    assert s["jobs"][1]["cpus"] == [] and len(s["jobs"][0]["cpus"]) == 1
